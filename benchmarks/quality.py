@@ -1,0 +1,125 @@
+"""Perplexity of every method at several ratios on one model (the paper's Table 1, reproduced).
+
+    python benchmarks/quality.py --methods svd,fwsvd,asvd,svdllm-w,svdllm,svdllm-ec --ratios 0.2,0.4,0.6,0.8
+
+A method may carry a β for svdllm-ec as ``svdllm-ec@0.5``.  Writes results.json
+(updated after every run, so partial results survive), table.md and
+perplexity.png to --out.  Calibration and evaluation tokens are shared by all runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakRSS, markdown_table, write_json  # noqa: E402
+
+from svdllm import CompressionConfig, compress, evaluate_perplexity  # noqa: E402
+from svdllm.assets import load_model  # noqa: E402
+from svdllm.data import load_text, tokenize  # noqa: E402
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    name, _, beta = spec.partition("@")
+    return name, ({"beta": float(beta)} if beta else {})
+
+
+def plot(results: dict, path: Path, data: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for run in results["runs"]:
+        by_method.setdefault(run["method"], []).append((run["ratio"], run["perplexity"][data]))
+    for method, pts in by_method.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.axhline(results["dense"][data], color="black", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameter reduction ratio")
+    ax.set_ylabel(f"perplexity on {data}")
+    ax.set_title(f"{results['model']}: perplexity against compression")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(results: dict) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    ratios = sorted({r["ratio"] for r in results["runs"]})
+    cells = {(r["method"], r["ratio"]): r for r in results["runs"]}
+    evals = list(results["dense"])
+    out = f"Perplexity ({' / '.join(evals)}), dense: {' / '.join(f'{v:.2f}' for v in results['dense'].values())}\n\n"
+    rows = []
+    for ratio in ratios:
+        row = [f"{ratio:g}"]
+        for m in methods:
+            r = cells.get((m, ratio))
+            row.append(" / ".join(f"{r['perplexity'][e]:.1f}" for e in evals) if r else "")
+        rows.append(row)
+    out += markdown_table(["ratio"] + methods, rows)
+    out += "\nCompression wall time (s) / peak RSS (GiB)\n\n"
+    rows = [[f"{ratio:g}"] + [
+        f"{cells[(m, ratio)]['compress_seconds']:.0f} / {cells[(m, ratio)]['peak_rss_gib']:.2f}" if (m, ratio) in cells else ""
+        for m in methods] for ratio in ratios]
+    return out + markdown_table(["ratio"] + methods, rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="svd,fwsvd,asvd,svdllm-w,svdllm,svdllm-ec")
+    p.add_argument("--ratios", default="0.2,0.4,0.6,0.8")
+    p.add_argument("--calib", default="wiki-train")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", default="wiki-test,news")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--out", default="benchmarks/results/quality")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    base, tok = load_model(args.model)
+    calib = tokenize(tok, load_text(args.calib))
+    evals = {e: tokenize(tok, load_text(e))[: args.max_tokens] for e in args.eval.split(",")}
+    results: dict = {"model": args.model, "command": " ".join(["python"] + sys.argv), "args": vars(args),
+                     "torch_threads": torch.get_num_threads(), "runs": []}
+    results["dense"] = {e: evaluate_perplexity(base, tok, ids, args.seqlen, None).perplexity for e, ids in evals.items()}
+    print("dense", results["dense"], flush=True)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for spec in args.methods.split(","):
+            name, extra = parse_method(spec)
+            cfg = CompressionConfig(ratio=ratio, method=name, calib=args.calib, nsamples=args.nsamples,
+                                    seqlen=args.seqlen, seed=args.seed, **extra)
+            model = copy.deepcopy(base)
+            with PeakRSS() as rss:
+                t0 = time.perf_counter()
+                compress(model, tok, cfg, calib_tokens=calib, progress=False)
+                seconds = time.perf_counter() - t0
+            ppl = {e: evaluate_perplexity(model, tok, ids, args.seqlen, None).perplexity for e, ids in evals.items()}
+            run = {"method": spec, "ratio": ratio, "perplexity": ppl, "compress_seconds": seconds,
+                   "phases": model.svdllm_report.timings, "peak_rss_gib": rss.peak / 2**30,
+                   "remedies": len(model.svdllm_report.remedies)}
+            results["runs"].append(run)
+            print(spec, ratio, {k: round(v, 2) for k, v in ppl.items()}, f"{seconds:.0f}s", flush=True)
+            del model
+            write_json(out / "results.json", results)
+            (out / "table.md").write_text(f"`{results['command']}`\n\n" + table(results))
+            plot(results, out / "perplexity.png", next(iter(evals)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Command line: a thin layer over the library. Every user error is one line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+EVAL_DEFAULT = "wiki-test,news"
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
+def _common_eval(p: argparse.ArgumentParser, seqlen: bool = True) -> None:
+    if seqlen:
+        p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens read per evaluation set (default 16384)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="svdllm", description="Compress LLMs with SVD-LLM and friends.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model, report perplexity, save it")
+    c.add_argument("model", nargs="?", default="smollm2-135m", help="named model, folder, .gguf or hub id")
+    c.add_argument("--ratio", type=_ratio, default=0.2, help="parameter reduction per matrix, in (0, 1)")
+    c.add_argument("--method", default="svdllm-ec", help=f"one of {', '.join(METHODS)} (default svdllm-ec)")
+    c.add_argument("--calib", default="wiki-train", help="calibration DATA (default wiki-train)")
+    c.add_argument("--nsamples", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0, help="seeds the calibration sampling")
+    c.add_argument("--beta", type=float, default=0.25, help="svdllm-ec target blend, in [0, 1]")
+    c.add_argument("--targets", default="*", help="globs over module names, e.g. '*mlp*'")
+    c.add_argument("--skip-layers", default="", help="blocks to leave dense, e.g. '0,29' or '0-2'")
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--eval", default=EVAL_DEFAULT, help=f"evaluation DATA, comma-separated (default {EVAL_DEFAULT}); '' skips")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved dtype")
+    c.add_argument("--out", default=None, help="output folder (default out/MODEL-METHOD-RATIO)")
+    c.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _common_eval(c)
+
+    e = sub.add_parser("eval", help="perplexity of a model")
+    e.add_argument("model")
+    e.add_argument("--data", default=EVAL_DEFAULT, help="comma-separated DATA")
+    e.add_argument("--json", default=None, help="write results here")
+    _common_eval(e)
+
+    g = sub.add_parser("generate", help="greedy or sampled generation")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None)
+
+    i = sub.add_parser("info", help="the svdllm section and per-module ranks of a saved model")
+    i.add_argument("model")
+    return parser
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here")
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Phases:
+    """Wall time per named phase, in order."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _perplexities(model: Any, tok: Any, specs: list[str], args: argparse.Namespace, cache: dict) -> dict[str, float]:
+    from .data import load_text, tokenize
+    from .evaluate import evaluate_perplexity
+
+    out = {}
+    for spec in specs:
+        if spec not in cache:
+            cache[spec] = tokenize(tok, load_text(spec))
+        res = evaluate_perplexity(model, tok, cache[spec], args.seqlen, args.max_tokens, progress=not args.quiet)
+        out[spec] = res.perplexity
+    return out
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from . import CompressionConfig, compress, save
+    from .architecture import count_parameters
+    from .assets import load_model
+    from .data import load_text, tokenize
+    from .io import check_out_dir
+
+    cfg = CompressionConfig(
+        ratio=args.ratio, method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, targets=args.targets, skip_layers=args.skip_layers, beta=args.beta,
+        batch_size=args.batch_size,
+    )
+    cfg.validate()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.model).stem if args.model.endswith(".gguf") else Path(args.model).name)
+    out = check_out_dir(args.out or f"out/{name}-{args.method}-{args.ratio:g}", args.force)
+    evals = [s for s in args.eval.split(",") if s.strip()]
+    phases = Phases()
+    device = _device(args.device)
+    model, tok = phases.run("load model", lambda: load_model(args.model, device=device))
+    calib = phases.run("load calibration text", lambda: tokenize(tok, load_text(cfg.calib)))
+    cache: dict[str, Any] = {}
+    phases.run("load evaluation text", lambda: [cache.setdefault(s, tokenize(tok, load_text(s))) for s in evals])
+    params_before = count_parameters(model)
+    before = phases.run("evaluate dense", lambda: _perplexities(model, tok, evals, args, cache))
+    model = phases.run("compress", lambda: compress(model, tok, cfg, calib_tokens=calib, progress=not args.quiet))
+    after = phases.run("evaluate compressed", lambda: _perplexities(model, tok, evals, args, cache))
+    report = model.svdllm_report
+    model.config.svdllm["perplexity"] = after
+    phases.run("save", lambda: save(model, tok, out, dtype=args.dtype, force=args.force, perplexity=after))
+    report_json = {"config": report.config, "perplexity": {"dense": before, "compressed": after},
+                   "parameters": {"dense": params_before, "compressed": count_parameters(model)},
+                   "timings": {"phases": phases.times, "compress": report.timings}, "records": report.records}
+    (out / "svdllm_report.json").write_text(json.dumps(report_json, indent=2) + "\n")
+    _print_summary(args, cfg, before, after, params_before, count_parameters(model), report, phases, out)
+    return 0
+
+
+def _print_summary(args: argparse.Namespace, cfg: Any, before: dict, after: dict, p0: int, p1: int,
+                   report: Any, phases: Phases, out: Path) -> None:
+    print(f"\nsvdllm compress {args.model}: method {cfg.method}, ratio {cfg.ratio}, "
+          f"calibration {cfg.nsamples}×{cfg.seqlen} tokens of {cfg.calib}, seed {cfg.seed}")
+    if before:
+        print(f"\n| perplexity ({args.seqlen}-token windows, ≤{args.max_tokens} tokens) | dense | compressed | change |")
+        print("|---|---:|---:|---:|")
+        for k in before:
+            print(f"| {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
+    print("\n| parameters | dense | compressed | reduction |\n|---|---:|---:|---:|")
+    print(f"| whole model | {p0:,} | {p1:,} | {100 * (1 - p1 / p0):.1f}% |")
+    lb, la = report.linear_params_before, report.linear_params_after
+    print(f"| compressed linears | {lb:,} | {la:,} | {100 * (1 - la / max(lb, 1)):.1f}% |")
+    print("\n| phase | seconds |\n|---|---:|")
+    for k, v in phases.times.items():
+        print(f"| {k} | {v:.1f} |")
+        if k == "compress":
+            for sk, sv in report.timings.items():
+                print(f"| &nbsp;&nbsp;{sk} | {sv:.1f} |")
+    if report.remedies:
+        print(f"\n{len(report.remedies)} singular statistics repaired (see svdllm_report.json)")
+    print(f"\nsaved to {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .architecture import count_parameters
+    from .assets import load_model
+
+    model, tok = load_model(args.model, device=_device(args.device))
+    specs = [s for s in args.data.split(",") if s.strip()]
+    ppl = _perplexities(model, tok, specs, args, {})
+    result = {"model": args.model, "perplexity": ppl, "parameters": count_parameters(model),
+              "seqlen": args.seqlen, "max_tokens": args.max_tokens}
+    for k, v in ppl.items():
+        print(f"{k}: perplexity {v:.3f}")
+    print(f"parameters: {result['parameters']:,}")
+    if args.json:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, args.json)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .assets import load_model
+
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, device=_device(args.device))
+    ids = tok(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
+    out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .io import verify
+
+    section = verify(args.model)
+    ranks = section.pop("ranks")
+    shards = section.pop("shards", {})
+    print(json.dumps(section, indent=2))
+    print(f"shards: {', '.join(shards)} (sha256 verified)")
+    print(f"\n| module | rank |\n|---|---:|")
+    for name, rank in ranks.items():
+        print(f"| {name} | {rank} |")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="svdllm: %(message)s")
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    from .io import FormatError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FormatError, OSError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"svdllm {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("svdllm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Text sources: the offline wiki/news samples, local files, and `datasets` when online."""
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+import re
+import xml.etree.ElementTree as ET
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import assets
+
+NAMED = ("wiki-train", "wiki-test", "news")
+HUB_DATASETS = {  # name → (path, config, split, field)
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", "test", "sentence"),
+    "c4": ("allenai/c4", "en", "validation", "text"),
+}
+TEST_FRACTION = 10  # one article in ten goes to wiki-test, chosen by a hash of its title
+
+
+def _strip_nested(text: str, open_: str, close: str) -> str:
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith(open_, i):
+            depth, i = depth + 1, i + len(open_)
+        elif depth and text.startswith(close, i):
+            depth, i = depth - 1, i + len(close)
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+_LINK = re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]")
+_FILE = re.compile(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", re.I)
+_EXT = re.compile(r"\[(?:https?|ftp)://\S+\s?([^\]]*)\]")
+_REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
+_TAG = re.compile(r"<[^>]+>")
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_HEADING = re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M)
+
+
+def strip_wiki_markup(text: str) -> str:
+    """MediaWiki source → plain prose (templates, tables, refs, files and markup removed)."""
+    text = _COMMENT.sub("", text)
+    text = _REF.sub("", text)
+    text = _strip_nested(text, "{{", "}}")
+    text = _strip_nested(text, "{|", "|}")
+    text = _FILE.sub("", text)
+    text = _LINK.sub(r"\1", text)
+    text = _EXT.sub(r"\1", text)
+    text = _TAG.sub("", text)
+    text = _HEADING.sub(r"\1", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = text.replace("&nbsp;", " ").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    lines = []
+    for line in text.splitlines():
+        line = re.sub(r"^[*#:;]+\s*", "", line).strip()
+        if line and not line.startswith(("|", "!")):
+            lines.append(re.sub(r"[ \t]+", " ", line))
+    return "\n".join(lines)
+
+
+@lru_cache(maxsize=1)
+def wiki_articles() -> tuple[tuple[str, str], ...]:
+    """(title, prose) for every main-namespace, non-redirect article of the offline Wikipedia sample."""
+    out = []
+    with bz2.open(assets.gensim_file("wiki"), "rb") as fh:
+        for _, elem in ET.iterparse(fh):
+            if not elem.tag.endswith("}page"):
+                continue
+            ns = elem.findtext("{*}ns")
+            title = elem.findtext("{*}title") or ""
+            body = elem.findtext("{*}revision/{*}text") or ""
+            if ns == "0" and elem.find("{*}redirect") is None and not body.lstrip().upper().startswith("#REDIRECT"):
+                prose = strip_wiki_markup(body)
+                if len(prose) > 200:
+                    out.append((title, prose))
+            elem.clear()
+    return tuple(out)
+
+
+def is_test_article(title: str) -> bool:
+    return int(hashlib.sha256(title.encode()).hexdigest(), 16) % TEST_FRACTION == 0
+
+
+def _jsonl_text(path: Path) -> str:
+    docs = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row: dict[str, Any] = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+        if "text" in row:
+            docs.append(str(row["text"]))
+        elif "instruction" in row:
+            docs.append(format_instruction(row))
+        else:
+            raise ValueError(f"{path}:{i}: a JSONL row needs a 'text' or 'instruction' field")
+    return "\n\n".join(docs)
+
+
+def format_instruction(row: dict[str, Any]) -> str:
+    """Alpaca-style prompt + response as one training text."""
+    prompt = f"### Instruction:\n{row['instruction']}\n\n"
+    if row.get("input"):
+        prompt += f"### Input:\n{row['input']}\n\n"
+    return prompt + f"### Response:\n{row.get('output', '')}"
+
+
+def load_text(spec: str) -> str:
+    """Text for a DATA spec: wiki-train, wiki-test, news, a .txt/.jsonl path, or a datasets name."""
+    if spec in ("wiki-train", "wiki-test"):
+        want_test = spec == "wiki-test"
+        return "\n\n".join(f"{t}\n{p}" for t, p in wiki_articles() if is_test_article(t) == want_test)
+    if spec == "news":
+        return Path(assets.gensim_file("news")).read_text(encoding="utf-8")
+    path = Path(spec).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".json", ".md") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {spec}")
+        return _jsonl_text(path) if path.suffix in (".jsonl",) else path.read_text(encoding="utf-8")
+    if spec in HUB_DATASETS:
+        return _hub_text(spec)
+    raise FileNotFoundError(
+        f"unknown data {spec!r}: use {', '.join(NAMED)}, a .txt/.jsonl file, or one of {', '.join(HUB_DATASETS)} (online)"
+    )
+
+
+def _hub_text(name: str) -> str:
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise RuntimeError(f"data {name!r} needs the `datasets` package: pip install 'svdllm[datasets]'") from None
+    path, conf, split, field = HUB_DATASETS[name]
+    try:
+        ds = datasets.load_dataset(path, conf, split=split)
+    except Exception as exc:  # offline, or the hub refused
+        raise RuntimeError(f"cannot load dataset {name!r} from the hub ({type(exc).__name__}); use a local file") from None
+    rows = ds[field] if name != "c4" else ds.select(range(min(len(ds), 2000)))[field]
+    return "\n\n".join(rows)
+
+
+def tokenize(tokenizer: Any, text: str) -> Tensor:
+    """1-D token ids of a long text, with no special tokens and no length warning."""
+    if not text.strip():
+        raise ValueError("the text is empty")
+    old = getattr(tokenizer, "model_max_length", None)
+    try:
+        tokenizer.model_max_length = int(1e12)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        if old is not None:
+            tokenizer.model_max_length = old
+    return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,59 @@
+"""Low-rank layers for svdllm models.
+
+This file is self-contained (torch and transformers only): `svdllm.save` copies
+it into every saved model folder so that plain transformers can load the model
+with ``trust_remote_code=True`` and no svdllm installed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """y = U (V x) + b with V: in→rank and U: rank→out, both ordinary nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.svd_v = nn.Linear(in_features, rank, bias=False)
+        self.svd_u = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.svd_u(self.svd_v(x))
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads .weight.dtype/.device
+        return self.svd_u.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Replace each named linear (nn.Linear or GPT-2 Conv1D) by an empty LowRankLinear of the given rank."""
+    for name, rank in ranks.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if isinstance(old, nn.Linear):
+            n_in, n_out = old.in_features, old.out_features
+        else:  # Conv1D keeps its weight as (in, out)
+            n_in, n_out = old.weight.shape
+        new = LowRankLinear(n_in, n_out, int(rank), bias=getattr(old, "bias", None) is not None)
+        new.to(device=old.weight.device, dtype=old.weight.dtype)
+        setattr(parent, child, new)
+    return model
+
+
+def svdllm_class(base: type) -> type:
+    """A subclass of a transformers model class that builds its low-rank layers from config.svdllm."""
+
+    class SVDLLMForCausalLM(base):  # type: ignore[misc, valid-type]
+        def __init__(self, config, *args, **kwargs) -> None:
+            super().__init__(config, *args, **kwargs)
+            section = getattr(config, "svdllm", None) or {}
+            apply_ranks(self, section.get("ranks", {}))
+
+    SVDLLMForCausalLM.__name__ = SVDLLMForCausalLM.__qualname__ = "SVDLLMForCausalLM"
+    return SVDLLMForCausalLM

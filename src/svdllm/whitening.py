@@ -1,0 +1,146 @@
+"""Truncation-aware whitening: the pure linear algebra of SVD-LLM.
+
+Conventions: W is (m, n) acting on column inputs, X is (n, tokens), so the Gram
+is G = X Xᵀ (n, n).  All functions take and return tensors and do no I/O.
+Decompositions run in float64: Grams of LLM activations span ~10 orders of
+magnitude (outlier dimensions), and float32 Cholesky fails or loses the small
+directions that decide which singular values are truncated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DAMP_STEPS = (1e-8, 1e-6, 1e-4, 1e-2)
+
+
+@dataclass
+class Factorization:
+    """W ≈ u @ v with u (m, k) and v (k, n)."""
+
+    u: Tensor
+    v: Tensor
+    sigma: Tensor  # all singular values of the whitened matrix, descending
+    rank: int
+    remedy: str = ""  # how a singular statistic was repaired, empty if not needed
+
+    @property
+    def discarded_energy(self) -> float:
+        return float((self.sigma[self.rank :] ** 2).sum())
+
+
+def cholesky_factor(gram: Tensor, damp: float = 0.0) -> tuple[Tensor, str]:
+    """Lower-triangular S with S Sᵀ = gram + λI; never raises on a PSD-ish input.
+
+    ``damp`` is a relative ridge always added (λ = damp·mean diag).  When the
+    Cholesky fails (singular gram from dead inputs, rounding), the ridge is
+    raised step by step; if that still fails, eigenvalues are clamped.  The
+    returned string says what was done ("" when nothing was).
+    """
+    g = gram.double()
+    g = (g + g.T) / 2
+    n = g.shape[0]
+    scale = g.diagonal().abs().mean().item() or 1.0
+    eye = torch.eye(n, dtype=g.dtype, device=g.device)
+    tried = [damp] + [d for d in DAMP_STEPS if d > damp]
+    for i, d in enumerate(tried):
+        s, info = torch.linalg.cholesky_ex(g + d * scale * eye if d else g)
+        if info.item() == 0 and torch.isfinite(s).all():
+            return s, "" if i == 0 else f"damped {d:g}×mean diag"
+    evals, evecs = torch.linalg.eigh(g)
+    floor = max(evals.max().item(), scale) * 1e-6
+    clamped = int((evals < floor).sum())
+    g = (evecs * evals.clamp_min(floor)) @ evecs.T
+    s = torch.linalg.cholesky((g + g.T) / 2)
+    return s, f"eigenvalues clamped ({clamped} of {n} below {floor:.3g})"
+
+
+def truncate(target: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Best rank-k split of ``target`` as (U_k√Σ_k, √Σ_k V_kᵀ, Σ)."""
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    root = s[:k].sqrt()
+    return u[:, :k] * root, root[:, None] * vh[:k], s
+
+
+def whiten(weight: Tensor, gram: Tensor, k: int, damp: float = 0.0) -> Factorization:
+    """SVD-LLM(W): SVD of W·S with S = chol(XXᵀ); Wv = √Σ_k V_kᵀ S⁻¹ by triangular solve.
+
+    ‖(W − u v) X‖_F² equals the sum of the discarded σ² of W·S.
+    """
+    return whiten_towards(weight, gram, gram, k, damp)
+
+
+def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: float = 0.0) -> Factorization:
+    """Optimal rank-k W′ for ‖W·Z − W′·X′‖_F with cross = Z X′ᵀ and gram = X′X′ᵀ.
+
+    With S′ = chol(gram): W′ = Trunc_k(W·cross·S′⁻ᵀ)·S′⁻¹.  When cross = gram this
+    is plain whitening.  Used by the error-corrected method with Z = βX + (1−β)X′.
+    """
+    w = weight.double()
+    s, remedy = cholesky_factor(gram, damp)
+    if cross is gram:
+        target = w @ s
+    else:  # W·cross·S⁻ᵀ: solve M Sᵀ = W·cross
+        target = torch.linalg.solve_triangular(s.T, w @ cross.double(), upper=True, left=False)
+    u, vs, sigma = truncate(target, k)
+    v = torch.linalg.solve_triangular(s, vs, upper=False, left=False)  # vs·S⁻¹
+    return Factorization(u, v, sigma, k, remedy)
+
+
+def scaled_svd(weight: Tensor, k: int, col_scale: Tensor | None = None, row_scale: Tensor | None = None) -> Factorization:
+    """Truncated SVD of diag(row)·W·diag(col), scales folded back out.
+
+    Plain SVD (no scales), ASVD (column scales from activations) and FWSVD
+    (row scales from Fisher information) are all this one function.
+    """
+    w = weight.double()
+    if col_scale is not None:
+        col_scale = col_scale.double()
+        w = w * col_scale[None, :]
+    if row_scale is not None:
+        row_scale = row_scale.double()
+        w = w * row_scale[:, None]
+    u, v, sigma = truncate(w, k)
+    if col_scale is not None:
+        v = v / col_scale[None, :]
+    if row_scale is not None:
+        u = u / row_scale[:, None]
+    return Factorization(u, v, sigma, k)
+
+
+def update_left(weight: Tensor, v: Tensor, cross: Tensor, gram: Tensor, damp: float = 1e-6) -> Tensor:
+    """SVD-LLM's closed-form update of the left factor with v fixed.
+
+    Minimises ‖W·Z − U·v·X′‖_F over U, with cross = Z X′ᵀ and gram = X′X′ᵀ:
+    U = W·cross·vᵀ (v·gram·vᵀ)⁻¹, solved by Cholesky with a small relative
+    ridge.  Works from Grams alone, so no activation is ever stored.
+    """
+    v = v.double()
+    rhs = weight.double() @ cross.double() @ v.T  # (m, k)
+    lhs = v @ gram.double() @ v.T  # (k, k)
+    chol, _ = cholesky_factor(lhs, damp)
+    return torch.cholesky_solve(rhs.T, chol).T
+
+
+def output_error(weight: Tensor, u: Tensor, v: Tensor, gram: Tensor) -> float:
+    """‖(W − u v) X‖_F² computed from the Gram XXᵀ."""
+    delta = weight.double() - u.double() @ v.double()
+    return float(torch.einsum("ij,jk,ik->", delta, gram.double(), delta))
+
+
+def relative_error(weight: Tensor, u: Tensor, v: Tensor, gram: Tensor) -> float:
+    """‖(W − u v) X‖² / ‖W X‖²: the calibration loss reported per matrix."""
+    w = weight.double()
+    return output_error(w, u, v, gram) / max(float(torch.einsum("ij,jk,ik->", w, gram.double(), w)), 1e-300)
+
+
+def target_error(weight: Tensor, approx: Tensor, target_gram: Tensor, cross: Tensor, gram: Tensor) -> float:
+    """‖W·Z − W′·X′‖_F² from Grams: target_gram = ZZᵀ, cross = ZX′ᵀ, gram = X′X′ᵀ."""
+    w, a = weight.double(), approx.double()
+    return float(
+        torch.einsum("ij,jk,ik->", w, target_gram.double(), w)
+        - 2 * torch.einsum("ij,jk,ik->", w, cross.double(), a)
+        + torch.einsum("ij,jk,ik->", a, gram.double(), a)
+    )

@@ -1,0 +1,164 @@
+"""Saved models: safetensors only, exact round trip, plain-transformers loading, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from svdllm import CompressionConfig, compress, load, save
+from svdllm.io import FormatError, verify
+
+CFG = dict(ratio=0.4, method="svdllm-w", nsamples=8, seqlen=32)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def saved(request, make_model, tokenizer, calib_tokens, tmp_path):
+    model = make_model(request.param)
+    compress(model, tokenizer, CompressionConfig(**CFG), calib_tokens=calib_tokens, progress=False)
+    out = save(model, tokenizer, tmp_path / "compressed")
+    return model, out
+
+
+def test_round_trip_gives_identical_logits_and_generation(saved, calib_tokens):
+    model, out = saved
+    loaded = load(out)
+    ids = calib_tokens[:40][None]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    a = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    b = loaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+    assert loaded.config.svdllm["ranks"] == model.config.svdllm["ranks"]
+
+
+def test_folder_holds_no_pickle_and_records_everything(saved):
+    model, out = saved
+    names = {p.name for p in out.iterdir()}
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in names)
+    assert {"config.json", "model.safetensors", "modeling_svdllm.py", "README.md"} <= names
+    section = json.loads((out / "config.json").read_text())["svdllm"]
+    for key in ("format_version", "method", "ratio", "calibration", "seed", "svdllm_version", "ranks", "shards"):
+        assert key in section
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    size = (out / "model.safetensors").stat().st_size
+    assert n_params * 4 <= size <= n_params * 4 * 1.02
+
+
+def test_bfloat16_save_halves_the_size(make_model, tokenizer, calib_tokens, tmp_path):
+    model = make_model("llama")
+    compress(model, tokenizer, CompressionConfig(**CFG), calib_tokens=calib_tokens, progress=False)
+    a = save(model, tokenizer, tmp_path / "f32")
+    b = save(model, tokenizer, tmp_path / "bf16", dtype="bfloat16")
+    ratio = (b / "model.safetensors").stat().st_size / (a / "model.safetensors").stat().st_size
+    assert 0.49 < ratio < 0.52
+    loaded = load(b)
+    assert loaded.dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # saving did not cast the caller's model
+
+
+def test_plain_transformers_loads_without_svdllm(saved, calib_tokens, tmp_path):
+    model, out = saved
+    ids = calib_tokens[:40][None]
+    with torch.no_grad():
+        ref = model(ids).logits
+    gen_ref = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+    script = textwrap.dedent(f"""
+        import sys
+
+        class HideSvdllm:  # whatever way svdllm is installed (editable or not), it cannot be imported here
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "svdllm":
+                    raise ModuleNotFoundError("svdllm is hidden in this test")
+
+        sys.meta_path.insert(0, HideSvdllm())
+        try:
+            import svdllm
+            raise SystemExit("svdllm must not be importable here")
+        except ModuleNotFoundError:
+            pass
+        import torch
+        from transformers import AutoModelForCausalLM
+        ids = torch.load({str(tmp_path / 'ids.pt')!r})["ids"]
+        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        with torch.no_grad():
+            torch.save({{"logits": m(ids).logits,
+                        "gen": m.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)}},
+                       {str(tmp_path / 'res.pt')!r})
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    proc = subprocess.run([sys.executable, "-c", script], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = torch.load(tmp_path / "res.pt")
+    assert torch.equal(res["logits"], ref)
+    assert torch.equal(res["gen"], gen_ref)
+
+
+def test_tampered_rank_is_refused(saved):
+    _, out = saved
+    cfg = json.loads((out / "config.json").read_text())
+    name = next(iter(cfg["svdllm"]["ranks"]))
+    cfg["svdllm"]["ranks"][name] += 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=f"{name}.*config records rank"):
+        load(out)
+
+
+def test_corrupted_and_missing_shards_are_refused(saved):
+    _, out = saved
+    shard = out / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match="corrupt or truncated"):
+        load(out)
+    shard.unlink()
+    with pytest.raises(FormatError, match="missing"):
+        verify(out)
+
+
+def test_not_svdllm_and_future_versions_are_refused(saved, model_dir):
+    _, out = saved
+    with pytest.raises(FormatError, match="not an svdllm model"):
+        load(model_dir)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["svdllm"]["format_version"] = 99
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="format version 99"):
+        load(out)
+
+
+def test_save_never_overwrites_unless_forced(saved, tokenizer):
+    model, out = saved
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError, match="--force"):
+        save(model, tokenizer, out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    save(model, tokenizer, out, force=True)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_failed_save_leaves_nothing(make_model, tokenizer, tmp_path, monkeypatch):
+    model = make_model("llama")
+    model.config.svdllm = {"ranks": {}}
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save(model, tokenizer, tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_an_uncompressed_model_is_refused(make_model, tokenizer, tmp_path):
+    with pytest.raises(FormatError, match="compress it first"):
+        save(make_model("llama"), tokenizer, tmp_path / "x")
+    assert not Path(tmp_path / "x").exists()

@@ -1,0 +1,161 @@
+"""Math identities of the factorisations, on random matrices (float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svdllm.ranks import rank_for_ratio, worth_factorising
+from svdllm.whitening import (
+    cholesky_factor,
+    output_error,
+    scaled_svd,
+    target_error,
+    update_left,
+    whiten,
+    whiten_towards,
+)
+
+
+def correlated(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """Row-major activations (tokens × n) with strongly unequal, correlated directions."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -3, n, dtype=torch.float64)
+    return torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix.T
+
+
+@pytest.fixture
+def problem() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(24, 16, generator=g, dtype=torch.float64), correlated(16, 200)
+
+
+def test_loss_equals_discarded_singular_values(problem):
+    w, x = problem
+    gram = x.T @ x
+    for k in (1, 5, 11):
+        f = whiten(w, gram, k)
+        direct = float(((w - f.u @ f.v) @ x.T).square().sum())
+        assert direct == pytest.approx(f.discarded_energy, rel=1e-6)
+        assert output_error(w, f.u, f.v, gram) == pytest.approx(direct, rel=1e-6)
+        assert f.u.shape == (24, k) and f.v.shape == (k, 16)
+
+
+def test_full_rank_gives_w_back(problem):
+    w, x = problem
+    f = whiten(w, x.T @ x, 16)
+    torch.testing.assert_close(f.u @ f.v, w, rtol=1e-8, atol=1e-8)
+
+
+def test_whitening_beats_plain_svd_on_correlated_inputs(problem):
+    w, x = problem
+    gram = x.T @ x
+    for k in (2, 6, 10):
+        white = output_error(w, *(lambda f: (f.u, f.v))(whiten(w, gram, k)), gram)
+        plain_f = scaled_svd(w, k)
+        plain = output_error(w, plain_f.u, plain_f.v, gram)
+        assert white < plain * 0.9
+
+
+def test_singular_gram_is_repaired_and_reported():
+    x = correlated(8, 50)
+    x[:, 3] = 0  # a dead input
+    gram = x.T @ x
+    s, remedy = cholesky_factor(gram)
+    assert remedy and "damped" in remedy
+    assert torch.isfinite(s).all()
+    f = whiten(torch.randn(6, 8, dtype=torch.float64), gram, 3)
+    assert torch.isfinite(f.u).all() and torch.isfinite(f.v).all() and f.remedy
+
+
+def test_indefinite_gram_falls_back_to_eigen():
+    g = torch.diag(torch.tensor([1.0, 1.0, -0.5], dtype=torch.float64))
+    s, remedy = cholesky_factor(g)
+    assert "eigenvalues clamped" in remedy
+    assert torch.isfinite(s).all()
+    assert torch.allclose(s @ s.T, s @ s.T.T.T)  # lower-triangular factor of a PD matrix
+    assert torch.equal(s, s.tril())
+
+
+def test_rank_formula():
+    assert rank_for_ratio(4096, 4096, 0.2) == int(0.8 * 4096 * 4096 / 8192)
+    assert rank_for_ratio(576, 1536, 0.4) == int(0.6 * 576 * 1536 / (576 + 1536))
+    for r in (0.05, 0.5, 0.95):
+        k = rank_for_ratio(300, 700, r)
+        assert worth_factorising(300, 700, k)
+        assert k * 1000 <= (1 - r) * 300 * 700 < (k + 1) * 1000
+    assert not worth_factorising(10, 10, 5)
+    with pytest.raises(ValueError):
+        rank_for_ratio(10, 10, 1.0)
+
+
+def test_closed_form_update_matches_lstsq_on_activations(problem):
+    w, x = problem
+    xc = x + 0.3 * correlated(16, 200, seed=7)  # inputs as produced by compressed earlier blocks
+    f = whiten(w, x.T @ x, 6)
+    u = update_left(w, f.v, xc.T @ xc, xc.T @ xc, damp=0.0)
+    # direct least squares: minimise ||W X' - U (V X')|| over U
+    a = (f.v @ xc.T).T  # tokens × k
+    b = (w @ xc.T).T  # tokens × m
+    direct = torch.linalg.lstsq(a, b).solution.T
+    torch.testing.assert_close(u, direct, rtol=1e-6, atol=1e-8)
+    # and it lowers the loss on the compressed stream
+    gc = xc.T @ xc
+    assert output_error(w, u, f.v, gc) < output_error(w, f.u, f.v, gc)
+
+
+def test_error_corrected_reduces_to_whitening_when_streams_agree(problem):
+    w, x = problem
+    gram = x.T @ x
+    a, b = whiten(w, gram, 5), whiten_towards(w, gram.clone(), gram, 5)
+    torch.testing.assert_close(a.u @ a.v, b.u @ b.v, rtol=1e-6, atol=1e-7)  # cond(XXᵀ) ~ 1e12
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
+def test_error_corrected_is_optimal_for_its_target(problem, beta):
+    """Never worse than SVD-LLM's update for the same target, and equal to brute-force rank-k regression."""
+    w, x = problem
+    xc = x + 0.3 * correlated(16, 200, seed=3)
+    z = beta * x + (1 - beta) * xc
+    gram, gc, cross, gz = x.T @ x, xc.T @ xc, z.T @ xc, z.T @ z
+    k = 5
+    ec = whiten_towards(w, cross, gc, k)
+    ec_loss = target_error(w, ec.u @ ec.v, gz, cross, gc)
+    paper = whiten(w, gram, k)
+    paper_u = update_left(w, paper.v, cross, gc, damp=0.0)
+    paper_loss = target_error(w, paper_u @ paper.v, gz, cross, gc)
+    assert ec_loss <= paper_loss * (1 + 1e-9)
+    direct = float((w @ z.T - ec.u @ ec.v @ xc.T).square().sum())
+    assert ec_loss == pytest.approx(direct, rel=1e-6)
+    # reduced-rank regression optimum: project the full least-squares fit onto its top-k output space
+    full = torch.linalg.lstsq(xc, z @ w.T).solution.T
+    fitted = full @ xc.T
+    uu, _, _ = torch.linalg.svd(fitted, full_matrices=False)
+    best = uu[:, :k] @ uu[:, :k].T @ full
+    best_loss = float((w @ z.T - best @ xc.T).square().sum())
+    assert ec_loss == pytest.approx(best_loss, rel=1e-6)
+
+
+def test_scaled_svd_scales_fold_back(problem):
+    w, _ = problem
+    col = torch.rand(16, dtype=torch.float64) + 0.5
+    row = torch.rand(24, dtype=torch.float64) + 0.5
+    f = scaled_svd(w, 16, col_scale=col, row_scale=row)
+    torch.testing.assert_close(f.u @ f.v, w, rtol=1e-8, atol=1e-8)
+    # a uniform row scale (uniform Fisher) gives plain SVD
+    a, b = scaled_svd(w, 4, row_scale=torch.full((24,), 3.0, dtype=torch.float64)), scaled_svd(w, 4)
+    torch.testing.assert_close(a.u @ a.v, b.u @ b.v)
+
+
+def test_ordering_svdllm_asvd_svd_on_correlated_inputs(problem):
+    w, _ = problem
+    x = correlated(16, 400, seed=5).abs() * torch.linspace(0.1, 3, 16, dtype=torch.float64)
+    gram = x.T @ x
+    k = 5
+
+    def err(f):
+        return output_error(w, f.u, f.v, gram)
+
+    white = err(whiten(w, gram, k))
+    asvd = err(scaled_svd(w, k, col_scale=x.abs().mean(0).sqrt()))
+    plain = err(scaled_svd(w, k))
+    assert white <= asvd <= plain
