@@ -136,7 +136,8 @@ class GramAccumulator:
             if comp is not None:
                 xc = comp[group[0]].reshape(-1, x.shape[-1]).float()
                 self._add(st, "comp_gram", xc.T @ xc)
-                self._add(st, "cross", x.T @ xc)
+                if "cross" in self.needs:
+                    self._add(st, "cross", x.T @ xc)
 
     def for_linear(self, name: str) -> LayerStats:
         assert self.groups is not None

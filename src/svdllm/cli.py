@@ -31,6 +31,46 @@ def _common_eval(p: argparse.ArgumentParser, seqlen: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def _finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from .finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    g = p.add_argument_group("fine-tuning" + (" (with --finetune)" if prefix else ""))
+    g.add_argument(f"--{prefix}order", default=d.order, choices=["u-first", "v-first"])
+    g.add_argument(f"--{prefix}lora-r", type=int, default=d.lora_r)
+    g.add_argument(f"--{prefix}lora-alpha", type=int, default=d.lora_alpha)
+    g.add_argument(f"--{prefix}lr", type=float, default=d.lr)
+    g.add_argument(f"--{prefix}steps", type=int, default=d.steps, help="optimizer steps per stage")
+    g.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size)
+    g.add_argument(f"--{prefix}seqlen" if prefix else "--seqlen", type=int, default=d.seqlen)
+    g.add_argument(f"--{prefix}dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="training dtype (default float32 on CPU, bfloat16 on GPU; float16 is refused)")
+    g.add_argument(f"--{prefix}keep-best", action="store_true", help="undo a stage that worsens validation perplexity")
+    if not prefix:
+        g.add_argument("--seed", type=int, default=d.seed)
+
+
+def _finetune_config(args: argparse.Namespace, prefix: str = "", data: str | None = None) -> Any:
+    from .finetune import FinetuneConfig
+
+    a = vars(args)
+    key = prefix.replace("-", "_")
+    return FinetuneConfig(
+        data=data or args.data, order=a[f"{key}order"], lora_r=a[f"{key}lora_r"], lora_alpha=a[f"{key}lora_alpha"],
+        lr=a[f"{key}lr"], steps=a[f"{key}steps"], batch_size=a[f"{key}batch_size"], seqlen=a[f"{key}seqlen"],
+        seed=args.seed, dtype=a[f"{key}dtype"], keep_best=a[f"{key}keep_best"],
+    )
+
+
+def _write_loss_curve(results: list, out: Path) -> None:
+    from dataclasses import asdict
+
+    from .finetune import plot_losses
+
+    (out / "finetune_losses.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    plot_losses(results, str(out / "finetune_losses.png"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
@@ -53,7 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved dtype")
     c.add_argument("--out", default=None, help="output folder (default out/MODEL-METHOD-RATIO)")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    c.add_argument("--finetune", action="store_true", help="then run the LoRA recovery step (see `finetune`)")
     _common_eval(c)
+    _finetune_options(c, prefix="ft-")
+
+    f = sub.add_parser("finetune", help="LoRA on the Wu then Wv factors of a compressed model, merged back")
+    f.add_argument("model", help="a folder written by svdllm compress")
+    f.add_argument("--data", default="wiki-train", help="training DATA (.txt, .jsonl with text or Alpaca rows)")
+    f.add_argument("--out", required=True)
+    f.add_argument("--force", action="store_true")
+    f.add_argument("--eval", default=EVAL_DEFAULT, help="evaluation DATA before and after; '' skips")
+    f.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default 512, as compress)")
+    _common_eval(f, seqlen=False)
+    _finetune_options(f)
 
     e = sub.add_parser("eval", help="perplexity of a model")
     e.add_argument("model")
@@ -115,7 +167,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from . import CompressionConfig, compress, save
     from .architecture import count_parameters
     from .assets import load_model
-    from .data import load_text, tokenize
+    from .data import check_spec, load_text, tokenize
     from .io import check_out_dir
 
     cfg = CompressionConfig(
@@ -127,6 +179,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.model).stem if args.model.endswith(".gguf") else Path(args.model).name)
     out = check_out_dir(args.out or f"out/{name}-{args.method}-{args.ratio:g}", args.force)
     evals = [s for s in args.eval.split(",") if s.strip()]
+    for spec in [cfg.calib, *evals]:
+        check_spec(spec)
     phases = Phases()
     device = _device(args.device)
     model, tok = phases.run("load model", lambda: load_model(args.model, device=device))
@@ -138,13 +192,52 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model = phases.run("compress", lambda: compress(model, tok, cfg, calib_tokens=calib, progress=not args.quiet))
     after = phases.run("evaluate compressed", lambda: _perplexities(model, tok, evals, args, cache))
     report = model.svdllm_report
-    model.config.svdllm["perplexity"] = after
+    stages: list = []
+    ppl = {"dense": before, "compressed": after}
+    if args.finetune:
+        from .finetune import finetune
+
+        ft = _finetune_config(args, "ft-", data=cfg.calib)
+        model, stages = phases.run("finetune", lambda: finetune(model, tok, ft, calib, progress=not args.quiet))
+        after = ppl["finetuned"] = phases.run("evaluate finetuned", lambda: _perplexities(model, tok, evals, args, cache))
     phases.run("save", lambda: save(model, tok, out, dtype=args.dtype, force=args.force, perplexity=after))
-    report_json = {"config": report.config, "perplexity": {"dense": before, "compressed": after},
+    if stages:
+        _write_loss_curve(stages, out)
+    report_json = {"config": report.config, "perplexity": ppl,
                    "parameters": {"dense": params_before, "compressed": count_parameters(model)},
                    "timings": {"phases": phases.times, "compress": report.timings}, "records": report.records}
     (out / "svdllm_report.json").write_text(json.dumps(report_json, indent=2) + "\n")
     _print_summary(args, cfg, before, after, params_before, count_parameters(model), report, phases, out)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .assets import load_model
+    from .data import check_spec
+    from .finetune import finetune
+    from .io import check_out_dir, read_section, save
+
+    ft = _finetune_config(args)
+    ft.validate()
+    out = check_out_dir(args.out, args.force)
+    read_section(args.model)
+    evals = [s for s in args.eval.split(",") if s.strip()]
+    for spec in [ft.data, *evals]:
+        check_spec(spec)
+    model, tok = load_model(args.model, device=_device(args.device))
+    args.seqlen = args.eval_seqlen
+    before = _perplexities(model, tok, evals, args, {}) if evals else {}
+    model, stages = finetune(model, tok, ft, progress=not args.quiet)
+    for r in stages:
+        flag = "" if r.kept else " (reverted by --keep-best)"
+        print(f"LoRA on {r.stage}: validation perplexity {r.val_before:.3f} -> {r.val_after:.3f}{flag}; "
+              f"training loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}")
+    after = _perplexities(model, tok, evals, args, {}) if evals else {}
+    for k in after:
+        print(f"{k}: perplexity {before[k]:.3f} -> {after[k]:.3f}")
+    save(model, tok, out, force=args.force, perplexity=after)
+    _write_loss_curve(stages, out)
+    print(f"saved to {out}")
     return 0
 
 
@@ -175,9 +268,12 @@ def _print_summary(args: argparse.Namespace, cfg: Any, before: dict, after: dict
 def cmd_eval(args: argparse.Namespace) -> int:
     from .architecture import count_parameters
     from .assets import load_model
+    from .data import check_spec
 
-    model, tok = load_model(args.model, device=_device(args.device))
     specs = [s for s in args.data.split(",") if s.strip()]
+    for spec in specs:
+        check_spec(spec)
+    model, tok = load_model(args.model, device=_device(args.device))
     ppl = _perplexities(model, tok, specs, args, {})
     result = {"model": args.model, "perplexity": ppl, "parameters": count_parameters(model),
               "seqlen": args.seqlen, "max_tokens": args.max_tokens}
@@ -219,7 +315,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "info": cmd_info}
+COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "eval": cmd_eval, "generate": cmd_generate,
+            "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="svdllm: %(message)s")
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from .io import FormatError
 
     try:

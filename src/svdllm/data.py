@@ -117,6 +117,18 @@ def format_instruction(row: dict[str, Any]) -> str:
     return prompt + f"### Response:\n{row.get('output', '')}"
 
 
+def check_spec(spec: str) -> None:
+    """Fail fast, before any model is loaded, on a DATA spec that cannot resolve."""
+    if spec in NAMED or spec in HUB_DATASETS:
+        return
+    if not Path(spec).expanduser().is_file():
+        if Path(spec).suffix in (".txt", ".jsonl", ".json", ".md") or "/" in spec:
+            raise FileNotFoundError(f"data file not found: {spec}")
+        raise FileNotFoundError(
+            f"unknown data {spec!r}: use {', '.join(NAMED)}, a .txt/.jsonl file, or one of {', '.join(HUB_DATASETS)} (online)"
+        )
+
+
 def load_text(spec: str) -> str:
     """Text for a DATA spec: wiki-train, wiki-test, news, a .txt/.jsonl path, or a datasets name."""
     if spec in ("wiki-train", "wiki-test"):

@@ -50,8 +50,13 @@ def check_out_dir(path: str | os.PathLike, force: bool) -> Path:
     return out
 
 
+def base_class(model: nn.Module) -> type:
+    """The transformers class under svdllm's SVDLLMForCausalLM wrapper (if any)."""
+    return next(c for c in type(model).__mro__ if c.__name__ != "SVDLLMForCausalLM")
+
+
 def _modeling_source(model: nn.Module) -> str:
-    base = type(model)
+    base = base_class(model)
     own = (Path(__file__).parent / MODELING_FILE).read_text()
     return own + (
         f"\n\nfrom {base.__module__} import {base.__name__} as _Base  # noqa: E402\n\n"
@@ -106,6 +111,7 @@ def save(
         cfg = json.loads(cfg_path.read_text())
         if target is not None:
             cfg["dtype"] = str(target).removeprefix("torch.")
+        cfg["architectures"] = [base_class(model).__name__]
         shards = sorted(p.name for p in tmp.glob("*.safetensors"))
         cfg["svdllm"] = dict(section, format_version=FORMAT_VERSION, svdllm_version=__version__,
                              perplexity=perplexity or section.get("perplexity"),

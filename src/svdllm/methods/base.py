@@ -36,7 +36,7 @@ Factorizer = Callable[[Tensor, LayerStats, int, "CompressionConfig"], tuple[Fact
 class Method:
     name: str
     factorize: Factorizer
-    needs: frozenset[str]  # subset of {"gram", "comp", "abs", "fisher"}
+    needs: frozenset[str]  # subset of {"gram", "abs", "fisher", "comp" (X′X′ᵀ), "cross" (XX′ᵀ)}
     summary: str
 
     @property

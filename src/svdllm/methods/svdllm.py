@@ -40,5 +40,5 @@ def _svdllm_ec(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Fac
 SVDLLM_W = Method("svdllm-w", _svdllm_w, frozenset({"gram"}), "SVD-LLM(W): truncation-aware whitening")
 SVDLLM = Method("svdllm", _svdllm, frozenset({"gram", "comp"}), "SVD-LLM(W) + layer-wise closed-form update of U")
 SVDLLM_EC = Method(
-    "svdllm-ec", _svdllm_ec, frozenset({"comp"}), "error-corrected whitening towards W(βX + (1−β)X′) (ours)"
+    "svdllm-ec", _svdllm_ec, frozenset({"comp", "cross"}), "error-corrected whitening towards W(βX + (1−β)X′) (ours)"
 )

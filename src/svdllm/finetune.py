@@ -1,0 +1,163 @@
+"""SVD-LLM's sequential low-rank update: LoRA on every Wu, merge, then LoRA on every Wv, merge (PEFT)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .evaluate import evaluate_perplexity
+from .modeling_svdllm import LowRankLinear
+
+log = logging.getLogger("svdllm")
+STAGE_TARGET = {"u": "svd_u", "v": "svd_v"}
+
+
+@dataclass
+class FinetuneConfig:
+    data: str = "wiki-train"
+    order: str = "u-first"  # the paper's text; its best table row used v-first
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lr: float = 2e-4
+    steps: int = 50  # optimizer steps per stage
+    batch_size: int = 4
+    seqlen: int = 256
+    seed: int = 0
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
+    val_tokens: int = 4096  # held out from the end of the training text
+    keep_best: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.order not in ("u-first", "v-first"):
+            raise ValueError(f"--order must be u-first or v-first, got {self.order!r}")
+        if self.dtype == "float16":
+            raise ValueError("float16 training is not supported (it collapses); use bfloat16 or float32")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if min(self.lora_r, self.steps, self.batch_size, self.seqlen) < 1 or self.lr <= 0:
+            raise ValueError("--lora-r, --steps, --batch-size, --seqlen and --lr must be positive")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    losses: list[float]
+    val_before: float
+    val_after: float
+    kept: bool
+
+
+def _split(tokens: Tensor, cfg: FinetuneConfig) -> tuple[Tensor, Tensor]:
+    val = min(cfg.val_tokens, tokens.numel() // 5)
+    train, held = tokens[:-val], tokens[-val:]
+    if train.numel() < cfg.seqlen + 1 or held.numel() < cfg.seqlen:
+        raise ValueError(f"fine-tuning text has {tokens.numel()} tokens: too short for --seqlen {cfg.seqlen}")
+    return train, held
+
+
+def factor_state(model: nn.Module, which: str) -> dict[str, Tensor]:
+    """Copies of every svd_u or svd_v weight (and bias), keyed by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{STAGE_TARGET[which]}." in n}
+
+
+def _stage(model: nn.Module, which: str, train: Tensor, cfg: FinetuneConfig, gen: torch.Generator,
+           progress: bool) -> tuple[nn.Module, list[float]]:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=[STAGE_TARGET[which]])
+    peft_model = get_peft_model(model, lora)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.steps // 10)))
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    peft_model.train()
+    bar = tqdm(range(cfg.steps), desc=f"LoRA on W{which}", disable=not progress)
+    for _ in bar:
+        starts = torch.randint(0, train.numel() - cfg.seqlen, (cfg.batch_size,), generator=gen)
+        batch = torch.stack([train[s : s + cfg.seqlen] for s in starts.tolist()]).to(device)
+        loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite training loss at step {len(losses)} of stage W{which}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    peft_model.eval()
+    return peft_model.merge_and_unload(), losses
+
+
+def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, tokens: Tensor | None = None,
+             progress: bool = True) -> tuple[nn.Module, list[StageResult]]:
+    """Run both LoRA stages on a compressed model; returns the merged model (same ranks) and per-stage results."""
+    cfg.validate()
+    if not any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise ValueError("the model has no low-rank layers: compress it first")
+    device = next(model.parameters()).device
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype or "") or (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.to(dtype)
+    if tokens is None:
+        from .data import load_text, tokenize
+
+        tokens = tokenize(tokenizer, load_text(cfg.data))
+    train, held = _split(tokens, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    val = lambda m: evaluate_perplexity(m, tokenizer, held, cfg.seqlen, None).perplexity  # noqa: E731
+    results: list[StageResult] = []
+    for which in ("u", "v") if cfg.order == "u-first" else ("v", "u"):
+        before = val(model)
+        saved = factor_state(model, which)
+        model, losses = _stage(model, which, train, cfg, gen, progress)
+        after = val(model)
+        kept = True
+        if after > before:
+            log.warning("!! LoRA on W%s made validation perplexity WORSE: %.3f -> %.3f%s", which, before, after,
+                        " (reverting: --keep-best)" if cfg.keep_best else "")
+            if cfg.keep_best:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n in saved:
+                            p.copy_(saved[n])
+                after, kept = before, False
+        results.append(StageResult(f"W{which}", losses, before, after, kept))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    section = dict(getattr(model.config, "svdllm", None) or {})
+    section["finetune"] = dict(asdict(cfg), stages=[{k: v for k, v in asdict(r).items() if k != "losses"}
+                                                     for r in results])
+    model.config.svdllm = section
+    return model, results
+
+
+def plot_losses(results: list[StageResult], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for r in results:
+        ax.plot(range(offset, offset + len(r.losses)), r.losses, label=f"LoRA on {r.stage}")
+        offset += len(r.losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["FinetuneConfig", "StageResult", "finetune", "plot_losses"]
