@@ -2,9 +2,11 @@
 
     python benchmarks/quality.py --methods svd,fwsvd,asvd,svdllm-w,svdllm,svdllm-ec --ratios 0.2,0.4,0.6,0.8
 
-A method may carry a β for svdllm-ec as ``svdllm-ec@0.5``.  Writes results.json
-(updated after every run, so partial results survive), table.md and
-perplexity.png to --out.  Calibration and evaluation tokens are shared by all runs.
+A method may carry a β for svdllm-ec as ``svdllm-ec@0.5`` or ``svdllm-ec@auto``.
+Writes results.json (updated after every run, so partial results survive),
+table.md and perplexity.png to --out.  Calibration windows, evaluation tokens
+and the dense model's statistics are computed once and shared by all runs, so
+a method's compression time excludes statistics an earlier run already made.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from svdllm.data import load_text, tokenize  # noqa: E402
 
 def parse_method(spec: str) -> tuple[str, dict]:
     name, _, beta = spec.partition("@")
-    return name, ({"beta": float(beta)} if beta else {})
+    return name, ({"beta": beta if beta == "auto" else float(beta)} if beta else {})
 
 
 def plot(results: dict, path: Path, data: str) -> None:
@@ -99,6 +101,7 @@ def main() -> None:
                      "torch_threads": torch.get_num_threads(), "runs": []}
     results["dense"] = {e: evaluate_perplexity(base, tok, ids, args.seqlen, None).perplexity for e, ids in evals.items()}
     print("dense", results["dense"], flush=True)
+    cache: dict = {}  # dense-model statistics (Grams, mean |x|, Fisher), shared by every run
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for spec in args.methods.split(","):
             name, extra = parse_method(spec)
@@ -107,7 +110,7 @@ def main() -> None:
             model = copy.deepcopy(base)
             with PeakRSS() as rss:
                 t0 = time.perf_counter()
-                compress(model, tok, cfg, calib_tokens=calib, progress=False)
+                compress(model, tok, cfg, calib_tokens=calib, progress=False, stats_cache=cache)
                 seconds = time.perf_counter() - t0
             ppl = {e: evaluate_perplexity(model, tok, ids, args.seqlen, None).perplexity for e, ids in evals.items()}
             run = {"method": spec, "ratio": ratio, "perplexity": ppl, "compress_seconds": seconds,

@@ -131,3 +131,38 @@ def test_shared_inputs_share_one_gram(make_model, calib_tokens):
         acc.add(dict(seen), None)
     groups = sorted(sorted(n.rsplit(".", 1)[1] for n in g) for g in acc.groups)
     assert groups == [["down_proj"], ["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"], ["o_proj"]]
+
+
+def test_auto_beta_picks_the_best_held_out_candidate(make_model, calib_tokens):
+    model = make_model("llama")
+    cfg = CompressionConfig(ratio=0.5, method="svdllm-ec", beta="auto", beta_grid=(0.0, 0.5, 1.0), nsamples=16,
+                            seqlen=32, batch_size=4)
+    compress(model, None, cfg, calib_tokens=calib_tokens, progress=False)
+    records = model.svdllm_report.records
+    assert len(records) == 14
+    for r in records:
+        scores = r["beta_scores"]
+        assert set(scores) == {0.0, 0.5, 1.0}
+        assert r["beta"] == min(scores, key=scores.get)
+    assert torch.isfinite(model(calib_tokens[:32][None]).logits).all()
+    with pytest.raises(ValueError, match="two calibration batches"):
+        compress(make_model("llama"), None, CompressionConfig(method="svdllm-ec", beta="auto", nsamples=4, seqlen=32,
+                                                              batch_size=4), calib_tokens=calib_tokens, progress=False)
+
+
+def test_stats_cache_gives_identical_factors_without_recalibrating(make_model, calib_tokens):
+    cache: dict = {}
+    runs = {}
+    for method in ("svdllm-w", "asvd", "svdllm-w"):
+        m = make_model("llama")
+        compress(m, None, CompressionConfig(ratio=0.4, method=method, **SMALL), calib_tokens=calib_tokens,
+                 progress=False, stats_cache=cache)
+        runs.setdefault(method, []).append((m, dict(m.svdllm_report.timings)))
+    (first, t1), (second, t2) = runs["svdllm-w"]
+    assert "calibration forward" in t1 and "calibration forward" not in t2  # the second run reused the Grams
+    assert "calibration forward" not in runs["asvd"][0][1]
+    fresh = make_model("llama")
+    compress(fresh, None, CompressionConfig(ratio=0.4, method="asvd", **SMALL), calib_tokens=calib_tokens,
+             progress=False)
+    for a, b in ((first, second), (runs["asvd"][0][0], fresh)):
+        assert torch.equal(a.model.layers[1].mlp.down_proj.svd_v.weight, b.model.layers[1].mlp.down_proj.svd_v.weight)

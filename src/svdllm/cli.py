@@ -24,6 +24,15 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _beta(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'auto': {text!r}") from None
+
+
 def _common_eval(p: argparse.ArgumentParser, seqlen: bool = True) -> None:
     if seqlen:
         p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
@@ -85,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", default="wiki-train", help="calibration DATA (default wiki-train)")
     c.add_argument("--nsamples", type=int, default=32)
     c.add_argument("--seed", type=int, default=0, help="seeds the calibration sampling")
-    c.add_argument("--beta", type=float, default=0.25, help="svdllm-ec target blend, in [0, 1]")
+    c.add_argument("--beta", type=_beta, default=0.25,
+                   help="svdllm-ec target blend in [0, 1] (1 = dense inputs), or 'auto' to choose per matrix on held-out windows")
     c.add_argument("--targets", default="*", help="globs over module names, e.g. '*mlp*'")
     c.add_argument("--skip-layers", default="", help="blocks to leave dense, e.g. '0,29' or '0-2'")
     c.add_argument("--batch-size", type=int, default=4)

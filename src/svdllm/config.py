@@ -17,7 +17,9 @@ class CompressionConfig:
     seed: int = 0
     targets: str = "*"  # comma-separated globs over module names
     skip_layers: str = ""  # e.g. "0,29" or "0-2"
-    beta: float = 0.25  # svdllm-ec: blend of dense (1) and compressed (0) inputs in the target
+    beta: float | str = 0.25  # svdllm-ec: blend of dense (1) and compressed (0) inputs; "auto" picks per matrix
+    beta_grid: tuple[float, ...] = (0.0, 0.25, 0.5)  # candidates for beta="auto"
+    holdout: float = 0.25  # beta="auto": fraction of calibration windows held out to choose β
     ec_damp: float = 1e-4  # svdllm-ec: ridge on X′X′ᵀ, relative to its mean diagonal
     damp: float = 0.0  # whitening ridge added before Cholesky (0 = only when needed)
     update_damp: float = 1e-6  # ridge of the closed-form update's normal equations
@@ -34,8 +36,10 @@ class CompressionConfig:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"--beta must be in [0, 1], got {self.beta}")
+        if self.beta != "auto" and not (isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0):
+            raise ValueError(f"--beta must be in [0, 1] or 'auto', got {self.beta}")
+        if self.beta == "auto" and not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"--holdout must be in (0, 1), got {self.holdout}")
         if self.asvd_alpha < 0:
             raise ValueError("--asvd-alpha must be non-negative")
 

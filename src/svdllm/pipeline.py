@@ -93,16 +93,24 @@ def compress(
     config: CompressionConfig | None = None,
     calib_tokens: Tensor | None = None,
     progress: bool = True,
+    stats_cache: dict | None = None,
 ) -> nn.Module:
     """Compress every decoder-block linear of ``model`` in place and return it.
 
     Calibration text comes from ``config.calib`` through ``tokenizer`` unless
     ``calib_tokens`` (1-D token ids) is given.  The report lands in
     ``model.svdllm_report`` and the ranks in ``model.config.svdllm``.
+
+    ``stats_cache``: a dict kept by the caller across calls on copies of the same
+    dense model.  Statistics of the dense model alone (Fisher, dense Grams, mean
+    |x|) are stored there and reused by later calls with the same calibration
+    windows, whatever their ratio or method.
     """
     cfg = config or CompressionConfig()
     cfg.validate()
     method = METHODS[cfg.method]
+    auto_beta = cfg.method == "svdllm-ec" and cfg.beta == "auto"
+    needs = method.needs | {"gram"} if auto_beta else method.needs
     report = CompressionReport(config=cfg.to_dict())
     report.params_before = count_parameters(model)
     if cfg.device:
@@ -128,23 +136,36 @@ def compress(
         samples = sample_windows(calib_tokens, cfg.nsamples, cfg.seqlen, cfg.seed)
         report.config["calib_tokens"] = int(samples.numel())
 
-    fisher: dict[str, Tensor] = {}
-    if "fisher" in method.needs:
+    cache: dict | None = None
+    if stats_cache is not None and samples is not None and not method.sequential:
+        key = (tuple(samples.shape), int(samples.sum()), cfg.targets, cfg.skip_layers, cfg.batch_size)
+        cache = stats_cache.setdefault(key, {})
+        needs = needs | ({"gram", "abs"} if needs & {"gram", "abs"} else frozenset())  # one pass serves both
+
+    fisher: dict[str, Tensor] = cache.get("fisher", {}) if cache is not None else {}
+    if "fisher" in method.needs and not fisher:
         assert samples is not None
         with torch.enable_grad(), _Clock(report, "fisher (backward passes)"):
             fisher = fisher_rows(model, samples, {n: m for t in targets.values() for n, m in t.items()})
+        if cache is not None:
+            cache["fisher"] = fisher
 
     calls: list[BlockCall] = []
     comp_hidden: list[Tensor] | None = None
-    if method.needs - {"fisher"}:
+    cached_blocks = cache.get("blocks", {}) if cache is not None else {}
+    if needs - {"fisher"} and len(cached_blocks) < len(blocks):
         assert samples is not None
         with _Clock(report, "calibration forward"):
             calls = capture_block_inputs(model, blocks[0], samples, cfg.batch_size, store)
         comp_hidden = [c.hidden.clone() for c in calls] if method.sequential else None
+    # beta="auto": the last calibration batches are held out to choose β, then folded back in
+    n_fit = len(calls) - max(1, round(len(calls) * cfg.holdout)) if auto_beta else len(calls)
+    if auto_beta and n_fit < 1:
+        raise ValueError("--beta auto needs at least two calibration batches (raise --nsamples or lower --batch-size)")
 
     for i, block in enumerate(tqdm(blocks, desc=f"compress {cfg.method}", disable=not progress, unit="block")):
         linears = targets.get(i, {})
-        acc = GramAccumulator(method.needs, device)
+        acc, held = cached_blocks.get(i) or GramAccumulator(needs, device), GramAccumulator(needs, device)
         dense_next: list[Tensor] = []
         if calls:
             with _Clock(report, "calibration forward"), recorded_inputs(linears) as seen:
@@ -156,14 +177,18 @@ def compress(
                         run_block(block, call, comp_hidden[j])
                         comp_in = dict(seen)
                     if linears:
-                        acc.add(dense_in, comp_in)
+                        (acc if j < n_fit else held).add(dense_in, comp_in)
         with _Clock(report, "decompositions"):
             for name, module in linears.items():
                 stats = acc.for_linear(name) if acc.groups else LayerStats()
+                if held.groups:
+                    stats.holdout = held.for_linear(name)
                 if name in fisher:
                     stats = LayerStats(tokens=stats.tokens, fisher=fisher[name])
                 _set_child(model, name, _compress_linear(name, module, stats, cfg, report))
-        del acc
+        if cache is not None and calls:
+            cache.setdefault("blocks", {})[i] = acc
+        del acc, held
         if calls:
             if comp_hidden is not None:
                 with _Clock(report, "calibration forward"):

@@ -27,6 +27,19 @@ class LayerStats:
     cross: Tensor | None = None
     abs_sum: Tensor | None = None
     fisher: Tensor | None = None
+    holdout: "LayerStats | None" = None  # the same statistics on held-out calibration windows
+
+    def merged(self) -> "LayerStats":
+        """Fit and held-out statistics summed: all the calibration data."""
+        h = self.holdout
+        if h is None:
+            return self
+
+        def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            return a if b is None else b if a is None else a + b
+
+        return LayerStats(self.tokens + h.tokens, add(self.gram, h.gram), add(self.comp_gram, h.comp_gram),
+                          add(self.cross, h.cross), add(self.abs_sum, h.abs_sum), self.fisher)
 
 
 Factorizer = Callable[[Tensor, LayerStats, int, "CompressionConfig"], tuple[Factorization, dict[str, Any]]]

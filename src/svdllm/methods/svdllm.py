@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from ..whitening import Factorization, relative_error, update_left, whiten, whiten_towards
+from ..whitening import Factorization, relative_error, target_error, update_left, whiten, whiten_towards
 from .base import LayerStats, Method
 
 
@@ -28,13 +29,37 @@ def _svdllm(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Factor
     return f, {"loss_before_update": before, "loss": _rel(weight, f, stats.comp_gram)}
 
 
-def _svdllm_ec(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Factorization, dict[str, Any]]:
+def _ec_fit(weight: Tensor, stats: LayerStats, beta: float, k: int, damp: float) -> Factorization:
     """Optimal rank-k fit of W(βX + (1−β)X′) from X′: Trunc_k(W·D_β·S′⁻ᵀ)·S′⁻¹."""
     assert stats.comp_gram is not None and stats.cross is not None
     c = stats.comp_gram
-    target = c if cfg.beta == 0 else cfg.beta * stats.cross + (1 - cfg.beta) * c
-    f = whiten_towards(weight, target, c, k, cfg.ec_damp)
-    return f, {"loss": _rel(weight, f, c), "beta": cfg.beta}
+    target = c if beta == 0 else beta * stats.cross + (1 - beta) * c
+    return whiten_towards(weight, target, c, k, damp)
+
+
+def held_out_error(weight: Tensor, f: Factorization, held: LayerStats) -> float:
+    """‖W·X − W′·X′‖² / ‖W·X‖² on held-out windows: how well W′ reproduces the dense layer."""
+    assert held.gram is not None and held.comp_gram is not None and held.cross is not None
+    w = weight.double()
+    dense = float(torch.einsum("ij,jk,ik->", w, held.gram.double(), w))
+    return target_error(weight, f.u @ f.v, held.gram, held.cross, held.comp_gram) / max(dense, 1e-300)
+
+
+def _svdllm_ec(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Factorization, dict[str, Any]]:
+    """Fixed β, or β = "auto": per matrix, the β of cfg.beta_grid with the lowest held-out error, refit on all data."""
+    info: dict[str, Any] = {}
+    beta = cfg.beta
+    if beta == "auto":
+        assert stats.holdout is not None
+        scores = {b: held_out_error(weight, _ec_fit(weight, stats, b, k, cfg.ec_damp), stats.holdout)
+                  for b in cfg.beta_grid}
+        beta = min(scores, key=lambda b: scores[b])
+        info["beta_scores"] = scores
+        stats = stats.merged()
+    f = _ec_fit(weight, stats, float(beta), k, cfg.ec_damp)
+    assert stats.comp_gram is not None
+    info.update(loss=_rel(weight, f, stats.comp_gram), beta=beta)
+    return f, info
 
 
 SVDLLM_W = Method("svdllm-w", _svdllm_w, frozenset({"gram"}), "SVD-LLM(W): truncation-aware whitening")
