@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,8 +28,14 @@ from svdllm.data import load_text, tokenize  # noqa: E402
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
+    """'svdllm-ec@0.5' → β 0.5; a trailing '!' ('svdllm-ec@1!') turns the norm guard off."""
     name, _, beta = spec.partition("@")
-    return name, ({"beta": beta if beta == "auto" else float(beta)} if beta else {})
+    extra: dict = {}
+    if beta.endswith("!"):
+        beta, extra["ec_norm_cap"] = beta[:-1], None
+    if beta:
+        extra["beta"] = beta if beta == "auto" else float(beta)
+    return name, extra
 
 
 def plot(results: dict, path: Path, data: str) -> None:
@@ -89,6 +96,7 @@ def main() -> None:
     p.add_argument("--eval", default="wiki-test,news")
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--out", default="benchmarks/results/quality")
+    p.add_argument("--append", action="store_true", help="add runs to an existing results.json in --out")
     args = p.parse_args()
 
     out = Path(args.out)
@@ -97,9 +105,15 @@ def main() -> None:
     base, tok = load_model(args.model)
     calib = tokenize(tok, load_text(args.calib))
     evals = {e: tokenize(tok, load_text(e))[: args.max_tokens] for e in args.eval.split(",")}
-    results: dict = {"model": args.model, "command": " ".join(["python"] + sys.argv), "args": vars(args),
-                     "torch_threads": torch.get_num_threads(), "runs": []}
-    results["dense"] = {e: evaluate_perplexity(base, tok, ids, args.seqlen, None).perplexity for e, ids in evals.items()}
+    command = " ".join(["python"] + sys.argv)
+    if args.append and (out / "results.json").exists():
+        results = json.loads((out / "results.json").read_text())
+        results["command"] += f"`\n\n`{command}"
+    else:
+        results = {"model": args.model, "command": command, "args": vars(args),
+                   "torch_threads": torch.get_num_threads(), "runs": []}
+        results["dense"] = {e: evaluate_perplexity(base, tok, ids, args.seqlen, None).perplexity
+                            for e, ids in evals.items()}
     print("dense", results["dense"], flush=True)
     cache: dict = {}  # dense-model statistics (Grams, mean |x|, Fisher), shared by every run
     for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -115,7 +129,9 @@ def main() -> None:
             ppl = {e: evaluate_perplexity(model, tok, ids, args.seqlen, None).perplexity for e, ids in evals.items()}
             run = {"method": spec, "ratio": ratio, "perplexity": ppl, "compress_seconds": seconds,
                    "phases": model.svdllm_report.timings, "peak_rss_gib": rss.peak / 2**30,
-                   "remedies": len(model.svdllm_report.remedies)}
+                   "remedies": len(model.svdllm_report.remedies),
+                   "beta_reduced": sum(1 for r in model.svdllm_report.records if "beta_requested" in r),
+                   "max_norm_ratio": max((r.get("norm_ratio", 0.0) for r in model.svdllm_report.records), default=0.0)}
             results["runs"].append(run)
             print(spec, ratio, {k: round(v, 2) for k, v in ppl.items()}, f"{seconds:.0f}s", flush=True)
             del model

@@ -159,3 +159,22 @@ def test_ordering_svdllm_asvd_svd_on_correlated_inputs(problem):
     asvd = err(scaled_svd(w, k, col_scale=x.abs().mean(0).sqrt()))
     plain = err(scaled_svd(w, k))
     assert white <= asvd <= plain
+
+
+def test_norm_guard_stops_a_regression_from_blowing_up():
+    """X′ nearly loses an input direction that X still has: the β=1 regression amplifies it; the guard halves β."""
+    from svdllm.config import CompressionConfig
+    from svdllm.methods import METHODS, LayerStats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    xc = x.clone()
+    xc[:, 7] = 1e-3 * x[:, 7] + 1e-3 * torch.randn(400, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    stats = LayerStats(tokens=400, comp_gram=xc.T @ xc, cross=x.T @ xc)
+    ec = METHODS["svdllm-ec"].factorize
+    free, info_free = ec(w, stats, 4, CompressionConfig(beta=1.0, ec_norm_cap=None, ec_damp=0.0))
+    assert info_free["norm_ratio"] > 10 and info_free["beta"] == 1.0
+    safe, info = ec(w, stats, 4, CompressionConfig(beta=1.0, ec_norm_cap=1.5, ec_damp=0.0))
+    assert info["norm_ratio"] <= 1.5 and info["beta"] < 1.0 and info["beta_requested"] == 1.0
+    assert float((safe.u @ safe.v).norm()) <= 1.5 * float(w.norm())

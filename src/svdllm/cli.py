@@ -24,6 +24,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"{option} values must be in [0, 1], got {text!r}")
+    return values
+
+
 def _beta(text: str) -> float | str:
     if text == "auto":
         return text
@@ -96,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seeds the calibration sampling")
     c.add_argument("--beta", type=_beta, default=0.25,
                    help="svdllm-ec target blend in [0, 1] (1 = dense inputs), or 'auto' to choose per matrix on held-out windows")
+    c.add_argument("--beta-grid", default="0,0.25,0.5", help="candidates for --beta auto (default 0,0.25,0.5)")
     c.add_argument("--targets", default="*", help="globs over module names, e.g. '*mlp*'")
     c.add_argument("--skip-layers", default="", help="blocks to leave dense, e.g. '0,29' or '0-2'")
     c.add_argument("--batch-size", type=int, default=4)
@@ -183,6 +194,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     cfg = CompressionConfig(
         ratio=args.ratio, method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, targets=args.targets, skip_layers=args.skip_layers, beta=args.beta,
+        beta_grid=_floats(args.beta_grid, "--beta-grid"),
         batch_size=args.batch_size,
     )
     cfg.validate()

@@ -20,6 +20,7 @@ class CompressionConfig:
     beta: float | str = 0.25  # svdllm-ec: blend of dense (1) and compressed (0) inputs; "auto" picks per matrix
     beta_grid: tuple[float, ...] = (0.0, 0.25, 0.5)  # candidates for beta="auto"
     holdout: float = 0.25  # beta="auto": fraction of calibration windows held out to choose β
+    ec_norm_cap: float | None = 1.5  # svdllm-ec: halve β for a matrix while ‖W′‖ > cap·‖W‖ (None: off)
     ec_damp: float = 1e-4  # svdllm-ec: ridge on X′X′ᵀ, relative to its mean diagonal
     damp: float = 0.0  # whitening ridge added before Cholesky (0 = only when needed)
     update_damp: float = 1e-6  # ridge of the closed-form update's normal equations

@@ -37,6 +37,22 @@ def _ec_fit(weight: Tensor, stats: LayerStats, beta: float, k: int, damp: float)
     return whiten_towards(weight, target, c, k, damp)
 
 
+def _ec_guarded(weight: Tensor, stats: LayerStats, beta: float, k: int, cfg: Any) -> tuple[Factorization, float, float]:
+    """The fit for β, with β halved (to 0 at last) while ‖W′‖_F exceeds cfg.ec_norm_cap·‖W‖_F.
+
+    Large β regresses W·X on X′; where X′ has little variance that regression can
+    blow the weight up (11× seen on SmolLM2) and the model falls off a cliff on new
+    text even though the calibration fit looks better.  The guard keeps the gain.
+    """
+    w_norm = float(weight.double().norm())
+    while True:
+        f = _ec_fit(weight, stats, beta, k, cfg.ec_damp)
+        ratio = float((f.u @ f.v).norm()) / max(w_norm, 1e-300)
+        if beta == 0 or cfg.ec_norm_cap is None or ratio <= cfg.ec_norm_cap:
+            return f, beta, ratio
+        beta = beta / 2 if beta > 1 / 16 else 0.0
+
+
 def held_out_error(weight: Tensor, f: Factorization, held: LayerStats) -> float:
     """‖W·X − W′·X′‖² / ‖W·X‖² on held-out windows: how well W′ reproduces the dense layer."""
     assert held.gram is not None and held.comp_gram is not None and held.cross is not None
@@ -56,9 +72,11 @@ def _svdllm_ec(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Fac
         beta = min(scores, key=lambda b: scores[b])
         info["beta_scores"] = scores
         stats = stats.merged()
-    f = _ec_fit(weight, stats, float(beta), k, cfg.ec_damp)
+    f, used, norm = _ec_guarded(weight, stats, float(beta), k, cfg)
     assert stats.comp_gram is not None
-    info.update(loss=_rel(weight, f, stats.comp_gram), beta=beta)
+    info.update(loss=_rel(weight, f, stats.comp_gram), beta=used, norm_ratio=norm)
+    if used != beta:
+        info["beta_requested"] = beta
     return f, info
 
 
