@@ -10,7 +10,6 @@ import transformers
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
-torch.set_num_threads(2)
 
 WORDS = ("the model of a city river was in new and large old government people first state year "
          "known north music team war world school water system light high land song king house "
