@@ -153,7 +153,7 @@ def test_auto_beta_picks_the_best_held_out_candidate(make_model, calib_tokens):
 def test_stats_cache_gives_identical_factors_without_recalibrating(make_model, calib_tokens):
     cache: dict = {}
     runs = {}
-    for method in ("svdllm-w", "asvd", "svdllm-w"):
+    for method in ("fwsvd", "svdllm-w", "asvd", "svdllm-w"):
         m = make_model("llama")
         compress(m, None, CompressionConfig(ratio=0.4, method=method, **SMALL), calib_tokens=calib_tokens,
                  progress=False, stats_cache=cache)

@@ -142,7 +142,9 @@ def compress(
         cache = stats_cache.setdefault(key, {})
         needs = needs | ({"gram", "abs"} if needs & {"gram", "abs"} else frozenset())  # one pass serves both
 
-    fisher: dict[str, Tensor] = cache.get("fisher", {}) if cache is not None else {}
+    fisher: dict[str, Tensor] = {}
+    if "fisher" in method.needs and cache is not None:
+        fisher = cache.get("fisher", {})
     if "fisher" in method.needs and not fisher:
         assert samples is not None
         with torch.enable_grad(), _Clock(report, "fisher (backward passes)"):
