@@ -76,6 +76,20 @@ def model_card(section: dict[str, Any], perplexity: dict[str, float] | None) -> 
     return "\n".join(lines)
 
 
+def _cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast floating tensors, keeping tied tensors (embeddings / lm_head) one shared tensor."""
+    if dtype is None:
+        return state
+    done: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.data_ptr(), tuple(v.shape), v.dtype)
+        if key not in done:
+            done[key] = v.to(dtype) if v.is_floating_point() else v
+        out[k] = done[key]
+    return out
+
+
 def save(
     model: nn.Module,
     tokenizer: Any,
@@ -94,7 +108,7 @@ def save(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        state = {k: (v.to(target) if target and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+        state = _cast_state(model.state_dict(), target)
         model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
