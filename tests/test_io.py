@@ -17,6 +17,13 @@ from svdllm.io import FormatError, verify
 CFG = dict(ratio=0.4, method="svdllm-w", nsamples=8, seqlen=32)
 
 
+def payload_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file (the file less its 8-byte length and JSON header)."""
+    with open(path, "rb") as fh:
+        header = int.from_bytes(fh.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def saved(request, make_model, tokenizer, calib_tokens, tmp_path):
     model = make_model(request.param)
@@ -46,8 +53,7 @@ def test_folder_holds_no_pickle_and_records_everything(saved):
     for key in ("format_version", "method", "ratio", "calibration", "seed", "svdllm_version", "ranks", "shards"):
         assert key in section
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    size = (out / "model.safetensors").stat().st_size
-    assert n_params * 4 <= size <= n_params * 4 * 1.02
+    assert payload_bytes(out / "model.safetensors") == n_params * 4
 
 
 def test_bfloat16_save_halves_the_size(make_model, tokenizer, calib_tokens, tmp_path):
@@ -162,3 +168,18 @@ def test_saving_an_uncompressed_model_is_refused(make_model, tokenizer, tmp_path
     with pytest.raises(FormatError, match="compress it first"):
         save(make_model("llama"), tokenizer, tmp_path / "x")
     assert not Path(tmp_path / "x").exists()
+
+
+def test_bfloat16_save_keeps_tied_embeddings_shared(tokenizer, calib_tokens, tmp_path):
+    from conftest import tiny_model
+
+    model = tiny_model("llama", len(tokenizer))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    compress(model, tokenizer, CompressionConfig(**CFG), calib_tokens=calib_tokens, progress=False)
+    out = save(model, tokenizer, tmp_path / "tied", dtype="bfloat16")
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert payload_bytes(out / "model.safetensors") == n * 2  # one copy of the tied table
+    loaded = load(out)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
