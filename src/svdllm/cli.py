@@ -337,7 +337,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(json.dumps(section, indent=2))
     print(f"shards: {', '.join(shards)} (sha256 verified)")
     print(f"\n| module | rank |\n|---|---:|")
-    for name, rank in ranks.items():
+    natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # noqa: E731
+    for name, rank in sorted(ranks.items(), key=lambda kv: natural(kv[0])):
         print(f"| {name} | {rank} |")
     return 0
 

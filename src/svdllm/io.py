@@ -125,6 +125,11 @@ def save(
         cfg["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SVDLLMForCausalLM"}
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(cfg["svdllm"], perplexity))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a saved model is for sharing
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
