@@ -84,6 +84,24 @@ def table(results: dict) -> str:
     return out + markdown_table(["ratio"] + methods, rows)
 
 
+def render(results: dict, out: Path) -> None:
+    write_json(out / "results.json", results)
+    (out / "table.md").write_text(f"`{results['command']}`\n\n" + table(results))
+    plot(results, out / "perplexity.png", next(iter(results["dense"])))
+
+
+def merge(out: Path, other: Path) -> None:
+    """Runs made in parallel elsewhere (same model, calibration and evaluation) join this table."""
+    results = json.loads((out / "results.json").read_text())
+    extra = json.loads((other / "results.json").read_text())
+    if extra["dense"] != results["dense"]:
+        raise SystemExit(f"{other} was evaluated differently (dense perplexity {extra['dense']} != {results['dense']})")
+    seen = {(r["method"], r["ratio"]) for r in results["runs"]}
+    results["runs"] += [r for r in extra["runs"] if (r["method"], r["ratio"]) not in seen]
+    results["command"] += f"`\n\n`{extra['command']}"
+    render(results, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -97,7 +115,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--out", default="benchmarks/results/quality")
     p.add_argument("--append", action="store_true", help="add runs to an existing results.json in --out")
+    p.add_argument("--merge-from", default="", help="only merge the runs of another --out folder into --out, re-render")
     args = p.parse_args()
+    if args.merge_from:
+        merge(Path(args.out), Path(args.merge_from))
+        return
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,9 +157,7 @@ def main() -> None:
             results["runs"].append(run)
             print(spec, ratio, {k: round(v, 2) for k, v in ppl.items()}, f"{seconds:.0f}s", flush=True)
             del model
-            write_json(out / "results.json", results)
-            (out / "table.md").write_text(f"`{results['command']}`\n\n" + table(results))
-            plot(results, out / "perplexity.png", next(iter(evals)))
+            render(results, out)
 
 
 if __name__ == "__main__":
