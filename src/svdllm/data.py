@@ -137,15 +137,10 @@ def load_text(spec: str) -> str:
     if spec == "news":
         return Path(assets.gensim_file("news")).read_text(encoding="utf-8")
     path = Path(spec).expanduser()
-    if path.suffix in (".txt", ".jsonl", ".json", ".md") or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {spec}")
-        return _jsonl_text(path) if path.suffix in (".jsonl",) else path.read_text(encoding="utf-8")
-    if spec in HUB_DATASETS:
+    if spec in HUB_DATASETS and not path.is_file():
         return _hub_text(spec)
-    raise FileNotFoundError(
-        f"unknown data {spec!r}: use {', '.join(NAMED)}, a .txt/.jsonl file, or one of {', '.join(HUB_DATASETS)} (online)"
-    )
+    check_spec(spec)  # a missing file or an unknown name is an error here
+    return _jsonl_text(path) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
 
 
 def _hub_text(name: str) -> str:
