@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +26,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRSS, markdown_table, write_json  # noqa: E402
+from common import markdown_table, peak_rss, peak_rss_reset, write_json  # noqa: E402
 
-from svdllm import CompressionConfig, compress  # noqa: E402
+from svdllm import CompressionConfig, compress, save  # noqa: E402
 from svdllm.assets import load_model  # noqa: E402
 from svdllm.data import load_text, tokenize  # noqa: E402
 
@@ -60,45 +64,106 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def generate_fn(model: nn.Module, batch: int, new_tokens: int, prompt: torch.Tensor) -> Callable[[], Any]:
+    x = prompt[None, :16].repeat(batch, 1).to(next(model.parameters()).device)
+    return lambda: model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
 @torch.no_grad()
 def measure(model: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """Throughputs in tokens/s.  Memory is measured apart, each in a fresh process (see ``probe_generate``)."""
     device = next(model.parameters()).device
     out: dict[str, float] = {}
     for n in args.prefill:
         x = ids[:, :n].to(device)
         out[f"prefill_{n}_tok_s"] = n / timed(lambda: model(input_ids=x, use_cache=True), device)
     for b in args.batch:
-        x = ids[:1, :16].repeat(b, 1).to(device)
-        gen = lambda: model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,  # noqa: E731
-                                     min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            t = timed(gen, device)
-            out[f"decode_b{b}_peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        else:
-            with PeakRSS(0.01) as rss:
-                before = rss.peak
-                t = timed(gen, device)
-            out[f"decode_b{b}_peak_extra_mib"] = (rss.peak - before) / 2**20
-        out[f"decode_b{b}_tok_s"] = b * args.new_tokens / t
+        out[f"decode_b{b}_tok_s"] = b * args.new_tokens / timed(generate_fn(model, b, args.new_tokens, ids[0]), device)
     return out
 
 
+def own_copies(model: nn.Module) -> None:
+    """Copy every weight out of the memory-mapped checkpoint into process memory.
+
+    Otherwise RSS counts mapped file pages only once touched, and a rank-major
+    copy of U made at load leaves the mapped original counted too (clean file
+    pages the kernel could drop, but RSS shows them).  With own copies, dense and
+    compressed RSS both count each weight exactly once.
+    """
+    import ctypes
+
+    done: set[int] = set()
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in done:  # tied weights are one Parameter: copy once
+                done.add(id(p))
+                p.data = p.data.clone()  # keeps strides, so U stays rank-major
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 @torch.no_grad()
-def compression_cost(base: nn.Module, tok: Any, calib: torch.Tensor, ratio: float, method: str) -> dict[str, Any]:
-    """Compress a copy with the full pipeline; beside it, one plain forward over the same calibration tokens."""
-    cfg = CompressionConfig(ratio=ratio, method=method)
+def probe_generate(spec: str, batch: int, args: argparse.Namespace) -> dict[str, float]:
+    """In a fresh process: load, then one generate; peak memory while generating (whole process on CPU).
+
+    Fresh because an allocator that already holds freed memory (from earlier
+    runs in the same process) would hide what generation needs.
+    """
+    model, tok = load_model(spec, device=args.device)
+    own_copies(model)
+    prompt = tokenize(tok, load_text("wiki-train"))[:16]  # the prompt ``measure`` uses
+    gen = generate_fn(model, batch, args.new_tokens, prompt)
+    if args.device.startswith("cuda"):
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        gen()
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+                "extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20, "kind": "torch.cuda.max_memory_allocated"}
+    import psutil
+
+    base = psutil.Process().memory_info().rss
+    if not peak_rss_reset():
+        raise SystemExit("cannot reset the peak RSS (/proc/self/clear_refs)")
+    gen()
+    return {"peak_mib": peak_rss() / 2**20, "extra_mib": (peak_rss() - base) / 2**20, "kind": "process peak RSS (VmHWM)"}
+
+
+@torch.no_grad()
+def probe_compress(ratio: float, args: argparse.Namespace) -> dict[str, Any]:
+    """In a fresh process: one plain forward over the calibration windows (the floor), then the full
+    compression, timed, with the peak memory of compressing alone."""
+    base, tok = load_model(args.dense, device=args.device)
+    calib = tokenize(tok, load_text("wiki-train"))
+    cfg = CompressionConfig(ratio=ratio, method=args.method)
     from svdllm.calibration import sample_windows
 
     windows = sample_windows(calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     device = next(base.parameters()).device
     floor = timed(lambda: [base(input_ids=w.to(device), use_cache=False) for w in windows.split(cfg.batch_size)], device)
-    model = copy.deepcopy(base)
-    with PeakRSS() as rss:
-        t = timed(lambda: compress(model, tok, cfg, calib_tokens=calib, progress=False), device)
-    return {"model": model, "seconds": t, "phases": model.svdllm_report.timings, "peak_rss_gib": rss.peak / 2**30,
-            "forward_floor_seconds": floor, "kept_dense": sum(1 for r in model.svdllm_report.records if r.get("kept_dense"))}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        peak_rss_reset()
+    t = timed(lambda: compress(base, tok, cfg, calib_tokens=calib, progress=False), device)
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    report = base.svdllm_report
+    return {"seconds": t, "phases": report.timings, "peak_gib": peak / 2**30,
+            "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS (VmHWM)",
+            "forward_floor_seconds": floor, "kept_dense": sum(1 for r in report.records if r.get("kept_dense"))}
+
+
+def in_child(flag: str, value: str, args: argparse.Namespace, extra: list[str] = ()) -> dict[str, Any]:
+    """Run this script with ``flag value`` in a fresh Python process; its last stdout line is JSON."""
+    cmd = [sys.executable, __file__, flag, value, "--dense", args.dense, "--device", args.device,
+           "--new-tokens", str(args.new_tokens), "--method", args.method, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -131,36 +196,52 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _f(x: float, nd: int = 1) -> str:
+    return f"{x:.{nd}f}"
+
+
 def table(results: dict) -> str:
     dense = results["models"]["dense"]
-    keys = [k for k in dense["median"] if k.endswith("tok_s")]
+    med = lambda m, k: m["median"][k]  # noqa: E731
+    b1 = "decode_b1_tok_s" if "decode_b1_tok_s" in dense["median"] else None
+    keys = [k for k in dense["median"] if k != b1]
     out = f"`{results['command']}`\n\nDevice: {results['device']}, torch threads {results['threads']}, " \
-          f"{results['args']['repeats']} interleaved repeats, medians.\n\n"
+          f"{results['args']['repeats']} interleaved repeats, medians; memory probes each in a fresh process.\n\n"
     rows = []
+    mem_keys = sorted(dense.get("memory", {}))
     for name, m in results["models"].items():
         if name == "dense":
             continue
-        row = [f"{m['ratio']:g}", f"{m['weight_bytes'] / dense['weight_bytes']:.3f}"]
-        row += [f"{m['median'][k] / dense['median'][k]:.2f}" for k in keys]
-        row.append(f"{dense['bytes_per_token'] / m['bytes_per_token']:.2f}")
+        row = [f"{m['ratio']:g}", _f(m["weight_bytes"] / dense["weight_bytes"], 3)]
+        row += [_f(m["memory"][k]["peak_mib"] / dense["memory"][k]["peak_mib"], 3) for k in mem_keys]
+        if b1:
+            row += [_f(med(m, b1) / med(dense, b1), 2), _f(dense["bytes_per_token"] / m["bytes_per_token"], 2)]
+        row += [_f(med(m, k) / med(dense, k), 2) for k in keys]
         rows.append(row)
-    header = ["ratio", "weight memory (c/d)"] + [k.replace("_tok_s", "") + " speed-up" for k in keys] + ["decode limit"]
+    header = ["ratio", "weight memory (c/d)"] + [f"peak memory generating {k} (c/d)" for k in mem_keys]
+    header += ["**decode_b1 speed-up**", "**its limit** (bytes read per token, d/c)"] if b1 else []
+    header += [k.replace("_tok_s", "") + " speed-up" for k in keys]
     out += markdown_table(header, rows)
-    out += "\nAbsolute medians (tokens/s; peak extra MiB during generate):\n\n"
-    names = list(results["models"])
-    mkeys = list(dense["median"])
-    out += markdown_table(["model"] + mkeys, [[n] + [f"{results['models'][n]['median'][k]:.1f}" for k in mkeys]
-                                             for n in names])
+    kind = next(iter(dense.get("memory", {}).values()), {}).get("kind", "")
+    out += f"\nAbsolute medians (tokens/s; memory in MiB, {kind}):\n\n"
+    tkeys = list(dense["median"])
+    header = ["model", "weights MiB"] + [f"peak {k} MiB (extra over loaded)" for k in mem_keys] + tkeys
+    rows = []
+    for n, m in results["models"].items():
+        row = [n, _f(m["weight_bytes"] / 2**20)]
+        row += [f"{m['memory'][k]['peak_mib']:.0f} (+{m['memory'][k]['extra_mib']:.0f})" for k in mem_keys]
+        rows.append(row + [_f(med(m, k)) for k in tkeys])
+    out += markdown_table(header, rows)
     if results.get("cost"):
-        out += "\nCompression cost (method " + results["args"]["method"] + "):\n\n"
+        out += "\nCompression cost (method " + results["args"]["method"] + ", each ratio in a fresh process):\n\n"
+        phases = sorted({p for c in results["cost"].values() for p in c["phases"]})
         rows = []
         for ratio, c in results["cost"].items():
-            phases = ", ".join(f"{k} {v:.1f}s" for k, v in c["phases"].items())
-            rows.append([ratio, f"{c['seconds']:.1f}", f"{c['forward_floor_seconds']:.1f}",
-                         f"{c['seconds'] / c['forward_floor_seconds']:.1f}×", f"{c['peak_rss_gib']:.2f}", phases,
-                         c["kept_dense"]])
-        out += markdown_table(["ratio", "compress s", "plain forward s", "cost / floor", "peak RSS GiB", "split",
-                               "layers kept dense"], rows)
+            rows.append([ratio, _f(c["seconds"]), _f(c["forward_floor_seconds"]),
+                         f"{c['seconds'] / c['forward_floor_seconds']:.1f}×", _f(c["peak_gib"], 2)]
+                        + [_f(c["phases"].get(p, 0.0)) for p in phases] + [c["kept_dense"]])
+        out += markdown_table(["ratio", "compress s", "plain forward s (floor)", "cost / floor", "peak memory GiB"]
+                              + [f"{p} s" for p in phases] + ["layers kept dense"], rows)
     return out
 
 
@@ -170,54 +251,68 @@ def main() -> None:
     p.add_argument("--models", default="", help="compressed model folders, comma-separated")
     p.add_argument("--ratios", default="0.2,0.4,0.6", help="compress --dense at these ratios (when no --models)")
     p.add_argument("--method", default="svdllm-ec", help="method for the compression-cost runs")
-    p.add_argument("--cost-ratios", default="0.4", help="ratios at which to time --method ('' skips)")
+    p.add_argument("--cost-ratios", default="0.2,0.4,0.6", help="ratios at which to time --method ('' skips)")
     p.add_argument("--prefill", default="128,1024")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results/speed")
+    p.add_argument("--cost-from", help="reuse the compression-cost section of an earlier results.json")
+    p.add_argument("--probe-generate", metavar="MODEL", help=argparse.SUPPRESS)
+    p.add_argument("--probe-compress", metavar="RATIO", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.prefill = [int(x) for x in args.prefill.split(",")]
     args.batch = [int(x) for x in args.batch.split(",")]
+    if args.probe_generate:
+        print(json.dumps(probe_generate(args.probe_generate, args.batch[0], args)))
+        return
+    if args.probe_compress is not None:
+        print(json.dumps(probe_compress(args.probe_compress, args)))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     base, tok = load_model(args.dense, device=args.device)
-    calib = tokenize(tok, load_text("wiki-train"))
-    models: dict[str, tuple[nn.Module, float]] = {"dense": (base, 0.0)}
-    cost: dict[str, Any] = {}
+    ids = tokenize(tok, load_text("wiki-train"))[: max(args.prefill)][None]
+    models: dict[str, tuple[nn.Module, float, str]] = {"dense": (base, 0.0, args.dense)}
+    tmp = tempfile.TemporaryDirectory(prefix="svdllm-speed-")
     if args.models:
         for d in args.models.split(","):
             m, _ = load_model(d, device=args.device)
-            models[d] = (m, float(m.config.svdllm["ratio"]))
+            models[d] = (m, float(m.config.svdllm["ratio"]), d)
     else:
         # ranks, hence speed, depend on the ratio only: plain SVD builds the models fast
         for r in [float(x) for x in args.ratios.split(",")]:
             m = compress(copy.deepcopy(base), tok, CompressionConfig(ratio=r, method="svd"), progress=False)
-            models[f"ratio {r:g}"] = (m, r)
-    for r in [float(x) for x in args.cost_ratios.split(",") if x.strip()]:
-        c = compression_cost(base, tok, calib, r, args.method)
-        c.pop("model")
-        cost[f"{r:g}"] = c
-        print(f"{args.method} at {r}: {c['seconds']:.1f}s (plain forward {c['forward_floor_seconds']:.1f}s)", flush=True)
-    ids = calib[: max(args.prefill)][None]
+            models[f"ratio {r:g}"] = (m, r, str(save(m, tok, Path(tmp.name) / f"ratio-{r:g}")))
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in models}
-    for name, (m, _) in models.items():  # warm-up
+    for name, (m, *_) in models.items():  # warm-up
         measure(m, ids, argparse.Namespace(**{**vars(args), "new_tokens": 8, "prefill": [32]}))
     for rep in range(args.repeats):
-        for name, (m, _) in models.items():
+        for name, (m, *_) in models.items():
             samples[name].append(measure(m, ids, args))
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
     results: dict[str, Any] = {
         "command": " ".join(["python"] + sys.argv), "args": vars(args), "dense": args.dense,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)",
-        "threads": torch.get_num_threads(), "models": {}, "cost": cost,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)",
+        "threads": torch.get_num_threads(), "models": {}, "cost": {},
     }
-    for name, (m, ratio) in models.items():
+    for name, (m, ratio, spec) in models.items():
         med = {k: statistics.median(s[k] for s in samples[name]) for k in samples[name][0]}
-        results["models"][name] = {"ratio": ratio, "weight_bytes": weight_bytes(m),
+        memory = {f"b{b}": in_child("--probe-generate", spec, args, ["--batch", str(b)]) for b in args.batch}
+        results["models"][name] = {"ratio": ratio, "weight_bytes": weight_bytes(m), "memory": memory,
                                    "bytes_per_token": bytes_read_per_token(m), "median": med, "samples": samples[name]}
+        print(f"memory probed: {name}", flush=True)
+    del models, base
+    tmp.cleanup()
+    if args.cost_from:
+        results["cost"] = json.loads(Path(args.cost_from).read_text())["cost"]
+        results["cost_from"] = args.cost_from
+    for r in [float(x) for x in args.cost_ratios.split(",") if x.strip()]:
+        c = in_child("--probe-compress", str(r), args)
+        results["cost"][f"{r:g}"] = c
+        print(f"{args.method} at {r}: {c['seconds']:.1f}s (plain forward {c['forward_floor_seconds']:.1f}s)", flush=True)
     write_json(out / "results.json", results)
     (out / "table.md").write_text(table(results))
     plot(results, out / "speed.png")

@@ -13,6 +13,7 @@ import torch
 
 from svdllm import CompressionConfig, compress, load, save
 from svdllm.io import FormatError, verify
+from svdllm.lowrank import LowRankLinear
 
 CFG = dict(ratio=0.4, method="svdllm-w", nsamples=8, seqlen=32)
 
@@ -42,6 +43,8 @@ def test_round_trip_gives_identical_logits_and_generation(saved, calib_tokens):
     b = loaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
     assert loaded.config.svdllm["ranks"] == model.config.svdllm["ranks"]
+    factors = [m.svd_u.weight for m in loaded.modules() if isinstance(m, LowRankLinear)]
+    assert factors and all(w.t().is_contiguous() and not w.is_contiguous() for w in factors)  # rank-major U
 
 
 def test_folder_holds_no_pickle_and_records_everything(saved):

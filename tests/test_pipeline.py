@@ -166,3 +166,24 @@ def test_stats_cache_gives_identical_factors_without_recalibrating(make_model, c
              progress=False)
     for a, b in ((first, second), (runs["asvd"][0][0], fresh)):
         assert torch.equal(a.model.layers[1].mlp.down_proj.svd_v.weight, b.model.layers[1].mlp.down_proj.svd_v.weight)
+
+
+def test_low_rank_linear_stores_u_rank_major_through_copies_and_casts():
+    import copy
+
+    from svdllm.lowrank import LowRankLinear, from_factors
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.nn.Linear(24, 40)
+    u, v = torch.randn(40, 6, generator=gen), torch.randn(6, 24, generator=gen)
+    layer = from_factors(dense, u, v)
+    x = torch.randn(3, 24, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), x @ v.T @ u.T + dense.bias, atol=1e-5)
+    for m in (layer, copy.deepcopy(layer), copy.deepcopy(layer).to(torch.bfloat16), LowRankLinear(24, 40, 6)):
+        w = m.svd_u.weight
+        assert w.shape == (40, 6) and w.t().is_contiguous() and not w.is_contiguous()
+    m = LowRankLinear(24, 40, 6)
+    m.svd_u.weight.data = m.svd_u.weight.data.contiguous()  # what a plain load hands back
+    m.use_rank_major()
+    assert m.svd_u.weight.t().is_contiguous()

@@ -93,7 +93,11 @@ def _stage(model: nn.Module, which: str, train: Tensor, cfg: FinetuneConfig, gen
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     peft_model.eval()
-    return peft_model.merge_and_unload(), losses
+    merged = peft_model.merge_and_unload()
+    for m in merged.modules():
+        if isinstance(m, LowRankLinear):
+            m.use_rank_major()  # a merge may hand back a row-major U
+    return merged, losses
 
 
 def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, tokens: Tensor | None = None,

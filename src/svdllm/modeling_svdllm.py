@@ -10,14 +10,36 @@ import torch
 from torch import nn
 
 
+def rank_major(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, rank) with the same values, stored rank-major: ``.t()`` is contiguous.
+
+    nn.Linear computes x·Uᵀ.  With U stored (out, rank) the decode GEMV walks
+    rows only ``rank`` long; stored rank-major, Uᵀ is a plain row-major matrix
+    with rows ``out`` long.  On a CPU this raised the GEMV's bandwidth from 8.5
+    to 19.5 GB/s for a 1536×167 factor (benchmarks/results/speed).
+    """
+    return weight.t().contiguous().t()
+
+
 class LowRankLinear(nn.Module):
-    """y = U (V x) + b with V: in→rank and U: rank→out, both ordinary nn.Linear."""
+    """y = U (V x) + b with V: in→rank and U: rank→out, both ordinary nn.Linear.
+
+    U is kept rank-major in memory (see ``rank_major``); V keeps nn.Linear's
+    layout, whose rows (length ``in``) are already the long side.
+    """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.svd_v = nn.Linear(in_features, rank, bias=False)
         self.svd_u = nn.Linear(rank, out_features, bias=bias)
+        self.use_rank_major()
+
+    def use_rank_major(self) -> None:
+        """Restore U's rank-major storage (a load or a merge may hand back a row-major tensor)."""
+        w = self.svd_u.weight
+        if not w.t().is_contiguous():
+            w.data = rank_major(w.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.svd_u(self.svd_v(x))
@@ -54,6 +76,14 @@ def svdllm_class(base: type) -> type:
             super().__init__(config, *args, **kwargs)
             section = getattr(config, "svdllm", None) or {}
             apply_ranks(self, section.get("ranks", {}))
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+            model = super().from_pretrained(*args, **kwargs)
+            for module in model.modules():
+                if isinstance(module, LowRankLinear):
+                    module.use_rank_major()
+            return model
 
     SVDLLMForCausalLM.__name__ = SVDLLMForCausalLM.__qualname__ = "SVDLLMForCausalLM"
     return SVDLLMForCausalLM

@@ -170,16 +170,18 @@ def compress(
         acc, held = cached_blocks.get(i) or GramAccumulator(needs, device), GramAccumulator(needs, device)
         dense_next: list[Tensor] = []
         if calls:
-            with _Clock(report, "calibration forward"), recorded_inputs(linears) as seen:
+            with recorded_inputs(linears) as seen:
                 for j, call in enumerate(calls):
-                    dense_next.append(run_block(block, call).to(store))
-                    dense_in = dict(seen)
-                    comp_in = None
-                    if comp_hidden is not None and linears:
-                        run_block(block, call, comp_hidden[j])
-                        comp_in = dict(seen)
+                    with _Clock(report, "calibration forward"):
+                        dense_next.append(run_block(block, call).to(store))
+                        dense_in = dict(seen)
+                        comp_in = None
+                        if comp_hidden is not None and linears:
+                            run_block(block, call, comp_hidden[j])
+                            comp_in = dict(seen)
                     if linears:
-                        (acc if j < n_fit else held).add(dense_in, comp_in)
+                        with _Clock(report, "gram accumulation"):
+                            (acc if j < n_fit else held).add(dense_in, comp_in)
         with _Clock(report, "decompositions"):
             for name, module in linears.items():
                 stats = acc.for_linear(name) if acc.groups else LayerStats()
