@@ -7,6 +7,10 @@ Every model is measured in one process, interleaved repeat by repeat, and the
 figures quoted are medians and compressed/dense ratios.  Beside each decode
 ratio stands its limit: decode at batch 1 streams every weight once per token,
 so the best speed-up is the ratio of bytes read per token.
+
+Memory while generating and the compression cost are each measured in a fresh
+process (``--probe-*``), so that memory freed earlier cannot hide what they need.
+``--cost-from`` reuses the cost section of an earlier results.json.
 """
 from __future__ import annotations
 
