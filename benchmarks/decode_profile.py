@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,14 @@ MATMUL = {"aten::mm", "aten::addmm"}
 
 
 @torch.no_grad()
-def decode_steps(model: nn.Module, steps: int) -> None:
+def decode_steps(model: nn.Module, steps: int) -> float:
+    """Greedy decode ``steps`` tokens after a 16-token prompt; returns the seconds of the decode steps."""
     cache = DynamicCache(config=model.config)
     out = model(input_ids=torch.arange(100, 116)[None], past_key_values=cache, use_cache=True)
+    t0 = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    return time.perf_counter() - t0
 
 
 def profile_decode(model: nn.Module, steps: int) -> dict[str, Any]:

@@ -11,15 +11,14 @@ from __future__ import annotations
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, write_json  # noqa: E402
+from decode_profile import decode_steps  # noqa: E402
 
 from svdllm import CompressionConfig, compress  # noqa: E402
 from svdllm.assets import load_model  # noqa: E402
@@ -28,14 +27,8 @@ from svdllm.lowrank import LowRankLinear  # noqa: E402
 RATIOS = (0.2, 0.4, 0.6)
 
 
-@torch.no_grad()
 def decode_tok_s(model: nn.Module, steps: int = 64) -> float:
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=torch.arange(100, 116)[None], past_key_values=cache, use_cache=True)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-    return steps / (time.perf_counter() - t0)
+    return steps / decode_steps(model, steps)
 
 
 def row_major_copy(model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .evaluate import evaluate_perplexity
-from .modeling_svdllm import LowRankLinear
+from .modeling_svdllm import LowRankLinear, restore_rank_major
 
 log = logging.getLogger("svdllm")
 STAGE_TARGET = {"u": "svd_u", "v": "svd_v"}
@@ -93,11 +93,7 @@ def _stage(model: nn.Module, which: str, train: Tensor, cfg: FinetuneConfig, gen
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     peft_model.eval()
-    merged = peft_model.merge_and_unload()
-    for m in merged.modules():
-        if isinstance(m, LowRankLinear):
-            m.use_rank_major()  # a merge may hand back a row-major U
-    return merged, losses
+    return restore_rank_major(peft_model.merge_and_unload()), losses  # a merge may hand back a row-major U
 
 
 def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, tokens: Tensor | None = None,

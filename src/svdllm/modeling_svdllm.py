@@ -15,8 +15,8 @@ def rank_major(weight: torch.Tensor) -> torch.Tensor:
 
     nn.Linear computes x·Uᵀ.  With U stored (out, rank) the decode GEMV walks
     rows only ``rank`` long; stored rank-major, Uᵀ is a plain row-major matrix
-    with rows ``out`` long.  On a CPU this raised the GEMV's bandwidth from 8.5
-    to 19.5 GB/s for a 1536×167 factor (benchmarks/results/speed).
+    with rows ``out`` long.  On a CPU this made batch-1 decode 1.07–1.17× faster
+    (benchmarks/results/layout).
     """
     return weight.t().contiguous().t()
 
@@ -52,6 +52,14 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def restore_rank_major(model: nn.Module) -> nn.Module:
+    """``use_rank_major`` on every LowRankLinear of ``model`` (after a load or a LoRA merge)."""
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            module.use_rank_major()
+    return model
+
+
 def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     """Replace each named linear (nn.Linear or GPT-2 Conv1D) by an empty LowRankLinear of the given rank."""
     for name, rank in ranks.items():
@@ -79,11 +87,7 @@ def svdllm_class(base: type) -> type:
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-            model = super().from_pretrained(*args, **kwargs)
-            for module in model.modules():
-                if isinstance(module, LowRankLinear):
-                    module.use_rank_major()
-            return model
+            return restore_rank_major(super().from_pretrained(*args, **kwargs))
 
     SVDLLMForCausalLM.__name__ = SVDLLMForCausalLM.__qualname__ = "SVDLLMForCausalLM"
     return SVDLLMForCausalLM
