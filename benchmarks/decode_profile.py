@@ -28,7 +28,7 @@ from common import markdown_table, write_json  # noqa: E402
 from speed import bytes_read_per_token  # noqa: E402
 
 from svdllm import CompressionConfig, compress  # noqa: E402
-from svdllm.assets import load_model  # noqa: E402
+from svdllm import load_model  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm"}
 
@@ -73,7 +73,7 @@ def main() -> None:
     base, tok = load_model(args.dense)
     models = {"dense": base}
     for r in [float(x) for x in args.ratios.split(",")]:
-        models[f"ratio {r:g}"] = compress(copy.deepcopy(base), tok, CompressionConfig(ratio=r, method="svd"), progress=False)
+        models[f"ratio {r:g}"] = compress(copy.deepcopy(base), None, CompressionConfig(ratio=r, method="svd"), progress=False)
     res = {name: {**profile_decode(m, args.steps), "bytes_per_token": bytes_read_per_token(m)} for name, m in models.items()}
     d = res["dense"]
     rows = []

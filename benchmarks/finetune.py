@@ -16,8 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, write_json  # noqa: E402
 
-from svdllm import CompressionConfig, compress, evaluate_perplexity  # noqa: E402
-from svdllm.assets import load_model  # noqa: E402
+from svdllm import CompressionConfig, compress, evaluate_perplexity, load_model, sample_windows  # noqa: E402
 from svdllm.data import load_text, tokenize  # noqa: E402
 from svdllm.finetune import FinetuneConfig, finetune  # noqa: E402
 
@@ -42,7 +41,7 @@ def main() -> None:
     base, tok = load_model(args.model)
     train = tokenize(tok, load_text("wiki-train"))
     evals = {e: tokenize(tok, load_text(e))[: args.max_tokens] for e in args.eval.split(",")}
-    compress(base, tok, CompressionConfig(ratio=args.ratio, method=args.method), calib_tokens=train, progress=False)
+    compress(base, sample_windows(train, 32, 512, 0), CompressionConfig(ratio=args.ratio, method=args.method), progress=False)
 
     def ppl(m: torch.nn.Module) -> dict[str, float]:
         return {e: evaluate_perplexity(m, tok, ids, 512, None).perplexity for e, ids in evals.items()}

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --methods svd,fwsvd,asvd,svdllm-w,svdllm,svdllm-ec --ratios 0.2,0.4,0.6,0.8
 
-A method may carry a β for svdllm-ec as ``svdllm-ec@0.5`` or ``svdllm-ec@auto``.
+A method may carry a β for svdllm-ec as ``svdllm-ec@0.5`` (``svdllm-ec@0.75!``: no norm guard).
 Writes results.json (updated after every run, so partial results survive),
 table.md and perplexity.png to --out.  Calibration windows, evaluation tokens
 and the dense model's statistics are computed once and shared by all runs, so
@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, markdown_table, write_json  # noqa: E402
 
-from svdllm import CompressionConfig, compress, evaluate_perplexity  # noqa: E402
-from svdllm.assets import load_model  # noqa: E402
+from svdllm import CompressionConfig, compress, evaluate_perplexity, load_model, sample_windows  # noqa: E402
+from svdllm.methods import MethodOptions, options_for  # noqa: E402
 from svdllm.data import load_text, tokenize  # noqa: E402
 
 
@@ -137,16 +137,14 @@ def main() -> None:
         results["dense"] = {e: evaluate_perplexity(base, tok, ids, args.seqlen, None).perplexity
                             for e, ids in evals.items()}
     print("dense", results["dense"], flush=True)
-    cache: dict = {}  # dense-model statistics (Grams, mean |x|, Fisher), shared by every run
+    windows = sample_windows(calib, args.nsamples, args.seqlen, args.seed)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for spec in args.methods.split(","):
-            name, extra = parse_method(spec)
-            cfg = CompressionConfig(ratio=ratio, method=name, calib=args.calib, nsamples=args.nsamples,
-                                    seqlen=args.seqlen, seed=args.seed, **extra)
+            cfg = CompressionConfig(ratio=ratio, method=parse_method(spec))
             model = copy.deepcopy(base)
             with PeakRSS() as rss:
                 t0 = time.perf_counter()
-                compress(model, tok, cfg, calib_tokens=calib, progress=False, stats_cache=cache)
+                compress(model, windows, cfg, progress=False)
                 seconds = time.perf_counter() - t0
             ppl = {e: evaluate_perplexity(model, tok, ids, args.seqlen, None).perplexity for e, ids in evals.items()}
             run = {"method": spec, "ratio": ratio, "perplexity": ppl, "compress_seconds": seconds,

@@ -32,8 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, peak_rss, peak_rss_reset, write_json  # noqa: E402
 
-from svdllm import CompressionConfig, compress, save  # noqa: E402
-from svdllm.assets import load_model  # noqa: E402
+from svdllm import CompressionConfig, compress, load_model, sample_windows, save  # noqa: E402
 from svdllm.data import load_text, tokenize  # noqa: E402
 
 
@@ -142,9 +141,7 @@ def probe_compress(ratio: float, args: argparse.Namespace) -> dict[str, Any]:
     base, tok = load_model(args.dense, device=args.device)
     calib = tokenize(tok, load_text("wiki-train"))
     cfg = CompressionConfig(ratio=ratio, method=args.method)
-    from svdllm.calibration import sample_windows
-
-    windows = sample_windows(calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = sample_windows(calib, 32, 512, 0)
     device = next(base.parameters()).device
     floor = timed(lambda: [base(input_ids=w.to(device), use_cache=False) for w in windows.split(cfg.batch_size)], device)
     cuda = device.type == "cuda"
@@ -152,7 +149,7 @@ def probe_compress(ratio: float, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     else:
         peak_rss_reset()
-    t = timed(lambda: compress(base, tok, cfg, calib_tokens=calib, progress=False), device)
+    t = timed(lambda: compress(base, windows, cfg, progress=False), device)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
     report = base.svdllm_report
     return {"seconds": t, "phases": report.timings, "peak_gib": peak / 2**30,
@@ -288,7 +285,7 @@ def main() -> None:
     else:
         # ranks, hence speed, depend on the ratio only: plain SVD builds the models fast
         for r in [float(x) for x in args.ratios.split(",")]:
-            m = compress(copy.deepcopy(base), tok, CompressionConfig(ratio=r, method="svd"), progress=False)
+            m = compress(copy.deepcopy(base), None, CompressionConfig(ratio=r, method="svd"), progress=False)
             models[f"ratio {r:g}"] = (m, r, str(save(m, tok, Path(tmp.name) / f"ratio-{r:g}")))
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in models}
     for name, (m, *_) in models.items():  # warm-up

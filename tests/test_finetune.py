@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from svdllm import CompressionConfig, compress, load, save
+from svdllm import CompressionConfig, compress, load, sample_windows, save
 from svdllm.cli import main
 from svdllm.data import tokenize
 from svdllm.finetune import FinetuneConfig, factor_state, finetune
@@ -16,8 +16,8 @@ from svdllm.lowrank import LowRankLinear
 @pytest.fixture
 def compressed(make_model, calib_tokens):
     model = make_model("llama")
-    compress(model, None, CompressionConfig(ratio=0.5, method="svdllm-w", nsamples=8, seqlen=32),
-             calib_tokens=calib_tokens, progress=False)
+    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(ratio=0.5, method="svdllm-w"),
+             progress=False)
     return model
 
 

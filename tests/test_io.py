@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from svdllm import CompressionConfig, compress, load, save
+from svdllm import CompressionConfig, compress, load, sample_windows, save
 from svdllm.io import FormatError, verify
 from svdllm.lowrank import LowRankLinear
 
-CFG = dict(ratio=0.4, method="svdllm-w", nsamples=8, seqlen=32)
+CFG = dict(ratio=0.4, method="svdllm-w")
 
 
 def payload_bytes(path: Path) -> int:
@@ -28,7 +28,7 @@ def payload_bytes(path: Path) -> int:
 @pytest.fixture(params=["llama", "gpt2"])
 def saved(request, make_model, tokenizer, calib_tokens, tmp_path):
     model = make_model(request.param)
-    compress(model, tokenizer, CompressionConfig(**CFG), calib_tokens=calib_tokens, progress=False)
+    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
     out = save(model, tokenizer, tmp_path / "compressed")
     return model, out
 
@@ -51,17 +51,20 @@ def test_folder_holds_no_pickle_and_records_everything(saved):
     model, out = saved
     names = {p.name for p in out.iterdir()}
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in names)
-    assert {"config.json", "model.safetensors", "modeling_svdllm.py", "README.md"} <= names
+    assert {"config.json", "model.safetensors", "modeling_svdllm.py", "README.md", "svdllm_report.json"} <= names
     section = json.loads((out / "config.json").read_text())["svdllm"]
-    for key in ("format_version", "method", "ratio", "calibration", "seed", "svdllm_version", "ranks", "shards"):
+    for key in ("format_version", "method", "options", "ratio", "calibration", "svdllm_version", "ranks", "shards"):
         assert key in section
+    assert section["calibration"]["nsamples"] == 8 and section["options"]["name"] == "svdllm-w"
+    report = json.loads((out / "svdllm_report.json").read_text())  # written by the library, inside the atomic save
+    assert report["plan"]["ranks"] == section["ranks"] and len(report["records"]) == len(section["ranks"])
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert payload_bytes(out / "model.safetensors") == n_params * 4
 
 
 def test_bfloat16_save_halves_the_size(make_model, tokenizer, calib_tokens, tmp_path):
     model = make_model("llama")
-    compress(model, tokenizer, CompressionConfig(**CFG), calib_tokens=calib_tokens, progress=False)
+    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
     a = save(model, tokenizer, tmp_path / "f32")
     b = save(model, tokenizer, tmp_path / "bf16", dtype="bfloat16")
     ratio = (b / "model.safetensors").stat().st_size / (a / "model.safetensors").stat().st_size
@@ -180,7 +183,7 @@ def test_bfloat16_save_keeps_tied_embeddings_shared(tokenizer, calib_tokens, tmp
     model.config.tie_word_embeddings = True
     model.tie_weights()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    compress(model, tokenizer, CompressionConfig(**CFG), calib_tokens=calib_tokens, progress=False)
+    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
     out = save(model, tokenizer, tmp_path / "tied", dtype="bfloat16")
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert payload_bytes(out / "model.safetensors") == n * 2  # one copy of the tied table

@@ -1,16 +1,20 @@
-"""compress() on tiny models of every supported family."""
+"""compress() on tiny models of every supported family, and the block loop against a reference loop."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 from conftest import ARCHS
-from svdllm import CompressionConfig, compress
-from svdllm.architecture import block_linears, decoder_blocks
-from svdllm.lowrank import LowRankLinear
-from svdllm.methods import METHODS
+from svdllm import CompressionConfig, compress, sample_windows
+from svdllm.architecture import block_linears, decoder_blocks, dense_weight
+from svdllm.lowrank import LowRankLinear, replace_module
+from svdllm.methods import METHODS, options_for
 
-SMALL = dict(nsamples=8, seqlen=32, batch_size=4)
+
+def windows_of(tokens: torch.Tensor, nsamples: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    return sample_windows(tokens, nsamples, seqlen, seed)
 
 
 def linear_names(model) -> list[str]:
@@ -29,8 +33,7 @@ def test_every_architecture_compresses_and_generates(arch, make_model, calib_tok
     ids = calib_tokens[:48][None]
     with torch.no_grad():
         dense = model(ids).logits
-    compress(model, None, CompressionConfig(ratio=0.05, method="svdllm-ec", **SMALL), calib_tokens=calib_tokens,
-             progress=False)
+    compress(model, windows_of(calib_tokens), CompressionConfig(ratio=0.05, method="svdllm-ec"), progress=False)
     swapped = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
     assert sorted(swapped) == sorted(names) and names
     with torch.no_grad():
@@ -46,8 +49,7 @@ def test_every_method_reaches_the_ratio(method, make_model, calib_tokens):
     ratio = 0.3
     model = make_model("mistral", hidden=256)  # ranks ≥ 100, so flooring k moves the count < 1%
     before = sum(p.numel() for p in model.parameters())
-    compress(model, None, CompressionConfig(ratio=ratio, method=method, **SMALL), calib_tokens=calib_tokens,
-             progress=False)
+    compress(model, windows_of(calib_tokens), CompressionConfig(ratio=ratio, method=method), progress=False)
     rep = model.svdllm_report
     after = sum(p.numel() for p in model.parameters())
     assert rep.linear_params_after / rep.linear_params_before == pytest.approx(1 - ratio, rel=0.01)
@@ -55,14 +57,14 @@ def test_every_method_reaches_the_ratio(method, make_model, calib_tokens):
     for r in rep.records:
         m = model.get_submodule(r["name"])
         assert isinstance(m, LowRankLinear) and m.rank == r["rank"]
-    assert model.config.svdllm["ranks"] == {r["name"]: r["rank"] for r in rep.records}
+    assert model.config.svdllm["ranks"] == {r["name"]: r["rank"] for r in rep.records} == rep.plan["ranks"]
 
 
 def test_seed_fixes_the_factors(make_model, calib_tokens):
     def factors(seed: int) -> torch.Tensor:
         m = make_model("llama")
-        compress(m, None, CompressionConfig(ratio=0.4, method="svdllm-w", seed=seed, **SMALL),
-                 calib_tokens=calib_tokens, progress=False)
+        compress(m, windows_of(calib_tokens, seed=seed), CompressionConfig(ratio=0.4, method="svdllm-w"),
+                 progress=False)
         return m.model.layers[1].mlp.down_proj.svd_v.weight.detach().clone()
 
     a, b, c = factors(1), factors(1), factors(2)
@@ -78,8 +80,7 @@ def test_dead_input_never_crashes(make_model, calib_tokens):
     for method in ("svdllm-w", "svdllm", "svdllm-ec", "asvd"):
         m = make_model("llama")
         m.load_state_dict(model.state_dict())
-        compress(m, None, CompressionConfig(ratio=0.4, method=method, **SMALL), calib_tokens=calib_tokens,
-                 progress=False)
+        compress(m, windows_of(calib_tokens), CompressionConfig(ratio=0.4, method=method), progress=False)
         assert torch.isfinite(m(calib_tokens[:32][None]).logits).all()
         if method.startswith("svdllm-w"):
             assert any("q_proj" in r["name"] for r in m.svdllm_report.remedies)
@@ -94,8 +95,8 @@ def test_error_correction_lowers_output_error(make_model, calib_tokens):
     errs = {}
     for method in ("svdllm-w", "svdllm-ec"):
         m = make_model("llama")
-        compress(m, None, CompressionConfig(ratio=0.5, method=method, nsamples=16, seqlen=64),
-                 calib_tokens=calib_tokens[:-256], progress=False)
+        compress(m, windows_of(calib_tokens[:-256], 16, 64), CompressionConfig(ratio=0.5, method=method),
+                 progress=False)
         with torch.no_grad():
             errs[method] = float((m(held_out, output_hidden_states=True).hidden_states[-1] - ref).norm())
     assert errs["svdllm-ec"] < errs["svdllm-w"]
@@ -103,80 +104,54 @@ def test_error_correction_lowers_output_error(make_model, calib_tokens):
 
 def test_targets_and_skip_layers(make_model, calib_tokens):
     model = make_model("llama")
-    compress(model, None, CompressionConfig(ratio=0.4, method="svdllm-w", targets="*mlp*", skip_layers="0", **SMALL),
-             calib_tokens=calib_tokens, progress=False)
+    compress(model, windows_of(calib_tokens),
+             CompressionConfig(ratio=0.4, method="svdllm-w", targets=["*mlp*"], skip_layers=[0]), progress=False)
     swapped = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     assert swapped == {f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
     with pytest.raises(ValueError, match="matches no linear"):
-        compress(make_model("llama"), None, CompressionConfig(targets="*nothing*", **SMALL),
-                 calib_tokens=calib_tokens, progress=False)
+        compress(make_model("llama"), windows_of(calib_tokens), CompressionConfig(targets=["*nothing*"]),
+                 progress=False)
+    with pytest.raises(ValueError, match="block 2 does not exist"):
+        compress(make_model("llama"), windows_of(calib_tokens), CompressionConfig(skip_layers=[2]), progress=False)
 
 
-def test_short_calibration_text_is_an_error(make_model, calib_tokens):
+def test_short_calibration_text_is_an_error(calib_tokens):
     with pytest.raises(ValueError, match="shorter than one window"):
-        compress(make_model("llama"), None, CompressionConfig(seqlen=512, nsamples=2),
-                 calib_tokens=calib_tokens[:100], progress=False)
+        windows_of(calib_tokens[:100], 2, 512)
 
 
-def test_shared_inputs_share_one_gram(make_model, calib_tokens):
-    from svdllm.calibration import GramAccumulator, capture_block_inputs, recorded_inputs, run_block
+def test_method_options_are_validated_and_named():
+    with pytest.raises(ValueError, match="--beta must be in"):
+        options_for("svdllm-ec", beta=2.0)
+    with pytest.raises(ValueError, match="--beta does not apply to --method svdllm-w .it applies to svdllm-ec"):
+        options_for("svdllm-w", beta=0.5)
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        CompressionConfig(method="magic")
+    assert options_for("svdllm-ec", beta=None).beta == 0.25  # None keeps the default
 
-    model = make_model("llama")
+
+def test_shared_inputs_share_one_gram_under_gqa(make_model, calib_tokens):
+    from svdllm.calibration import DENSE, ActivationStream, GramAccumulator, TensorStore
+
+    model = make_model("mistral")  # 4 query heads, 2 key/value heads: k/v are narrower than q
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.out_features < attn.q_proj.out_features
     block = model.model.layers[0]
     linears = block_linears(block, "model.layers.0")
-    calls = capture_block_inputs(model, block, calib_tokens[:64].view(2, 32), 2, torch.device("cpu"))
-    acc = GramAccumulator(frozenset({"gram"}), torch.device("cpu"))
-    with recorded_inputs(linears) as seen:
-        run_block(block, calls[0])
-        acc.add(dict(seen), None)
+    cpu = torch.device("cpu")
+    stream = ActivationStream.capture(model, block, windows_of(calib_tokens, 2), 2, (DENSE,), TensorStore(cpu), cpu)
+    acc = GramAccumulator(frozenset({"gram"}), cpu)
+    stream.record(block, linears, acc)
     groups = sorted(sorted(n.rsplit(".", 1)[1] for n in g) for g in acc.groups)
     assert groups == [["down_proj"], ["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"], ["o_proj"]]
-
-
-def test_auto_beta_picks_the_best_held_out_candidate(make_model, calib_tokens):
-    model = make_model("llama")
-    cfg = CompressionConfig(ratio=0.5, method="svdllm-ec", beta="auto", beta_grid=(0.0, 0.5, 1.0), nsamples=16,
-                            seqlen=32, batch_size=4)
-    compress(model, None, cfg, calib_tokens=calib_tokens, progress=False)
-    records = model.svdllm_report.records
-    assert len(records) == 14
-    for r in records:
-        scores = r["beta_scores"]
-        assert set(scores) == {0.0, 0.5, 1.0}
-        assert r["beta"] == min(scores, key=scores.get)
-    assert torch.isfinite(model(calib_tokens[:32][None]).logits).all()
-    with pytest.raises(ValueError, match="two calibration batches"):
-        compress(make_model("llama"), None, CompressionConfig(method="svdllm-ec", beta="auto", nsamples=4, seqlen=32,
-                                                              batch_size=4), calib_tokens=calib_tokens, progress=False)
-
-
-def test_stats_cache_gives_identical_factors_without_recalibrating(make_model, calib_tokens):
-    cache: dict = {}
-    runs = {}
-    for method in ("fwsvd", "svdllm-w", "asvd", "svdllm-w"):
-        m = make_model("llama")
-        compress(m, None, CompressionConfig(ratio=0.4, method=method, **SMALL), calib_tokens=calib_tokens,
-                 progress=False, stats_cache=cache)
-        runs.setdefault(method, []).append((m, dict(m.svdllm_report.timings)))
-    (first, t1), (second, t2) = runs["svdllm-w"]
-    assert "calibration forward" in t1 and "calibration forward" not in t2  # the second run reused the Grams
-    assert "calibration forward" not in runs["asvd"][0][1]
-    fresh = make_model("llama")
-    compress(fresh, None, CompressionConfig(ratio=0.4, method="asvd", **SMALL), calib_tokens=calib_tokens,
-             progress=False)
-    for a, b in ((first, second), (runs["asvd"][0][0], fresh)):
-        assert torch.equal(a.model.layers[1].mlp.down_proj.svd_v.weight, b.model.layers[1].mlp.down_proj.svd_v.weight)
+    assert acc.for_linear("model.layers.0.self_attn.k_proj") is acc.for_linear("model.layers.0.self_attn.q_proj")
 
 
 def test_low_rank_linear_stores_u_rank_major_through_copies_and_casts():
-    import copy
-
-    from svdllm.lowrank import LowRankLinear, from_factors
-
     gen = torch.Generator().manual_seed(0)
     dense = torch.nn.Linear(24, 40)
     u, v = torch.randn(40, 6, generator=gen), torch.randn(6, 24, generator=gen)
-    layer = from_factors(dense, u, v)
+    layer = LowRankLinear.from_factors(dense, u, v)
     x = torch.randn(3, 24, generator=gen)
     with torch.no_grad():
         assert torch.allclose(layer(x), x @ v.T @ u.T + dense.bias, atol=1e-5)
@@ -187,3 +162,69 @@ def test_low_rank_linear_stores_u_rank_major_through_copies_and_casts():
     m.svd_u.weight.data = m.svd_u.weight.data.contiguous()  # what a plain load hands back
     m.use_rank_major()
     assert m.svd_u.weight.t().is_contiguous()
+
+
+def all_linears(model: torch.nn.Module) -> dict:
+    prefix, blocks = decoder_blocks(model)
+    return {n: m for i, b in enumerate(blocks) for n, m in block_linears(b, f"{prefix}.{i}").items()}
+
+
+def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: str, ratio: float) -> dict:
+    """The plainest loop: whole-model forwards with hooks, one block after another; returns name → (u, v)."""
+    from svdllm.calibration import LayerStats, fisher_rows
+    from svdllm.ranks import rank_for_ratio
+
+    opts, meth = options_for(method), METHODS[method]
+    dense = copy.deepcopy(model)
+    prefix, blocks = decoder_blocks(model)
+    fisher = fisher_rows(dense, windows, all_linears(dense)) if "fisher" in meth.needs else {}
+    factors = {}
+
+    def inputs(m: torch.nn.Module, names: list[str]) -> list[dict]:
+        per_batch = []
+        for batch in windows.split(4):
+            seen: dict = {}
+            hooks = [m.get_submodule(n).register_forward_pre_hook(
+                lambda _m, a, n=n: seen.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).float())) for n in names]
+            with torch.no_grad():
+                m(input_ids=batch, use_cache=False)
+            for h in hooks:
+                h.remove()
+            per_batch.append(seen)
+        return per_batch
+
+    def gram(a: list, b: list, name: str) -> torch.Tensor:
+        return sum((x[name].T @ y[name]).double() for x, y in zip(a, b))
+
+    for i in range(len(blocks)):
+        names = list(block_linears(blocks[i], f"{prefix}.{i}"))
+        x = inputs(dense, names)
+        xc = inputs(model, names) if meth.sequential else None
+        for name in names:
+            weight, _ = dense_weight(model.get_submodule(name))
+            stats = LayerStats(tokens=sum(b[name].shape[0] for b in x), fisher=fisher.get(name))
+            if "gram" in meth.needs:
+                stats.gram = gram(x, x, name)
+            if "abs" in meth.needs:
+                stats.abs_sum = sum(b[name].abs().sum(0).double() for b in x)
+            if xc is not None:
+                stats.comp_gram = gram(xc, xc, name)
+                stats.cross = gram(x, xc, name)
+            f, _ = meth.factorize(weight, stats, rank_for_ratio(*weight.shape, ratio), opts)
+            factors[name] = (f.u.float(), f.v.float())
+        for name in names:
+            replace_module(model, name, LowRankLinear.from_factors(model.get_submodule(name), *factors[name]))
+    return factors
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_block_loop_equals_the_reference_loop(method, arch, make_model, calib_tokens):
+    windows = windows_of(calib_tokens)
+    ref = reference_compress(make_model(arch), windows, method, 0.4)
+    model = compress(make_model(arch), windows, CompressionConfig(ratio=0.4, method=method), progress=False)
+    assert set(ref) == set(model.config.svdllm["ranks"])
+    for name, (u, v) in ref.items():
+        got = model.get_submodule(name)
+        assert (got.svd_u.weight - u).abs().max() <= 1e-6, name
+        assert (got.svd_v.weight - v).abs().max() <= 1e-6, name

@@ -70,10 +70,35 @@ def test_singular_gram_is_repaired_and_reported():
 def test_indefinite_gram_falls_back_to_eigen():
     g = torch.diag(torch.tensor([1.0, 1.0, -0.5], dtype=torch.float64))
     s, remedy = cholesky_factor(g)
-    assert "eigenvalues clamped" in remedy
-    assert torch.isfinite(s).all()
-    assert torch.allclose(s @ s.T, s @ s.T.T.T)  # lower-triangular factor of a PD matrix
+    assert "eigenvalues clamped (1 of 3" in remedy
     assert torch.equal(s, s.tril())
+    used = s @ s.T  # the clamped Gram: the positive part kept, the negative eigenvalue raised to the floor
+    torch.testing.assert_close(used[:2, :2], g[:2, :2])
+    assert 0 < float(used[2, 2]) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["damped", "clamped"])
+def test_loss_identity_holds_for_the_gram_actually_used(kind):
+    """‖(W−W′)S‖² = Σ discarded σ² with S = chol of the repaired Gram; the record keeps both losses."""
+    from svdllm.calibration import LayerStats
+    from svdllm.methods import METHODS, WhiteningOptions
+
+    x = correlated(10, 60, seed=3)
+    x[:, 4] = 0  # dead input: the Cholesky fails, damping repairs it
+    gram = x.T @ x
+    if kind == "clamped":
+        gram = gram - 1e3 * torch.eye(10, dtype=torch.float64)  # indefinite beyond any damping step
+    w = torch.randn(7, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    s, remedy = cholesky_factor(gram)
+    assert remedy.startswith("damped" if kind == "damped" else "eigenvalues clamped")
+    f, info = METHODS["svdllm-w"].factorize(w, LayerStats(tokens=60, gram=gram), 4, WhiteningOptions())
+    assert f.remedy == remedy
+    used = s @ s.T
+    torch.testing.assert_close(output_error(w, f.u, f.v, used), f.discarded_energy, rtol=1e-8, atol=1e-10)
+    assert info["loss_whitened"] == pytest.approx(f.discarded_energy / float((f.sigma**2).sum()), rel=1e-12)
+    if kind == "damped":  # an indefinite Gram has no meaningful ‖WX‖² to divide by
+        raw = output_error(w, f.u, f.v, gram) / float(torch.einsum("ij,jk,ik->", w, gram, w))
+        assert info["loss"] == pytest.approx(raw, rel=1e-9) and info["loss"] != info["loss_whitened"]
 
 
 def test_rank_formula():
@@ -163,8 +188,9 @@ def test_ordering_svdllm_asvd_svd_on_correlated_inputs(problem):
 
 def test_norm_guard_stops_a_regression_from_blowing_up():
     """X′ nearly loses an input direction that X still has: the β=1 regression amplifies it; the guard halves β."""
-    from svdllm.config import CompressionConfig
-    from svdllm.methods import METHODS, LayerStats
+    from svdllm.methods import ErrorCorrectedOptions
+    from svdllm.calibration import LayerStats
+    from svdllm.methods import METHODS
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 8, generator=g, dtype=torch.float64)
@@ -173,8 +199,8 @@ def test_norm_guard_stops_a_regression_from_blowing_up():
     w = torch.randn(6, 8, generator=g, dtype=torch.float64)
     stats = LayerStats(tokens=400, comp_gram=xc.T @ xc, cross=x.T @ xc)
     ec = METHODS["svdllm-ec"].factorize
-    free, info_free = ec(w, stats, 4, CompressionConfig(beta=1.0, ec_norm_cap=None, ec_damp=0.0))
+    free, info_free = ec(w, stats, 4, ErrorCorrectedOptions(beta=1.0, norm_cap=0, ec_damp=0.0))
     assert info_free["norm_ratio"] > 10 and info_free["beta"] == 1.0
-    safe, info = ec(w, stats, 4, CompressionConfig(beta=1.0, ec_norm_cap=1.5, ec_damp=0.0))
+    safe, info = ec(w, stats, 4, ErrorCorrectedOptions(beta=1.0, norm_cap=1.5, ec_damp=0.0))
     assert info["norm_ratio"] <= 1.5 and info["beta"] < 1.0 and info["beta_requested"] == 1.0
     assert float((safe.u @ safe.v).norm()) <= 1.5 * float(w.norm())

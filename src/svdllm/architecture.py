@@ -1,9 +1,7 @@
 """Generic model walk: decoder blocks and the linears inside them, for any HF causal LM."""
 from __future__ import annotations
 
-import fnmatch
-
-from torch import nn
+from torch import Tensor, nn
 
 from .modeling_svdllm import LowRankLinear
 
@@ -34,36 +32,31 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def block_linears(block: nn.Module, prefix: str, targets: str = "*") -> dict[str, nn.Module]:
-    """Full name → linear for every nn.Linear/Conv1D in ``block`` matching any comma-separated glob."""
-    patterns = [p.strip() for p in targets.split(",") if p.strip()] or ["*"]
+def block_linears(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """Full name → module for every dense nn.Linear/Conv1D in ``block`` (factors of a LowRankLinear excluded)."""
     found = {}
     for name, module in block.named_modules():
         if isinstance(module, LowRankLinear) or not is_linear(module):
             continue
         if any(name.endswith(s) for s in (".svd_u", ".svd_v")):
             continue
-        full = f"{prefix}.{name}"
-        if any(fnmatch.fnmatch(full, p) or fnmatch.fnmatch(name, p) for p in patterns):
-            found[full] = module
+        found[f"{prefix}.{name}"] = module
     return found
 
 
-def parse_layers(spec: str, n_blocks: int) -> set[int]:
-    """'0,3-5' → {0, 3, 4, 5}; negative indices count from the end."""
-    out: set[int] = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
-        try:
-            idx = range(int(lo), int(hi) + 1) if sep else [int(lo)]
-        except ValueError as exc:
-            raise ValueError(f"bad layer list {spec!r}") from exc
-        for i in idx:
-            j = i + n_blocks if i < 0 else i
-            if not 0 <= j < n_blocks:
-                raise ValueError(f"layer {i} out of range for {n_blocks} blocks")
-            out.add(j)
-    return out
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of an nn.Linear or GPT-2 Conv1D (whose weight is stored (in, out)); works on meta weights."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if type(module).__name__ == "Conv1D" else (rows, cols)
+
+
+def dense_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(W as (out, in), bias) for nn.Linear and GPT-2's transposed Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.weight.data, module.bias.data if module.bias is not None else None
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: y = x W + b, W (in, out)
+        return module.weight.data.T, module.bias.data
+    raise TypeError(f"not a linear layer: {type(module).__name__}")
 
 
 def count_parameters(model: nn.Module) -> int:

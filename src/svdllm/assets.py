@@ -146,30 +146,3 @@ def resolve_model(spec: str) -> tuple[Path | str, str | None]:
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise FileNotFoundError(f"model not found: {spec} (not a named model, a folder, a .gguf file or a hub id)")
     return spec, None  # a hub id: needs a network
-
-
-def load_model(spec: str, dtype: Any = None, device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for a named model, a local folder (svdllm or plain), a .gguf file or a hub id."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    where, gguf = resolve_model(spec)
-    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
-    if isinstance(where, Path) and (where / "config.json").exists():
-        import json
-
-        if "svdllm" in json.loads((where / "config.json").read_text()):
-            from .io import load
-
-            return load(where, dtype=dtype, device=device), AutoTokenizer.from_pretrained(where)
-    try:
-        tok = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs)
-    except OSError as exc:
-        if isinstance(where, str):
-            raise FileNotFoundError(f"model not found: {spec} (no local path, and the hub is unreachable or has no such id)") from None
-        raise RuntimeError(f"cannot load model from {spec}: {str(exc).splitlines()[0]}") from None
-    if device:
-        model.to(device)
-    model.eval()
-    return model, tok

@@ -1,14 +1,25 @@
-"""Calibration: sample token windows, capture block inputs, record linear inputs, Fisher rows."""
+"""Calibration: token windows, the activation stream between blocks, and the statistics of linear inputs.
+
+``ActivationStream`` is the one owner of the hidden states that flow between
+decoder blocks (the dense stream X, the compressed stream X′, evaluation
+windows) and of where they are kept: on the compute device, in CPU memory, or
+in safetensors files on disk.  ``GramAccumulator`` owns one block's statistics.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .methods import LayerStats
+DENSE, COMPRESSED = "dense", "compressed"
 
 
 def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
@@ -23,63 +34,40 @@ def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Ten
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
-class _Stop(Exception):
-    pass
+def eval_windows(tokens: Tensor, seqlen: int, max_tokens: int | None = None) -> Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start of ``tokens`` (at most ``max_tokens``)."""
+    if seqlen < 2:
+        raise ValueError(f"the evaluation window must be at least 2 tokens, got {seqlen}")
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    n = tokens.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seqlen}")
+    return tokens[: n * seqlen].view(n, seqlen)
+
+
+def windows_digest(windows: Tensor | None) -> str:
+    return "" if windows is None else hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- statistics
 
 
 @dataclass
-class BlockCall:
-    """One batch at a decoder block's door: hidden states plus whatever else the model passed."""
+class LayerStats:
+    """Calibration statistics of one linear's input (row-major X: tokens × n).
 
-    hidden: Tensor
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    gram = XᵀX of the dense stream, comp_gram = X′ᵀX′ of the compressed stream,
+    cross = XᵀX′; abs_sum = Σ|x| per input dim; fisher = per output-row Fisher
+    information of the weight.
+    """
 
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    return obj
-
-
-@torch.no_grad()
-def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, samples: Tensor, batch_size: int, store: torch.device
-) -> list[BlockCall]:
-    """Run the model up to its first block for each batch and keep what the block receives."""
-    device = next(model.parameters()).device
-    calls: list[BlockCall] = []
-
-    def grab(_: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        calls.append(BlockCall(hidden.detach().to(store), _to(rest, store), _to(kwargs, store)))
-        raise _Stop
-
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in samples.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return calls
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, call: BlockCall, hidden: Tensor | None = None) -> Tensor:
-    """The block's output hidden states for ``call`` (optionally with other input hidden states)."""
-    device = next(block.parameters()).device
-    h = (call.hidden if hidden is None else hidden).to(device)
-    out = block(h, *_to(call.args, device), **_to(call.kwargs, device))
-    return out[0] if isinstance(out, (tuple, list)) else out
+    tokens: int = 0
+    gram: Tensor | None = None
+    comp_gram: Tensor | None = None
+    cross: Tensor | None = None
+    abs_sum: Tensor | None = None
+    fisher: Tensor | None = None
 
 
 @contextmanager
@@ -106,7 +94,7 @@ def shared_input_groups(inputs: dict[str, Tensor]) -> list[list[str]]:
 
 
 class GramAccumulator:
-    """Sums the statistics a method needs for each group of linears sharing an input.
+    """Sums the statistics a method needs for each group of linears sharing an input (one block's worth).
 
     Per-batch products run in float32 (fast BLAS) and are summed in float64, so
     rounding does not grow with the number of calibration tokens.
@@ -114,7 +102,7 @@ class GramAccumulator:
 
     def __init__(self, needs: frozenset[str], device: torch.device) -> None:
         self.needs, self.device = needs, device
-        self.groups: list[list[str]] | None = None
+        self.groups: list[list[str]] = []
         self.stats: dict[str, LayerStats] = {}
 
     def _add(self, st: LayerStats, attr: str, value: Tensor) -> None:
@@ -122,8 +110,8 @@ class GramAccumulator:
         value = value.to(self.device, torch.float64)
         setattr(st, attr, value if cur is None else cur.add_(value))
 
-    def add(self, dense: dict[str, Tensor], comp: dict[str, Tensor] | None) -> None:
-        if self.groups is None:
+    def add_batch(self, dense: dict[str, Tensor], comp: dict[str, Tensor] | None) -> None:
+        if not self.groups:
             self.groups = shared_input_groups(dense)
         for group in self.groups:
             st = self.stats.setdefault(group[0], LayerStats())
@@ -140,11 +128,10 @@ class GramAccumulator:
                     self._add(st, "cross", x.T @ xc)
 
     def for_linear(self, name: str) -> LayerStats:
-        assert self.groups is not None
         for group in self.groups:
             if name in group:
                 return self.stats[group[0]]
-        raise KeyError(name)
+        return LayerStats()
 
 
 def fisher_rows(model: nn.Module, samples: Tensor, linears: dict[str, nn.Module]) -> dict[str, Tensor]:
@@ -154,8 +141,9 @@ def fisher_rows(model: nn.Module, samples: Tensor, linears: dict[str, nn.Module]
     """
     device = next(model.parameters()).device
     params = {name: m.weight for name, m in linears.items()}
-    fisher = {name: torch.zeros(p.shape[1] if type(linears[name]).__name__ == "Conv1D" else p.shape[0],
-                                dtype=torch.float64) for name, p in params.items()}
+    conv = {name for name, m in linears.items() if type(m).__name__ == "Conv1D"}
+    fisher = {name: torch.zeros(p.shape[1] if name in conv else p.shape[0], dtype=torch.float64)
+              for name, p in params.items()}
     was_training = model.training
     model.eval()
     req = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -164,16 +152,183 @@ def fisher_rows(model: nn.Module, samples: Tensor, linears: dict[str, nn.Module]
     for p in params.values():
         p.requires_grad_(True)
     try:
-        for window in samples:
-            model.zero_grad(set_to_none=True)
-            ids = window[None].to(device)
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            for name, p in params.items():
-                g2 = p.grad.detach().double() ** 2
-                fisher[name] += (g2.sum(0) if type(linears[name]).__name__ == "Conv1D" else g2.sum(1)).cpu()
+        with torch.enable_grad():
+            for window in samples:
+                model.zero_grad(set_to_none=True)
+                ids = window[None].to(device)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                for name, p in params.items():
+                    g2 = p.grad.detach().double() ** 2
+                    fisher[name] += (g2.sum(0) if name in conv else g2.sum(1)).cpu()
     finally:
         model.zero_grad(set_to_none=True)
         for n, p in model.named_parameters():
             p.requires_grad_(req[n])
         model.train(was_training)
     return fisher
+
+
+# ---------------------------------------------------------------- the activation stream
+
+
+class TensorStore:
+    """Where the stream keeps its tensors: a device (``cuda``, ``cpu``) or a folder of safetensors files."""
+
+    def __init__(self, where: torch.device | Path) -> None:
+        self.folder = Path(where) if isinstance(where, (str, Path)) else None
+        self.device = None if self.folder else torch.device(where)
+        self._mem: dict[str, Tensor] = {}
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, key: str, value: Tensor) -> None:
+        if self.folder is None:
+            self._mem[key] = value.detach().to(self.device)
+        else:
+            save_file({"t": value.detach().cpu().contiguous()}, str(self.folder / f"{key}.safetensors"))
+
+    def get(self, key: str, device: torch.device) -> Tensor:
+        if self.folder is None:
+            return self._mem[key].to(device)
+        return load_file(str(self.folder / f"{key}.safetensors"))["t"].to(device)
+
+    def move(self, src: str, dst: str) -> None:
+        if self.folder is None:
+            self._mem[dst] = self._mem.pop(src)
+        else:
+            os.replace(self.folder / f"{src}.safetensors", self.folder / f"{dst}.safetensors")
+
+    def close(self) -> None:
+        self._mem.clear()
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class BlockContext:
+    """What the model passes to a decoder block besides the hidden states (masks, positions, rotary tables)."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def block_device(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device
+
+
+class ActivationStream:
+    """Hidden states of a set of windows at one block boundary, in named lanes.
+
+    Every lane starts as the first block's input.  The dense lane runs through
+    dense blocks (X), the compressed lane through compressed blocks (X′).  The
+    contexts (masks, positions) are the same for every block and every lane.
+    """
+
+    def __init__(self, contexts: list[BlockContext], lanes: tuple[str, ...], store: TensorStore,
+                 name: str = "calib") -> None:
+        self.contexts, self.lanes, self.store, self.name = contexts, lanes, store, name
+        self.tuple_output = False  # whether the blocks return (hidden, ...) rather than hidden
+
+    def _key(self, lane: str, j: int) -> str:
+        return f"{self.name}.{lane}.{j}"
+
+    def __len__(self) -> int:
+        return len(self.contexts)
+
+    def hidden(self, lane: str, j: int, device: torch.device) -> Tensor:
+        return self.store.get(self._key(lane, j), device)
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, model: nn.Module, first_block: nn.Module, windows: Tensor, batch_size: int,
+                lanes: tuple[str, ...], store: TensorStore, device: torch.device, name: str = "calib"
+                ) -> "ActivationStream":
+        """Run the model up to its first block for each batch of windows and keep what the block receives."""
+        contexts: list[BlockContext] = []
+        hidden: list[Tensor] = []
+
+        def grab(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "cache")}
+            h, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+            hidden.append(h.detach())
+            keep = torch.device("cpu") if store.folder else store.device
+            contexts.append(BlockContext(_to(rest, keep), _to(kwargs, keep)))
+            raise _Stop
+
+        handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+        stream = cls(contexts, lanes, store, name)
+        try:
+            for j, batch in enumerate(windows.split(batch_size)):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _Stop:
+                    pass
+                for lane in lanes:
+                    store.put(stream._key(lane, j), hidden[j])
+                hidden[j] = torch.empty(0)  # the store holds it now
+        finally:
+            handle.remove()
+        return stream
+
+    @torch.no_grad()
+    def _run(self, block: nn.Module, j: int, h: Tensor) -> Tensor:
+        device = block_device(block)
+        ctx = self.contexts[j]
+        out = block(h, *_to(ctx.args, device), **_to(ctx.kwargs, device))
+        self.tuple_output = isinstance(out, (tuple, list))
+        return out[0] if self.tuple_output else out
+
+    def propagate(self, block: nn.Module, lane: str) -> None:
+        """Replace ``lane`` by its image through ``block``."""
+        device = block_device(block)
+        for j in range(len(self)):
+            self.store.put(self._key(lane, j), self._run(block, j, self.hidden(lane, j, device)))
+
+    @torch.no_grad()
+    def record(self, block: nn.Module, linears: dict[str, nn.Module], acc: GramAccumulator) -> None:
+        """Statistics of every linear's inputs: the dense lane (and the compressed one, if kept) through the
+        still-dense ``block``.  The dense lane's outputs are kept for ``advance``."""
+        device = block_device(block)
+        with recorded_inputs(linears) as seen:
+            for j in range(len(self)):
+                out = self._run(block, j, self.hidden(DENSE, j, device))
+                dense_in, comp_in = dict(seen), None
+                if COMPRESSED in self.lanes and linears:
+                    self._run(block, j, self.hidden(COMPRESSED, j, device))
+                    comp_in = dict(seen)
+                if linears:
+                    acc.add_batch(dense_in, comp_in)
+                self.store.put(self._key("next", j), out)
+
+    def advance(self, block: nn.Module) -> None:
+        """After ``record`` and the swap: the compressed lane through the compressed block, the dense lane to
+        the outputs ``record`` kept."""
+        if COMPRESSED in self.lanes:
+            self.propagate(block, COMPRESSED)
+        for j in range(len(self)):
+            self.store.move(self._key("next", j), self._key(DENSE, j))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every lane's hidden states (on CPU), for a checkpoint."""
+        cpu = torch.device("cpu")
+        return {self._key(lane, j): self.hidden(lane, j, cpu).contiguous() for lane in self.lanes
+                for j in range(len(self))}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for lane in self.lanes:
+            for j in range(len(self)):
+                self.store.put(self._key(lane, j), state[self._key(lane, j)])

@@ -24,23 +24,25 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"{option} values must be in [0, 1], got {text!r}")
-    return values
+def parse_layers(spec: str, n_blocks: int) -> list[int]:
+    """'0,3-5' → [0, 3, 4, 5]; negative indices count from the end."""
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+        try:
+            idx = range(int(lo), int(hi) + 1) if sep else [int(lo)]
+        except ValueError:
+            raise ValueError(f"--skip-layers: bad layer list {spec!r} (use e.g. '0,29' or '0-2')") from None
+        for i in idx:
+            j = i + n_blocks if i < 0 else i
+            if not 0 <= j < n_blocks:
+                raise ValueError(f"--skip-layers: layer {i} out of range for {n_blocks} blocks")
+            out.add(j)
+    return sorted(out)
 
 
-def _beta(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number or 'auto': {text!r}") from None
+def _globs(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()] or ["*"]
 
 
 def _common_eval(p: argparse.ArgumentParser, seqlen: bool = True) -> None:
@@ -87,7 +89,10 @@ def _write_loss_curve(results: list, out: Path) -> None:
     from .finetune import plot_losses
 
     (out / "finetune_losses.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    plot_losses(results, str(out / "finetune_losses.png"))
+    try:
+        plot_losses(results, str(out / "finetune_losses.png"))
+    except ImportError:
+        logging.getLogger("svdllm").warning("no loss plot: pip install 'svdllm[plot]' (matplotlib) for one")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,24 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ratio", type=_ratio, default=0.2, help="parameter reduction per matrix, in (0, 1)")
     c.add_argument("--method", default="svdllm-ec", help=f"one of {', '.join(METHODS)} (default svdllm-ec)")
     c.add_argument("--calib", default="wiki-train", help="calibration DATA (default wiki-train)")
-    c.add_argument("--nsamples", type=int, default=32)
+    c.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    c.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
     c.add_argument("--seed", type=int, default=0, help="seeds the calibration sampling")
-    c.add_argument("--beta", type=_beta, default=0.25,
-                   help="svdllm-ec target blend in [0, 1] (1 = dense inputs; default 0.25), or 'auto' "
-                        "(experimental) to choose per matrix by held-out error")
-    c.add_argument("--norm-cap", type=float, default=1.5,
-                   help="svdllm-ec guard: halve β for a matrix while ||W'|| > cap·||W|| (0 turns it off)")
-    c.add_argument("--beta-grid", default="0,0.25,0.5", help="candidates for --beta auto (default 0,0.25,0.5)")
+    m = c.add_argument_group("method options (each applies to the methods named)")
+    m.add_argument("--beta", type=float, default=None,
+                   help="svdllm-ec: target blend in [0, 1] (1 = dense inputs; default 0.25)")
+    m.add_argument("--norm-cap", type=float, default=None,
+                   help="svdllm-ec: halve β for a matrix while ||W'|| > cap·||W|| (default 1.5; 0 turns it off)")
+    m.add_argument("--damp", type=float, default=None, help="svdllm-w, svdllm: whitening ridge (default 0: only when needed)")
+    m.add_argument("--asvd-alpha", type=float, default=None, help="asvd: activation exponent (default 0.5)")
     c.add_argument("--targets", default="*", help="globs over module names, e.g. '*mlp*'")
     c.add_argument("--skip-layers", default="", help="blocks to leave dense, e.g. '0,29' or '0-2'")
-    c.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward")
-    c.add_argument("--offload", action="store_true", help="keep calibration activations on CPU (GPU runs)")
+    c.add_argument("--batch-size", type=int, default=4, help="windows per forward")
+    c.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                   help="where activations wait between blocks (default: on the device; --low-memory uses disk)")
+    c.add_argument("--low-memory", action="store_true",
+                   help="never hold the whole model: read one block at a time from the safetensors shards "
+                        "(automatic when the weights exceed half the available memory)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command (rerunning it does too)")
     c.add_argument("--eval", default=EVAL_DEFAULT, help=f"evaluation DATA, comma-separated (default {EVAL_DEFAULT}); '' skips")
+    c.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved dtype")
     c.add_argument("--out", default=None, help="output folder (default out/MODEL-METHOD-RATIO)")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out")
     c.add_argument("--finetune", action="store_true", help="then run the LoRA recovery step (see `finetune`)")
-    _common_eval(c)
+    _common_eval(c, seqlen=False)
     _finetune_options(c, prefix="ft-")
 
     f = sub.add_parser("finetune", help="LoRA on the Wu then Wv factors of a compressed model, merged back")
@@ -161,20 +175,6 @@ def _device(name: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class Phases:
-    """Wall time per named phase, in order."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-
-
 def _perplexities(model: Any, tok: Any, specs: list[str], args: argparse.Namespace, cache: dict) -> dict[str, float]:
     from .data import load_text, tokenize
     from .evaluate import evaluate_perplexity
@@ -188,61 +188,118 @@ def _perplexities(model: Any, tok: Any, specs: list[str], args: argparse.Namespa
     return out
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    from . import CompressionConfig, compress, save
-    from .architecture import count_parameters
-    from .assets import load_model
-    from .data import check_spec, load_text, tokenize
-    from .io import check_out_dir
+def _memory_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
-    cfg = CompressionConfig(
-        ratio=args.ratio, method=args.method, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-        seed=args.seed, targets=args.targets, skip_layers=args.skip_layers, beta=args.beta,
-        beta_grid=_floats(args.beta_grid, "--beta-grid"), offload=args.offload,
-        ec_norm_cap=args.norm_cap or None,
-        batch_size=args.batch_size,
-    )
-    cfg.validate()
+
+def _wants_low_memory(args: argparse.Namespace) -> bool:
+    """--low-memory, or a local safetensors folder whose float32 weights exceed half the available memory."""
+    if args.low_memory:
+        return True
+    from .assets import resolve_model
+    from .io import FormatError, ShardSource
+
+    where, gguf = resolve_model(args.model)
+    if gguf or not isinstance(where, Path):
+        return False
+    try:
+        need = ShardSource(where).nbytes * 2  # bf16 shards become float32
+    except FormatError:
+        return False
+    if need > _memory_available() // 2:
+        logging.getLogger("svdllm").warning("the weights (%.1f GiB as float32) exceed half the available memory: "
+                                            "streaming blocks from disk (--low-memory)", need / 2**30)
+        return True
+    return False
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from . import CompressionConfig, compress, eval_windows, sample_windows
+    from .architecture import count_parameters
+    from .assets import resolve_model
+    from .checkpoint import RunDir
+    from .data import check_spec, load_text, tokenize
+    from .io import check_out_dir, load_model, load_skeleton, save, save_streamed
+    from .methods import options_for
+    from .pipeline import Timings, fingerprint
+
+    opts = options_for(args.method, beta=args.beta, norm_cap=args.norm_cap, damp=args.damp, asvd_alpha=args.asvd_alpha)
+    if args.nsamples < 1 or args.seqlen < 2 or args.eval_seqlen < 2:
+        raise ValueError("--nsamples must be positive and --seqlen, --eval-seqlen at least 2")
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.model).stem if args.model.endswith(".gguf") else Path(args.model).name)
     out = check_out_dir(args.out or f"out/{name}-{args.method}-{args.ratio:g}", args.force)
+    run_path = out.parent / f".{out.name}.svdllm-run"
+    if args.resume and not (run_path / "state.json").is_file():
+        raise FileNotFoundError(f"--resume: no interrupted run to continue for --out {out}")
     evals = [s for s in args.eval.split(",") if s.strip()]
-    for spec in [cfg.calib, *evals]:
+    for spec in [args.calib, *evals]:
         check_spec(spec)
-    phases = Phases()
+    low_memory = _wants_low_memory(args)
+    if low_memory and args.finetune:
+        raise ValueError("--finetune needs the whole model in memory; drop --low-memory or fine-tune afterwards")
+    timings = Timings()
     device = _device(args.device)
-    model, tok = phases.run("load model", lambda: load_model(args.model, device=device))
-    calib = phases.run("load calibration text", lambda: tokenize(tok, load_text(cfg.calib)))
-    cache: dict[str, Any] = {}
-    phases.run("load evaluation text", lambda: [cache.setdefault(s, tokenize(tok, load_text(s))) for s in evals])
+    with timings.clock("load model"):
+        if low_memory:
+            where, _ = resolve_model(args.model)
+            (model, source), tok = load_skeleton(where), AutoTokenizer.from_pretrained(where)
+        else:
+            (model, tok), source = load_model(args.model), None
     params_before = count_parameters(model)
-    before = phases.run("evaluate dense", lambda: _perplexities(model, tok, evals, args, cache))
-    model = phases.run("compress", lambda: compress(model, tok, cfg, calib_tokens=calib, progress=not args.quiet))
-    after = phases.run("evaluate compressed", lambda: _perplexities(model, tok, evals, args, cache))
+    cfg = CompressionConfig(method=opts, ratio=args.ratio, targets=_globs(args.targets), batch_size=args.batch_size,
+                            skip_layers=parse_layers(args.skip_layers, model.config.get_text_config().num_hidden_layers),
+                            device=device, offload="disk" if low_memory else args.offload)
+    cfg.validate()
+    with timings.clock("load text"):
+        windows = sample_windows(tokenize(tok, load_text(args.calib)), args.nsamples, args.seqlen, args.seed)
+        ev = {s: eval_windows(tokenize(tok, load_text(s)), args.eval_seqlen, args.max_tokens) for s in evals}
+    run = RunDir(run_path, fingerprint(model, cfg, windows, ev))
+    if run.done:
+        print(f"resuming {run_path} after {run.done} finished blocks", file=sys.stderr)
+    with timings.clock("compress"):
+        compress(model, windows, cfg, eval_windows=ev, run_dir=run, source=source, progress=not args.quiet)
     report = model.svdllm_report
+    if report.calibration:
+        model.config.svdllm["calibration"].update(data=args.calib, seed=args.seed)
+        report.calibration.update(data=args.calib, seed=args.seed)
+    after = report.perplexity.get("compressed", {})
     stages: list = []
-    ppl = {"dense": before, "compressed": after}
     if args.finetune:
         from .finetune import finetune
 
-        ft = _finetune_config(args, "ft-", data=cfg.calib)
-        model, stages = phases.run("finetune", lambda: finetune(model, tok, ft, calib, progress=not args.quiet))
-        after = ppl["finetuned"] = phases.run("evaluate finetuned", lambda: _perplexities(model, tok, evals, args, cache))
-    phases.run("save", lambda: save(model, tok, out, dtype=args.dtype, force=args.force, perplexity=after))
+        ft = _finetune_config(args, "ft-", data=args.calib)
+        model.to(device)
+        with timings.clock("finetune"):
+            model, stages = finetune(model, tok, ft, progress=not args.quiet)
+        with timings.clock("evaluate finetuned"):
+            args.seqlen = args.eval_seqlen
+            after = report.perplexity["finetuned"] = _perplexities(model, tok, evals, args, {})
+    report.timings = Timings({**timings, **{f"compress: {k}": v for k, v in report.timings.items()}})
+    with timings.clock("save"):
+        if low_memory:
+            blocks = [run.block_file(i) for i in range(report.plan["n_blocks"])]
+            save_streamed(model, tok, out, blocks, dtype=args.dtype, force=args.force, perplexity=after)
+        else:
+            save(model, tok, out, dtype=args.dtype, force=args.force, perplexity=after)
+    run.remove()
     if stages:
         _write_loss_curve(stages, out)
-    report_json = {"config": report.config, "perplexity": ppl,
-                   "parameters": {"dense": params_before, "compressed": count_parameters(model)},
-                   "timings": {"phases": phases.times, "compress": report.timings}, "records": report.records}
-    (out / "svdllm_report.json").write_text(json.dumps(report_json, indent=2) + "\n")
-    _print_summary(args, cfg, before, after, params_before, count_parameters(model), report, phases, out)
+    _print_summary(args, report, params_before, count_parameters(model), dict(timings), out)
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .assets import load_model
     from .data import check_spec
     from .finetune import finetune
-    from .io import check_out_dir, read_section, save
+    from .io import check_out_dir, load_model, read_section, save
 
     ft = _finetune_config(args)
     ft.validate()
@@ -268,12 +325,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(args: argparse.Namespace, cfg: Any, before: dict, after: dict, p0: int, p1: int,
-                   report: Any, phases: Phases, out: Path) -> None:
-    print(f"\nsvdllm compress {args.model}: method {cfg.method}, ratio {cfg.ratio}, "
-          f"calibration {cfg.nsamples}×{cfg.seqlen} tokens of {cfg.calib}, seed {cfg.seed}")
+def _print_summary(args: argparse.Namespace, report: Any, p0: int, p1: int, phases: dict[str, float],
+                   out: Path) -> None:
+    before, after = report.perplexity.get("dense", {}), report.perplexity.get("finetuned") or \
+        report.perplexity.get("compressed", {})
+    print(f"\nsvdllm compress {args.model}: method {args.method}, ratio {args.ratio}, "
+          f"calibration {args.nsamples}×{args.seqlen} tokens of {args.calib}, seed {args.seed}")
     if before:
-        print(f"\n| perplexity ({args.seqlen}-token windows, ≤{args.max_tokens} tokens) | dense | compressed | change |")
+        print(f"\n| perplexity ({args.eval_seqlen}-token windows, ≤{args.max_tokens} tokens) | dense | compressed | change |")
         print("|---|---:|---:|---:|")
         for k in before:
             print(f"| {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
@@ -282,11 +341,8 @@ def _print_summary(args: argparse.Namespace, cfg: Any, before: dict, after: dict
     lb, la = report.linear_params_before, report.linear_params_after
     print(f"| compressed linears | {lb:,} | {la:,} | {100 * (1 - la / max(lb, 1)):.1f}% |")
     print("\n| phase | seconds |\n|---|---:|")
-    for k, v in phases.times.items():
-        print(f"| {k} | {v:.1f} |")
-        if k == "compress":
-            for sk, sv in report.timings.items():
-                print(f"| &nbsp;&nbsp;{sk} | {sv:.1f} |")
+    for k, v in report.timings.items():
+        print(f"| {k.replace('compress: ', '&nbsp;&nbsp;')} | {v:.1f} |")
     if report.remedies:
         print(f"\n{len(report.remedies)} singular statistics repaired (see svdllm_report.json)")
     print(f"\nsaved to {out}")
@@ -294,7 +350,7 @@ def _print_summary(args: argparse.Namespace, cfg: Any, before: dict, after: dict
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .architecture import count_parameters
-    from .assets import load_model
+    from .io import load_model
     from .data import check_spec
 
     specs = [s for s in args.data.split(",") if s.strip()]
@@ -317,7 +373,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .assets import load_model
+    from .io import load_model
 
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, device=_device(args.device))

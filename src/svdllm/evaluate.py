@@ -1,13 +1,22 @@
-"""Perplexity over non-overlapping windows; a non-finite window is an error, never dropped."""
+"""Perplexity over non-overlapping windows; a non-finite window is an error, never dropped.
+
+``evaluate_perplexity`` runs a whole model.  ``stream_perplexity`` finishes
+windows whose last hidden states an ``ActivationStream`` carried block by block
+(the model's blocks need not be in memory): the model's own head (final norm,
+lm_head, soft-capping) runs on them, a few positions at a time.
+"""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .calibration import ActivationStream, eval_windows
 
 
 class NonFiniteLossError(RuntimeError):
@@ -20,6 +29,32 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per predicted token
     tokens: int  # predicted tokens
     windows: int
+
+
+class NLLSum:
+    """Sums next-token NLL over windows; refuses a non-finite window, naming it."""
+
+    def __init__(self, seqlen: int) -> None:
+        self.seqlen, self.total, self.count, self.windows = seqlen, 0.0, 0, 0
+
+    def add(self, logits: Tensor, targets: Tensor, first_window: int) -> None:
+        """``logits`` (B, T, V) predict ``targets`` (B, T) of windows first_window … first_window+B−1."""
+        nll = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                          reduction="none").view(targets.shape)
+        per_window = nll.sum(1)
+        bad = (~torch.isfinite(per_window)).nonzero().flatten().tolist()
+        if bad:
+            w = first_window + bad[0]
+            raise NonFiniteLossError(
+                f"non-finite loss in evaluation window {w} (tokens {w * self.seqlen}–{(w + 1) * self.seqlen - 1}); "
+                "the model produces inf/nan there"
+            )
+        self.total += float(per_window.double().sum())
+        self.count += nll.numel()
+
+    def result(self) -> PerplexityResult:
+        mean = self.total / max(self.count, 1)
+        return PerplexityResult(math.exp(mean), mean, self.count, self.windows)
 
 
 @torch.no_grad()
@@ -43,37 +78,51 @@ def evaluate_perplexity(
         from .data import load_text, tokenize
 
         tokens = tokenize(tokenizer, load_text(data))
-    if max_tokens:
-        tokens = tokens[:max_tokens]
-    n_windows = tokens.numel() // seqlen
-    if n_windows == 0:
-        raise ValueError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seqlen}")
-    windows = tokens[: n_windows * seqlen].view(n_windows, seqlen)
+    windows = eval_windows(tokens, seqlen, max_tokens)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    bar = tqdm(total=n_windows, desc="perplexity", disable=not progress, unit="win")
+    acc = NLLSum(seqlen)
     try:
-        for first in range(0, n_windows, batch_size):
+        for first in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
             batch = windows[first : first + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-            ).view(batch.shape[0], -1)
-            per_window = nll.sum(1)
-            bad = (~torch.isfinite(per_window)).nonzero().flatten().tolist()
-            if bad:
-                w = first + bad[0]
-                raise NonFiniteLossError(
-                    f"non-finite loss in evaluation window {w} (tokens {w * seqlen}–{(w + 1) * seqlen - 1}); "
-                    "the model produces inf/nan there"
-                )
-            total += float(per_window.double().sum())
-            count += nll.numel()
-            bar.update(batch.shape[0])
+            acc.add(model(input_ids=batch, use_cache=False).logits[:, :-1], batch[:, 1:], first)
     finally:
-        bar.close()
         model.train(was_training)
-    mean = total / count
-    return PerplexityResult(math.exp(mean), mean, count, n_windows)
+    acc.windows = len(windows)
+    return acc.result()
+
+
+@contextmanager
+def _replaying(blocks: nn.ModuleList, tuple_output: bool) -> Iterator[list[Tensor]]:
+    """While active every block returns ``slot[0]`` whatever its input: the model runs as its head alone."""
+    slot: list[Tensor] = []
+
+    def replay(*_: Any, **__: Any) -> Any:
+        return (slot[0],) if tuple_output else slot[0]
+
+    for block in blocks:
+        block.forward = replay
+    try:
+        yield slot
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+@torch.no_grad()
+def stream_perplexity(model: nn.Module, blocks: nn.ModuleList, stream: ActivationStream, lane: str,
+                      windows: Tensor, batch_size: int, device: torch.device, chunk: int = 128) -> PerplexityResult:
+    """Perplexity of ``windows`` from the last hidden states of ``lane``, ``chunk`` positions per head call."""
+    acc = NLLSum(windows.shape[1])
+    with _replaying(blocks, stream.tuple_output) as slot:
+        for j in range(len(stream)):
+            hidden = stream.hidden(lane, j, device)
+            batch = windows[j * batch_size : (j + 1) * batch_size].to(device)
+            for a in range(0, batch.shape[1] - 1, chunk):
+                b = min(a + chunk, batch.shape[1] - 1)
+                slot[:] = [hidden[:, a:b]]
+                logits = model(input_ids=batch[:, a:b], use_cache=False).logits
+                acc.add(logits, batch[:, a + 1 : b + 1], j * batch_size)
+    acc.windows = len(windows)
+    return acc.result()

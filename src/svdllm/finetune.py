@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -30,7 +30,6 @@ class FinetuneConfig:
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU
     val_tokens: int = 4096  # held out from the end of the training text
     keep_best: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.order not in ("u-first", "v-first"):

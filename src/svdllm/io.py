@@ -12,19 +12,23 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__
+from .assets import resolve_model
 from .assets import sha256_file as _sha256
+from .checkpoint import atomic_save_file
 from .modeling_svdllm import svdllm_class
 
 FORMAT_VERSION = 1
 MODELING_FILE = "modeling_svdllm.py"
+REPORT_FILE = "svdllm_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,7 +74,8 @@ def model_card(section: dict[str, Any], perplexity: dict[str, float] | None) -> 
     ]
     if section.get("calibration"):
         c = section["calibration"]
-        lines += [f"Calibration: {c['nsamples']}×{c['seqlen']} tokens of `{c['data']}`, seed {section.get('seed')}.", ""]
+        lines += [f"Calibration: {c.get('nsamples')}×{c.get('seqlen')} tokens of `{c.get('data', 'given windows')}`, "
+                  f"seed {c.get('seed')}.", ""]
     if perplexity:
         lines += ["| data | perplexity |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in perplexity.items()] + [""]
     return "\n".join(lines)
@@ -90,33 +95,28 @@ def _cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> di
     return out
 
 
-def save(
-    model: nn.Module,
-    tokenizer: Any,
-    path: str | os.PathLike,
-    dtype: str | torch.dtype | None = None,
-    force: bool = False,
-    perplexity: dict[str, float] | None = None,
-    max_shard_size: str = "2GB",
-) -> Path:
-    """Write ``model`` (compressed by svdllm) to ``path`` atomically: a temp folder renamed when complete."""
+def _write_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike, dtype: torch.dtype | None, force: bool,
+                  perplexity: dict[str, float] | None, write_weights: Callable[[Path], None]) -> Path:
+    """Everything but the weights, around ``write_weights(tmp)``; the folder appears complete or not at all."""
     out = check_out_dir(path, force)
     section = getattr(model.config, "svdllm", None)
     if not section:
         raise FormatError("model has no svdllm section: compress it first")
-    target = DTYPES[dtype] if isinstance(dtype, str) else dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        state = _cast_state(model.state_dict(), target)
-        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+        write_weights(tmp)
+        if not (tmp / "config.json").exists():
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MODELING_FILE).write_text(_modeling_source(model))
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        if target is not None:
-            cfg["dtype"] = str(target).removeprefix("torch.")
+        if dtype is not None:
+            cfg["dtype"] = str(dtype).removeprefix("torch.")
         cfg["architectures"] = [base_class(model).__name__]
         shards = sorted(p.name for p in tmp.glob("*.safetensors"))
         cfg["svdllm"] = dict(section, format_version=FORMAT_VERSION, svdllm_version=__version__,
@@ -125,6 +125,9 @@ def save(
         cfg["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SVDLLMForCausalLM"}
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(cfg["svdllm"], perplexity))
+        report = getattr(model, "svdllm_report", None)
+        if report is not None:
+            report.write(tmp / REPORT_FILE)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a saved model is for sharing
@@ -141,6 +144,69 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    return DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
+def save(
+    model: nn.Module,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+    perplexity: dict[str, float] | None = None,
+    max_shard_size: str = "2GB",
+) -> Path:
+    """Write ``model`` (compressed by svdllm, in memory) to ``path`` atomically, with its report if it has one."""
+    target = _dtype(dtype)
+
+    def weights(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=_cast_state(model.state_dict(), target), max_shard_size=max_shard_size)
+
+    return _write_folder(model, tokenizer, path, target, force, perplexity, weights)
+
+
+def _untied_rest(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder blocks, a tied tensor once (under its first name)."""
+    head, seen, out = prefix + ".", set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if name.startswith(head) or key in seen or t.device.type == "meta":
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def save_streamed(model: nn.Module, tokenizer: Any, path: str | os.PathLike, block_files: list[Path],
+                  dtype: str | torch.dtype | None = None, force: bool = False,
+                  perplexity: dict[str, float] | None = None) -> Path:
+    """Write a model compressed from disk: one shard per block (from ``block_files``) plus one for the rest."""
+    from .architecture import decoder_blocks
+
+    target = _dtype(dtype)
+    prefix, _ = decoder_blocks(model)
+    total = len(block_files) + 1
+    names = [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+
+    def weights(tmp: Path) -> None:
+        weight_map: dict[str, str] = {}
+        size = 0
+        for src, name in zip([*block_files, None], names):
+            tensors = _untied_rest(model, prefix) if src is None else load_file(str(src))
+            tensors = {k: v.to(target) if target is not None and v.is_floating_point() else v
+                       for k, v in tensors.items()}
+            atomic_save_file(tensors, tmp / name, {"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            size += sum(v.numel() * v.element_size() for v in tensors.values())
+        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if target is not None:
+            model.config.dtype = target
+
+    return _write_folder(model, tokenizer, path, target, force, perplexity, weights)
 
 
 def read_section(path: str | os.PathLike) -> dict[str, Any]:
@@ -218,3 +284,102 @@ def load(
     if device:
         model.to(device)
     return model.eval()
+
+
+class ShardSource:
+    """The tensors of a safetensors model folder, read a few at a time (``safe_open``) into a meta skeleton."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            with safe_open(str(self.folder / "model.safetensors"), framework="pt") as fh:
+                self.files = dict.fromkeys(fh.keys(), "model.safetensors")
+        else:
+            raise FormatError(f"{self.folder} has no safetensors weights (model.safetensors or its index)")
+
+    @property
+    def nbytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
+
+    def materialise(self, module: nn.Module, key_prefix: str, device: torch.device) -> None:
+        """Every meta parameter and buffer of ``module`` read from the shards (key ``key_prefix + name``)."""
+        names = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        self.load(module, {n: key_prefix + n for n in names}, device)
+
+    def load(self, module: nn.Module, keys: dict[str, str], device: torch.device) -> None:
+        """Set each tensor ``name`` of ``module`` to the shards' tensor ``keys[name]`` (cast to its dtype)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        dtypes = {n: t.dtype for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        by_file: dict[str, list[str]] = {}
+        for name, key in keys.items():
+            if key not in self.files:
+                raise FormatError(f"{self.folder}: the shards have no tensor {key}")
+            by_file.setdefault(self.files[key], []).append(name)
+        for file, names in by_file.items():
+            with safe_open(str(self.folder / file), framework="pt") as fh:
+                for name in names:
+                    value = fh.get_tensor(keys[name]).to(dtypes[name])
+                    set_module_tensor_to_device(module, name, device, value=value)
+
+
+def load_skeleton(folder: str | os.PathLike) -> tuple[nn.Module, ShardSource]:
+    """A plain Hugging Face folder as a float32 model whose decoder blocks stay on the meta device.
+
+    Everything outside the blocks (embeddings, final norm, head) is read now;
+    the blocks are read one at a time by ``ShardSource.materialise``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .architecture import decoder_blocks
+
+    source = ShardSource(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "svdllm", None):
+        raise FormatError(f"{folder} is already compressed by svdllm; --low-memory reads dense models only")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    prefix, _ = decoder_blocks(model)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    rest = {n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and not n.startswith(prefix + ".") and n not in tied}
+    missing = sorted(n for n in rest if n not in source.files)
+    if missing and missing != [n for n in missing if n in _tied_heads(model)]:
+        raise FormatError(f"{folder}: the shards have no tensor {missing[0]}")
+    source.load(model, {n: n for n in rest - set(missing)}, torch.device("cpu"))
+    model.tie_weights()
+    return model.eval(), source
+
+
+def _tied_heads(model: nn.Module) -> set[str]:
+    """Parameter names that are tied to the input embeddings when the config says so."""
+    out = model.get_output_embeddings()
+    if out is None or not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return set()
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p is out.weight}
+
+
+def load_model(spec: str, dtype: Any = None, device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for a named model, a local folder (svdllm or plain), a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve_model(spec)
+    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    if isinstance(where, Path) and (where / "config.json").exists():
+        if "svdllm" in json.loads((where / "config.json").read_text()):
+            return load(where, dtype=dtype, device=device), AutoTokenizer.from_pretrained(where)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs)
+    except OSError as exc:
+        if isinstance(where, str):
+            raise FileNotFoundError(f"model not found: {spec} (no local path, and the hub is unreachable or has no such id)") from None
+        raise RuntimeError(f"cannot load model from {spec}: {str(exc).splitlines()[0]}") from None
+    if device:
+        model.to(device)
+    model.eval()
+    return model, tok

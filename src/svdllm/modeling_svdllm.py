@@ -41,6 +41,19 @@ class LowRankLinear(nn.Module):
         if not w.t().is_contiguous():
             w.data = rank_major(w.data)
 
+    @classmethod
+    def from_factors(cls, module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> "LowRankLinear":
+        """u·v·x + b with the bias of ``module`` (nn.Linear or Conv1D), in its dtype and on its device."""
+        bias = getattr(module, "bias", None)
+        out = cls(v.shape[1], u.shape[0], u.shape[1], bias=bias is not None)
+        out.to(device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            out.svd_u.weight.copy_(u)
+            out.svd_v.weight.copy_(v)
+            if bias is not None:
+                out.svd_u.bias.copy_(bias)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.svd_u(self.svd_v(x))
 
@@ -60,19 +73,25 @@ def restore_rank_major(model: nn.Module) -> nn.Module:
     return model
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the dotted path ``name`` under ``root``; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
 def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     """Replace each named linear (nn.Linear or GPT-2 Conv1D) by an empty LowRankLinear of the given rank."""
     for name, rank in ranks.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
+        old = model.get_submodule(name)
         if isinstance(old, nn.Linear):
             n_in, n_out = old.in_features, old.out_features
         else:  # Conv1D keeps its weight as (in, out)
             n_in, n_out = old.weight.shape
         new = LowRankLinear(n_in, n_out, int(rank), bias=getattr(old, "bias", None) is not None)
-        new.to(device=old.weight.device, dtype=old.weight.dtype)
-        setattr(parent, child, new)
+        replace_module(model, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
     return model
 
 

@@ -1,218 +1,275 @@
-"""The block-by-block compression loop (GPTQ-style) and the public `compress`."""
+"""Compression: a plan, activation streams, and a short block loop (GPTQ-style, one block on the device at a time)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .architecture import block_linears, count_parameters, decoder_blocks, parse_layers
+from .architecture import count_parameters, decoder_blocks, dense_weight
 from .calibration import (
-    BlockCall,
+    COMPRESSED,
+    DENSE,
+    ActivationStream,
     GramAccumulator,
-    capture_block_inputs,
+    LayerStats,
+    TensorStore,
     fisher_rows,
-    recorded_inputs,
-    run_block,
-    sample_windows,
+    windows_digest,
 )
-from .config import CompressionConfig
-from .lowrank import dense_weight, from_factors
-from .methods import METHODS, LayerStats
-from .ranks import rank_for_ratio, worth_factorising
+from .checkpoint import RunDir, atomic_write_text
+from .evaluate import stream_perplexity
+from .methods import ErrorCorrectedOptions, MethodOptions, method_of, options_for
+from .modeling_svdllm import LowRankLinear, apply_ranks, replace_module
+from .onload import BlockHost, return_freed_memory
+from .plan import CompressionPlan, make_plan
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .io import ShardSource
 
 log = logging.getLogger("svdllm")
+OFFLOAD = ("none", "cpu", "disk")
+
+
+@dataclass
+class CompressionConfig:
+    method: MethodOptions | str = field(default_factory=ErrorCorrectedOptions)  # a name takes that method's defaults
+    ratio: float = 0.2  # parameter reduction of each compressed matrix
+    targets: list[str] = field(default_factory=lambda: ["*"])  # globs over module names
+    skip_layers: list[int] = field(default_factory=list)  # blocks left dense
+    rank_rule: str = "uniform"
+    batch_size: int = 4  # windows per forward
+    device: str | None = None  # where blocks run (one at a time); None: where the model is
+    offload: str = "none"  # where activations wait between blocks: none (the device), cpu, or disk
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, str):
+            self.method = options_for(self.method)
+
+    def validate(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"--ratio must be in (0, 1), got {self.ratio}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.offload not in OFFLOAD:
+            raise ValueError(f"--offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
+        assert isinstance(self.method, MethodOptions)
+        self.method.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        assert isinstance(self.method, MethodOptions)
+        return dict(asdict(self), method=self.method.to_dict())
+
+
+class Timings(dict):
+    """Seconds per named phase, summed over repeats, in first-seen order."""
+
+    @contextmanager
+    def clock(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
 class CompressionReport:
     config: dict[str, Any]
+    plan: dict[str, Any]
+    calibration: dict[str, Any]
     params_before: int = 0
     params_after: int = 0
     linear_params_before: int = 0
     linear_params_after: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def add_time(self, phase: str, seconds: float) -> None:
-        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
 
     @property
     def remedies(self) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("remedy")]
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-class _Clock:
-    def __init__(self, report: CompressionReport, phase: str) -> None:
-        self.report, self.phase = report, phase
+    def write(self, path: "str | Path") -> None:
+        from pathlib import Path
 
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.report.add_time(self.phase, time.perf_counter() - self.t0)
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _compress_linear(
-    name: str, module: nn.Module, stats: LayerStats, cfg: CompressionConfig, report: CompressionReport
-) -> nn.Module:
+def _factorise(name: str, module: nn.Module, stats: LayerStats, k: int | None, opts: MethodOptions,
+               report: CompressionReport) -> nn.Module:
+    """The low-rank replacement of ``module`` (or ``module`` itself when the plan keeps it dense)."""
     weight, _ = dense_weight(module)
     m, n = weight.shape
-    k = rank_for_ratio(m, n, cfg.ratio)
     record: dict[str, Any] = {"name": name, "shape": [m, n], "rank": k}
     report.linear_params_before += m * n
-    if not worth_factorising(m, n, k):
-        record.update(rank=None, kept_dense="rank too high to save parameters")
+    if k is None:
         report.linear_params_after += m * n
-        report.records.append(record)
+        report.records.append(dict(record, kept_dense=report.plan["kept_dense"][name]))
         return module
-    f, info = METHODS[cfg.method].factorize(weight, stats, k, cfg)
+    f, info = method_of(opts).factorize(weight, stats, k, opts)
     record.update(info)
     if f.remedy:
         record["remedy"] = f.remedy
         log.warning("%s: singular statistic, %s", name, f.remedy)
     report.linear_params_after += k * (m + n)
     report.records.append(record)
-    return from_factors(module, f.u, f.v)
+    return LowRankLinear.from_factors(module, f.u, f.v)
 
 
-def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+def fingerprint(model: nn.Module, cfg: CompressionConfig, windows: Tensor | None,
+                eval_windows: dict[str, Tensor]) -> str:
+    """What a checkpoint must match to be resumed: the model's config and embeddings, the options, the data."""
+    emb = model.get_input_embeddings().weight
+    probe = float(emb.detach().double().abs().sum()) if emb.device.type != "meta" else 0.0
+    blob = json.dumps([model.config.to_diff_dict(), probe, cfg.to_dict(), windows_digest(windows),
+                       {k: windows_digest(v) for k, v in sorted(eval_windows.items())}], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @torch.no_grad()
 def compress(
     model: nn.Module,
-    tokenizer: Any = None,
+    windows: Tensor | None,
     config: CompressionConfig | None = None,
-    calib_tokens: Tensor | None = None,
+    *,
+    eval_windows: dict[str, Tensor] | None = None,
+    run_dir: RunDir | None = None,
+    source: "ShardSource | None" = None,
     progress: bool = True,
-    stats_cache: dict | None = None,
+    on_block: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """Compress every decoder-block linear of ``model`` in place and return it.
+    """Compress the decoder-block linears of ``model`` in place, one block at a time, and return it.
 
-    Calibration text comes from ``config.calib`` through ``tokenizer`` unless
-    ``calib_tokens`` (1-D token ids) is given.  The report lands in
+    ``windows`` (nsamples × seqlen token ids) calibrate; ``eval_windows`` (name →
+    windows) are carried through the dense and the compressed blocks so that the
+    report holds both perplexities without a second pass.  With ``run_dir`` each
+    finished block is checkpointed and a run resumes where the folder left off.
+    With ``source`` the model is a meta skeleton whose blocks are read from
+    shards (``run_dir`` then holds the finished blocks).  The report lands in
     ``model.svdllm_report`` and the ranks in ``model.config.svdllm``.
-
-    ``stats_cache``: a dict kept by the caller across calls on copies of the same
-    dense model.  Statistics of the dense model alone (Fisher, dense Grams, mean
-    |x|) are stored there and reused by later calls with the same calibration
-    windows, whatever their ratio or method.
     """
     cfg = config or CompressionConfig()
     cfg.validate()
-    method = METHODS[cfg.method]
-    auto_beta = cfg.method == "svdllm-ec" and cfg.beta == "auto"
-    needs = method.needs | {"gram"} if auto_beta else method.needs
-    report = CompressionReport(config=cfg.to_dict())
-    report.params_before = count_parameters(model)
-    if cfg.device:
-        model.to(cfg.device)
-    device = next(model.parameters()).device
-    store = torch.device("cpu") if cfg.offload else device
-    was_cache = getattr(model.config, "use_cache", None)
+    opts = cfg.method
+    assert isinstance(opts, MethodOptions)
+    method, evals = method_of(opts), eval_windows or {}
+    if method.needs and windows is None:
+        raise ValueError(f"method {opts.name} needs calibration windows")
+    if source is not None and (run_dir is None or "fisher" in method.needs):
+        raise ValueError("streaming from disk needs a run folder and a method without gradients (not fwsvd)")
+    plan = make_plan(model, cfg.ratio, cfg.targets, cfg.skip_layers, cfg.rank_rule)
+    calib_info = {} if windows is None or not method.needs else {
+        "nsamples": windows.shape[0], "seqlen": windows.shape[1], "sha256": windows_digest(windows)}
+    report = CompressionReport(cfg.to_dict(), plan.to_dict(), calib_info, params_before=count_parameters(model))
     model.eval()
-
     prefix, blocks = decoder_blocks(model)
-    skip = parse_layers(cfg.skip_layers, len(blocks)) if cfg.skip_layers else set()
-    targets = {i: block_linears(b, f"{prefix}.{i}", cfg.targets) for i, b in enumerate(blocks) if i not in skip}
-    if not any(targets.values()):
-        raise ValueError(f"--targets {cfg.targets!r} matches no linear layer in the decoder blocks")
-
-    samples = None
-    if method.needs:
-        if calib_tokens is None:
-            from .data import load_text, tokenize
-
-            with _Clock(report, "load calibration text"):
-                calib_tokens = tokenize(tokenizer, load_text(cfg.calib))
-        samples = sample_windows(calib_tokens, cfg.nsamples, cfg.seqlen, cfg.seed)
-        report.config["calib_tokens"] = int(samples.numel())
-
-    cache: dict | None = None
-    if stats_cache is not None and samples is not None and not method.sequential:
-        key = (tuple(samples.shape), int(samples.sum()), cfg.targets, cfg.skip_layers, cfg.batch_size)
-        cache = stats_cache.setdefault(key, {})
-        needs = needs | ({"gram", "abs"} if needs & {"gram", "abs"} else frozenset())  # one pass serves both
-
-    fisher: dict[str, Tensor] = {}
-    if "fisher" in method.needs and cache is not None:
-        fisher = cache.get("fisher", {})
-    if "fisher" in method.needs and not fisher:
-        assert samples is not None
-        with torch.enable_grad(), _Clock(report, "fisher (backward passes)"):
-            fisher = fisher_rows(model, samples, {n: m for t in targets.values() for n, m in t.items()})
-        if cache is not None:
-            cache["fisher"] = fisher
-
-    calls: list[BlockCall] = []
-    comp_hidden: list[Tensor] | None = None
-    cached_blocks = cache.get("blocks", {}) if cache is not None else {}
-    if needs - {"fisher"} and len(cached_blocks) < len(blocks):
-        assert samples is not None
-        with _Clock(report, "calibration forward"):
-            calls = capture_block_inputs(model, blocks[0], samples, cfg.batch_size, store)
-        comp_hidden = [c.hidden.clone() for c in calls] if method.sequential else None
-    # beta="auto": the last calibration batches are held out to choose β, then folded back in
-    n_fit = len(calls) - max(1, round(len(calls) * cfg.holdout)) if auto_beta else len(calls)
-    if auto_beta and n_fit < 1:
-        raise ValueError("--beta auto needs at least two calibration batches (raise --nsamples or lower --batch-size)")
-
-    for i, block in enumerate(tqdm(blocks, desc=f"compress {cfg.method}", disable=not progress, unit="block")):
-        linears = targets.get(i, {})
-        acc, held = cached_blocks.get(i) or GramAccumulator(needs, device), GramAccumulator(needs, device)
-        dense_next: list[Tensor] = []
-        if calls:
-            with recorded_inputs(linears) as seen:
-                for j, call in enumerate(calls):
-                    with _Clock(report, "calibration forward"):
-                        dense_next.append(run_block(block, call).to(store))
-                        dense_in = dict(seen)
-                        comp_in = None
-                        if comp_hidden is not None and linears:
-                            run_block(block, call, comp_hidden[j])
-                            comp_in = dict(seen)
-                    if linears:
-                        with _Clock(report, "gram accumulation"):
-                            (acc if j < n_fit else held).add(dense_in, comp_in)
-        with _Clock(report, "decompositions"):
+    device = torch.device(cfg.device) if cfg.device else next(p.device for p in model.parameters()
+                                                                if p.device.type != "meta")
+    host = BlockHost(model, prefix, blocks, device, source)
+    if source is not None:
+        return_freed_memory()
+    fisher = fisher_rows(model, windows, {n: model.get_submodule(n) for n in plan.ranks}) \
+        if "fisher" in method.needs else {}
+    store = TensorStore(run_dir.stream_folder if cfg.offload == "disk" and run_dir else
+                        torch.device("cpu") if cfg.offload != "none" else device)
+    streams = _open_streams(model, blocks[0], host, windows if method.needs - {"fisher"} else None,
+                            method.sequential, evals, cfg.batch_size, store, report)
+    start = _resume(model, plan, host, run_dir, streams, report) if run_dir else 0
+    calib = streams.get("calib")
+    for i in tqdm(range(start, plan.n_blocks), desc=f"compress {opts.name}", disable=not progress, unit="block"):
+        block = host.onload(i)
+        linears = {name: model.get_submodule(name) for name in plan.block(i)}
+        acc = GramAccumulator(method.needs, device)
+        with report.timings.clock("forward passes and statistics"):
+            for name in evals:
+                streams[name].propagate(block, DENSE)
+            if calib is not None:
+                calib.record(block, linears, acc)
+        with report.timings.clock("decompositions"):
             for name, module in linears.items():
-                stats = acc.for_linear(name) if acc.groups else LayerStats()
-                if held.groups:
-                    stats.holdout = held.for_linear(name)
-                if name in fisher:
-                    stats = LayerStats(tokens=stats.tokens, fisher=fisher[name])
-                _set_child(model, name, _compress_linear(name, module, stats, cfg, report))
-        if cache is not None and calls:
-            cache.setdefault("blocks", {})[i] = acc
-        del acc, held
-        if calls:
-            if comp_hidden is not None:
-                with _Clock(report, "calibration forward"):
-                    comp_hidden = [run_block(block, c, h).to(store) for c, h in zip(calls, comp_hidden)]
-            for call, h in zip(calls, dense_next):
-                call.hidden = h
-
-    if was_cache is not None:
-        model.config.use_cache = was_cache
+                stats = LayerStats(fisher=fisher[name]) if name in fisher else acc.for_linear(name)
+                replace_module(model, name, _factorise(name, module, stats, plan.ranks.get(name), opts, report))
+        del acc
+        with report.timings.clock("forward passes and statistics"):
+            if calib is not None:
+                calib.advance(block)
+            for name in evals:
+                streams[name].propagate(block, COMPRESSED)
+        if run_dir is not None:
+            with report.timings.clock("checkpoint"):
+                _checkpoint(run_dir, i, host, streams, report)
+        host.offload(i)
+        if on_block is not None:
+            on_block(i)
+    with report.timings.clock("evaluation"), host.outside_blocks():
+        report.perplexity = {lane: {name: stream_perplexity(model, blocks, streams[name], lane, evals[name],
+                                                             cfg.batch_size, device).perplexity for name in evals}
+                             for lane in (DENSE, COMPRESSED)} if evals else {}
+    store.close()
     report.params_after = count_parameters(model)
-    ranks = {r["name"]: r["rank"] for r in report.records if r.get("rank")}
     model.config.svdllm = {
-        "format_version": 1,
-        "svdllm_version": __version__,
-        "method": cfg.method,
-        "ratio": cfg.ratio,
-        "calibration": {"data": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.seqlen} if method.needs else None,
-        "seed": cfg.seed,
-        "beta": cfg.beta if cfg.method == "svdllm-ec" else None,
-        "ranks": ranks,
+        "format_version": 1, "svdllm_version": __version__, "method": opts.name, "options": opts.to_dict(),
+        "ratio": cfg.ratio, "rank_rule": cfg.rank_rule, "calibration": calib_info or None, "ranks": plan.ranks,
     }
     model.svdllm_report = report
     return model
+
+
+def _open_streams(model: nn.Module, first_block: nn.Module, host: BlockHost, windows: Tensor | None, sequential: bool,
+                  evals: dict[str, Tensor], batch_size: int, store: TensorStore,
+                  report: CompressionReport) -> dict[str, ActivationStream]:
+    """Capture the first block's inputs: calibration (dense, and compressed if the method is sequential) and
+    each evaluation set (dense and compressed)."""
+    jobs = {name: (w, (DENSE, COMPRESSED)) for name, w in evals.items()}
+    if windows is not None:
+        jobs["calib"] = (windows, (DENSE, COMPRESSED) if sequential else (DENSE,))
+    with report.timings.clock("capture block inputs"), host.outside_blocks():
+        return {name: ActivationStream.capture(model, first_block, w, batch_size, lanes, store, host.device, name)
+                for name, (w, lanes) in jobs.items()}
+
+
+def _checkpoint(run_dir: RunDir, i: int, host: BlockHost, streams: dict[str, ActivationStream],
+                report: CompressionReport) -> None:
+    """Commit block i: its tensors, every stream after it, and what the report has gathered so far."""
+    run_dir.commit(i, host.state(i), {k: v for s in streams.values() for k, v in s.state_dict().items()},
+                   {"records": report.records, "timings": report.timings,
+                    "linear_params": [report.linear_params_before, report.linear_params_after],
+                    "tuple_output": any(s.tuple_output for s in streams.values())})
+
+
+def _resume(model: nn.Module, plan: CompressionPlan, host: BlockHost, run_dir: RunDir,
+            streams: dict[str, ActivationStream], report: CompressionReport) -> int:
+    """Restore the finished blocks and the streams at their boundary from ``run_dir``; the next block's index."""
+    start = run_dir.done
+    if start == 0:
+        return 0
+    log.warning("resuming from %s after %d of %d blocks", run_dir.path, start, plan.n_blocks)
+    for i in range(start):
+        apply_ranks(model, {n: plan.ranks[n] for n in plan.block(i) if n in plan.ranks})
+        if host.source is None:  # in memory: the finished blocks come back as they were
+            head = f"{plan.prefix}.{i}."
+            state = {k[len(head):]: v for k, v in run_dir.load_block(i).items()}
+            host.blocks[i].load_state_dict(state, strict=True)
+            host.blocks[i].apply(lambda m: m.use_rank_major() if isinstance(m, LowRankLinear) else None)
+    saved = run_dir.load_streams()
+    for stream in streams.values():
+        stream.load_state_dict(saved)
+        stream.tuple_output = bool(run_dir.state.get("tuple_output", False))
+    report.records = run_dir.state["records"]
+    report.timings.update(run_dir.state["timings"])
+    report.linear_params_before, report.linear_params_after = run_dir.state["linear_params"]
+    return start

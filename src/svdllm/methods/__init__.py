@@ -1,10 +1,9 @@
-"""Registry of compression methods: (weight, statistics, rank) → factors."""
+"""Compression methods: one options dataclass each, its factoriser registered by options type."""
 from __future__ import annotations
 
-from .base import LayerStats, Method
-from .baselines import ASVD, FWSVD, SVD
-from .svdllm import SVDLLM, SVDLLM_EC, SVDLLM_W
+from .base import METHODS, Method, MethodOptions, method_of, options_for, options_from_dict
+from .baselines import ASVDOptions, FWSVDOptions, SVDOptions
+from .svdllm import ErrorCorrectedOptions, SVDLLMOptions, WhiteningOptions
 
-METHODS: dict[str, Method] = {m.name: m for m in (SVD, FWSVD, ASVD, SVDLLM_W, SVDLLM, SVDLLM_EC)}
-
-__all__ = ["METHODS", "LayerStats", "Method"]
+__all__ = ["METHODS", "Method", "MethodOptions", "method_of", "options_for", "options_from_dict", "SVDOptions",
+           "FWSVDOptions", "ASVDOptions", "WhiteningOptions", "SVDLLMOptions", "ErrorCorrectedOptions"]

@@ -1,58 +1,90 @@
-"""What a method needs from calibration, and the signature every method implements."""
+"""The method registry: one frozen options dataclass per method, its factoriser registered by options type."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from torch import Tensor
 
 from ..whitening import Factorization
 
 if TYPE_CHECKING:
-    from ..config import CompressionConfig
+    from ..calibration import LayerStats
 
 
-@dataclass
-class LayerStats:
-    """Calibration statistics of one linear's input (row-major X: tokens × n).
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options; subclasses set ``name`` and add their own fields."""
 
-    gram = XᵀX of the dense model's stream, comp_gram = X′ᵀX′ of the compressed
-    model's stream, cross = XᵀX′; abs_sum = Σ|x| per input dim; fisher = per
-    output-row Fisher information of the weight.
-    """
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
 
-    tokens: int = 0
-    gram: Tensor | None = None
-    comp_gram: Tensor | None = None
-    cross: Tensor | None = None
-    abs_sum: Tensor | None = None
-    fisher: Tensor | None = None
-    holdout: "LayerStats | None" = None  # the same statistics on held-out calibration windows
+    def validate(self) -> None:
+        """Raise ValueError naming the CLI option when a value is out of range."""
 
-    def merged(self) -> "LayerStats":
-        """Fit and held-out statistics summed: all the calibration data."""
-        h = self.holdout
-        if h is None:
-            return self
-
-        def add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-            return a if b is None else b if a is None else a + b
-
-        return LayerStats(self.tokens + h.tokens, add(self.gram, h.gram), add(self.comp_gram, h.comp_gram),
-                          add(self.cross, h.cross), add(self.abs_sum, h.abs_sum), self.fisher)
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, **asdict(self)}
 
 
-Factorizer = Callable[[Tensor, LayerStats, int, "CompressionConfig"], tuple[Factorization, dict[str, Any]]]
+Factorizer = Callable[[Tensor, "LayerStats", int, Any], tuple[Factorization, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
 class Method:
-    name: str
+    options: type[MethodOptions]
     factorize: Factorizer
     needs: frozenset[str]  # subset of {"gram", "abs", "fisher", "comp" (X′X′ᵀ), "cross" (XX′ᵀ)}
     summary: str
 
     @property
+    def name(self) -> str:
+        return self.options.name
+
+    @property
     def sequential(self) -> bool:
         """Needs the compressed model's own activations (X′), so blocks go in order."""
         return "comp" in self.needs
+
+
+METHODS: dict[str, Method] = {}
+_BY_OPTIONS: dict[type[MethodOptions], Method] = {}
+
+
+def register(options: type[MethodOptions], needs: frozenset[str], summary: str) -> Callable[[Factorizer], Factorizer]:
+    """Decorator: ``factorize(weight, stats, rank, options)`` becomes the method for ``options``."""
+
+    def deco(fn: Factorizer) -> Factorizer:
+        method = Method(options, fn, needs, summary)
+        METHODS[options.name] = _BY_OPTIONS[options] = method
+        return fn
+
+    return deco
+
+
+def method_of(options: MethodOptions) -> Method:
+    try:
+        return _BY_OPTIONS[type(options)]
+    except KeyError:
+        raise ValueError(f"no method is registered for {type(options).__name__}") from None
+
+
+def options_for(name: str, **values: Any) -> MethodOptions:
+    """Options of the method called ``name``; values left as None keep their defaults."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    cls = METHODS[name].options
+    known = {f.name for f in fields(cls)}
+    given = {k: v for k, v in values.items() if v is not None}
+    for key in given.keys() - known:
+        owners = [m for m, meth in METHODS.items() if key in {f.name for f in fields(meth.options)}]
+        raise ValueError(f"--{key.replace('_', '-')} does not apply to --method {name} "
+                         f"(it applies to {', '.join(owners) or 'no method'})")
+    opts = cls(**given)
+    opts.validate()
+    return opts
+
+
+def options_from_dict(data: dict[str, Any]) -> MethodOptions:
+    """Inverse of ``MethodOptions.to_dict`` (as recorded in a report or a checkpoint)."""
+    values = {k: v for k, v in data.items() if k not in ("name", "version")}
+    return options_for(str(data.get("name")), **values)

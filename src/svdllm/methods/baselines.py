@@ -1,36 +1,56 @@
 """The paper's baselines: plain SVD, FWSVD (Hsu et al. 2022) and ASVD (Yuan et al. 2023)."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from ..whitening import Factorization, scaled_svd
-from .base import LayerStats, Method
+from .base import MethodOptions, register
+
+if TYPE_CHECKING:
+    from ..calibration import LayerStats
 
 EPS = 1e-6
 
 
-def _svd(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Factorization, dict[str, Any]]:
+@dataclass(frozen=True)
+class SVDOptions(MethodOptions):
+    name = "svd"
+
+
+@dataclass(frozen=True)
+class FWSVDOptions(MethodOptions):
+    name = "fwsvd"
+
+
+@dataclass(frozen=True)
+class ASVDOptions(MethodOptions):
+    name = "asvd"
+    asvd_alpha: float = 0.5  # exponent of the mean |x| column scaling
+
+    def validate(self) -> None:
+        if self.asvd_alpha < 0:
+            raise ValueError(f"--asvd-alpha must be non-negative, got {self.asvd_alpha}")
+
+
+@register(SVDOptions, frozenset(), "plain truncated SVD of W")
+def svd(weight: Tensor, stats: LayerStats, k: int, opts: SVDOptions) -> tuple[Factorization, dict[str, Any]]:
     return scaled_svd(weight, k), {}
 
 
-def _fwsvd(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Factorization, dict[str, Any]]:
+@register(FWSVDOptions, frozenset({"fisher"}), "SVD of diag(√Fisher)·W (row importance from squared gradients)")
+def fwsvd(weight: Tensor, stats: LayerStats, k: int, opts: FWSVDOptions) -> tuple[Factorization, dict[str, Any]]:
     assert stats.fisher is not None
     row = stats.fisher.double().sqrt()
     row = row.clamp_min(max(row.max().item(), 1e-30) * EPS)  # rows with no gradient keep a tiny weight
     return scaled_svd(weight, k, row_scale=row), {}
 
 
-def _asvd(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Factorization, dict[str, Any]]:
+@register(ASVDOptions, frozenset({"abs"}), "SVD of W·diag(mean|x|)^α (activation-scaled)")
+def asvd(weight: Tensor, stats: LayerStats, k: int, opts: ASVDOptions) -> tuple[Factorization, dict[str, Any]]:
     assert stats.abs_sum is not None and stats.tokens > 0
     mean_abs = stats.abs_sum.double() / stats.tokens
-    col = mean_abs.clamp_min(max(mean_abs.max().item(), 1e-30) * EPS) ** cfg.asvd_alpha  # dead inputs
+    col = mean_abs.clamp_min(max(mean_abs.max().item(), 1e-30) * EPS) ** opts.asvd_alpha  # dead inputs
     return scaled_svd(weight, k, col_scale=col), {}
-
-
-SVD = Method("svd", _svd, frozenset(), "plain truncated SVD of W")
-FWSVD = Method("fwsvd", _fwsvd, frozenset({"fisher"}), "SVD of diag(√Fisher)·W (row importance from squared gradients)")
-ASVD = Method("asvd", _asvd, frozenset({"abs"}), "SVD of W·diag(mean|x|)^α (activation-scaled)")
-
-__all__ = ["SVD", "FWSVD", "ASVD"]

@@ -1,32 +1,71 @@
 """SVD-LLM (W), SVD-LLM with its closed-form update, and our error-corrected whitening."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
-from ..whitening import Factorization, relative_error, target_error, update_left, whiten, whiten_towards
-from .base import LayerStats, Method
+from ..whitening import Factorization, relative_error, update_left, whiten, whiten_towards
+from .base import MethodOptions, register
+
+if TYPE_CHECKING:
+    from ..calibration import LayerStats
 
 
-def _rel(weight: Tensor, f: Factorization, gram: Tensor) -> float:
-    return relative_error(weight, f.u, f.v, gram)
+@dataclass(frozen=True)
+class WhiteningOptions(MethodOptions):
+    name = "svdllm-w"
+    damp: float = 0.0  # whitening ridge added before Cholesky, relative to the mean diagonal (0: only when needed)
+
+    def validate(self) -> None:
+        if self.damp < 0:
+            raise ValueError(f"--damp must be non-negative, got {self.damp}")
 
 
-def _svdllm_w(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Factorization, dict[str, Any]]:
+@dataclass(frozen=True)
+class SVDLLMOptions(WhiteningOptions):
+    name = "svdllm"
+    update_damp: float = 1e-6  # ridge of the closed-form update's normal equations
+
+
+@dataclass(frozen=True)
+class ErrorCorrectedOptions(MethodOptions):
+    name = "svdllm-ec"
+    beta: float = 0.25  # target blend: 1 = dense inputs X, 0 = compressed inputs X′
+    norm_cap: float = 1.5  # halve β for a matrix while ‖W′‖_F > cap·‖W‖_F (0: off)
+    ec_damp: float = 1e-4  # ridge on X′X′ᵀ, relative to its mean diagonal
+
+    def validate(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"--beta must be in [0, 1], got {self.beta}")
+        if self.norm_cap < 0:
+            raise ValueError(f"--norm-cap must be positive (or 0 for off), got {self.norm_cap}")
+        if self.ec_damp < 0:
+            raise ValueError(f"--ec-damp must be non-negative, got {self.ec_damp}")
+
+
+def _whitening_record(weight: Tensor, f: Factorization, gram: Tensor) -> dict[str, Any]:
+    """loss against the raw Gram, and loss_whitened = Σ discarded σ² / Σ σ², exact for the (damped) Gram used."""
+    total = float((f.sigma**2).sum())
+    return {"loss": relative_error(weight, f.u, f.v, gram), "loss_whitened": f.discarded_energy / max(total, 1e-300)}
+
+
+@register(WhiteningOptions, frozenset({"gram"}), "SVD-LLM(W): truncation-aware whitening")
+def svdllm_w(weight: Tensor, stats: LayerStats, k: int, opts: WhiteningOptions) -> tuple[Factorization, dict[str, Any]]:
     assert stats.gram is not None
-    f = whiten(weight, stats.gram, k, cfg.damp)
-    return f, {"loss": _rel(weight, f, stats.gram)}
+    f = whiten(weight, stats.gram, k, opts.damp)
+    return f, _whitening_record(weight, f, stats.gram)
 
 
-def _svdllm(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Factorization, dict[str, Any]]:
+@register(SVDLLMOptions, frozenset({"gram", "comp"}), "SVD-LLM(W) + layer-wise closed-form update of U")
+def svdllm(weight: Tensor, stats: LayerStats, k: int, opts: SVDLLMOptions) -> tuple[Factorization, dict[str, Any]]:
     """Whitening from the dense stream, then U re-solved against W·X′ on the compressed stream."""
     assert stats.gram is not None and stats.comp_gram is not None
-    f = whiten(weight, stats.gram, k, cfg.damp)
-    before = _rel(weight, f, stats.comp_gram)
-    f.u = update_left(weight, f.v, stats.comp_gram, stats.comp_gram, cfg.update_damp)
-    return f, {"loss_before_update": before, "loss": _rel(weight, f, stats.comp_gram)}
+    f = whiten(weight, stats.gram, k, opts.damp)
+    before = relative_error(weight, f.u, f.v, stats.comp_gram)
+    f.u = update_left(weight, f.v, stats.comp_gram, stats.comp_gram, opts.update_damp)
+    return f, {"loss_before_update": before, "loss": relative_error(weight, f.u, f.v, stats.comp_gram)}
 
 
 def _ec_fit(weight: Tensor, stats: LayerStats, beta: float, k: int, damp: float) -> Factorization:
@@ -37,51 +76,27 @@ def _ec_fit(weight: Tensor, stats: LayerStats, beta: float, k: int, damp: float)
     return whiten_towards(weight, target, c, k, damp)
 
 
-def _ec_guarded(weight: Tensor, stats: LayerStats, beta: float, k: int, cfg: Any) -> tuple[Factorization, float, float]:
-    """The fit for β, with β halved (to 0 at last) while ‖W′‖_F exceeds cfg.ec_norm_cap·‖W‖_F.
+@register(ErrorCorrectedOptions, frozenset({"comp", "cross"}),
+          "error-corrected whitening towards W(βX + (1−β)X′) (ours)")
+def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
+              opts: ErrorCorrectedOptions) -> tuple[Factorization, dict[str, Any]]:
+    """The fit for β, with β halved (to 0 at last) while ‖W′‖_F exceeds norm_cap·‖W‖_F.
 
     Large β regresses W·X on X′; where X′ has little variance that regression can
     blow the weight up (11× seen on SmolLM2) and the model falls off a cliff on new
     text even though the calibration fit looks better.  The guard keeps the gain.
     """
-    w_norm = float(weight.double().norm())
-    while True:
-        f = _ec_fit(weight, stats, beta, k, cfg.ec_damp)
-        ratio = float((f.u @ f.v).norm()) / max(w_norm, 1e-300)
-        if beta == 0 or cfg.ec_norm_cap is None or ratio <= cfg.ec_norm_cap:
-            return f, beta, ratio
-        beta = beta / 2 if beta > 1 / 16 else 0.0
-
-
-def held_out_error(weight: Tensor, f: Factorization, held: LayerStats) -> float:
-    """‖W·X − W′·X′‖² / ‖W·X‖² on held-out windows: how well W′ reproduces the dense layer."""
-    assert held.gram is not None and held.comp_gram is not None and held.cross is not None
-    w = weight.double()
-    dense = float(torch.einsum("ij,jk,ik->", w, held.gram.double(), w))
-    return target_error(weight, f.u @ f.v, held.gram, held.cross, held.comp_gram) / max(dense, 1e-300)
-
-
-def _svdllm_ec(weight: Tensor, stats: LayerStats, k: int, cfg: Any) -> tuple[Factorization, dict[str, Any]]:
-    """Fixed β, or β = "auto": per matrix, the β of cfg.beta_grid with the lowest held-out error, refit on all data."""
-    info: dict[str, Any] = {}
-    beta = cfg.beta
-    if beta == "auto":
-        assert stats.holdout is not None
-        scores = {b: held_out_error(weight, _ec_fit(weight, stats, b, k, cfg.ec_damp), stats.holdout)
-                  for b in cfg.beta_grid}
-        beta = min(scores, key=lambda b: scores[b])
-        info["beta_scores"] = scores
-        stats = stats.merged()
-    f, used, norm = _ec_guarded(weight, stats, float(beta), k, cfg)
     assert stats.comp_gram is not None
-    info.update(loss=_rel(weight, f, stats.comp_gram), beta=used, norm_ratio=norm)
-    if used != beta:
-        info["beta_requested"] = beta
+    w_norm = float(weight.double().norm())
+    beta = opts.beta
+    while True:
+        f = _ec_fit(weight, stats, beta, k, opts.ec_damp)
+        ratio = float((f.u @ f.v).norm()) / max(w_norm, 1e-300)
+        if beta == 0 or not opts.norm_cap or ratio <= opts.norm_cap:
+            break
+        beta = beta / 2 if beta > 1 / 16 else 0.0
+    info: dict[str, Any] = {"loss": relative_error(weight, f.u, f.v, stats.comp_gram), "beta": beta,
+                            "norm_ratio": ratio}
+    if beta != opts.beta:
+        info["beta_requested"] = opts.beta
     return f, info
-
-
-SVDLLM_W = Method("svdllm-w", _svdllm_w, frozenset({"gram"}), "SVD-LLM(W): truncation-aware whitening")
-SVDLLM = Method("svdllm", _svdllm, frozenset({"gram", "comp"}), "SVD-LLM(W) + layer-wise closed-form update of U")
-SVDLLM_EC = Method(
-    "svdllm-ec", _svdllm_ec, frozenset({"comp", "cross"}), "error-corrected whitening towards W(βX + (1−β)X′) (ours)"
-)

@@ -1,0 +1,74 @@
+"""A run's checkpoint folder: finished blocks, the activation streams at the last block boundary, the report so far.
+
+After each block the folder holds everything a later run needs to continue
+from the next block and end with bit-identical factors.  ``state.json`` is
+written last and atomically: it is the commit point.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+STATE = "state.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike, fingerprint: str) -> None:
+        self.path, self.fingerprint = Path(path), fingerprint
+        self.state: dict[str, Any] = {}
+        state_file = self.path / STATE
+        if state_file.is_file():
+            try:
+                self.state = json.loads(state_file.read_text())
+            except json.JSONDecodeError:
+                raise ValueError(f"checkpoint {self.path} is damaged (state.json is not JSON); remove it") from None
+            if self.state.get("fingerprint") != fingerprint:
+                raise ValueError(f"checkpoint {self.path} belongs to another run (different model, data or options); "
+                                 "rerun that command, or remove the folder to start afresh")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def done(self) -> int:
+        """Blocks already finished (the next block to process)."""
+        return int(self.state.get("next_block", 0))
+
+    @property
+    def stream_folder(self) -> Path:
+        return self.path / "stream"
+
+    def block_file(self, i: int) -> Path:
+        return self.path / f"block-{i:05d}.safetensors"
+
+    def load_block(self, i: int) -> dict[str, Tensor]:
+        return load_file(str(self.block_file(i)))
+
+    def load_streams(self) -> dict[str, Tensor]:
+        return load_file(str(self.path / "streams.safetensors"))
+
+    def commit(self, i: int, block_state: dict[str, Tensor], streams: dict[str, Tensor], extra: dict[str, Any]) -> None:
+        """Block i is finished: its tensors, the streams after it, then the state that names them."""
+        atomic_save_file(block_state, self.block_file(i), {"format": "pt"})
+        atomic_save_file(streams, self.path / "streams.safetensors")
+        self.state = {"fingerprint": self.fingerprint, "next_block": i + 1, **extra}
+        atomic_write_text(self.path / STATE, json.dumps(self.state))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

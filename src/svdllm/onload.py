@@ -1,0 +1,71 @@
+"""Where decoder blocks live between uses: one block on the compute device at a time.
+
+In memory, the model stays where it is (CPU, say) and each block is moved to
+the compute device only while it is processed.  Streaming from disk, the model
+is a skeleton with meta weights (accelerate's ``init_empty_weights``): block i
+is materialised from the safetensors shards when the loop reaches it and freed
+once its factors are written.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .io import ShardSource
+
+
+def return_freed_memory() -> None:
+    """Have glibc serve large allocations by mmap, so that a freed block goes back to the OS.
+
+    glibc raises its mmap threshold each time a large chunk is freed, after which
+    block-sized tensors come from the heap and fragment it: streaming 12 blocks
+    grew RSS by about one block per block (tests/test_streaming.py probe).  A
+    fixed threshold keeps it flat.  A no-op where glibc is not the allocator.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD: glibc's initial 128 KiB, held fixed
+    except (OSError, AttributeError):
+        pass
+
+
+def _move_tensors(model: nn.Module, skip_prefix: str, device: torch.device) -> None:
+    """Move every parameter and buffer outside ``skip_prefix`` (tied ones stay tied: the Parameter is kept)."""
+    head = skip_prefix + "."
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith(head) and t.device != device and t.device.type != "meta":
+            t.data = t.data.to(device)
+
+
+class BlockHost:
+    def __init__(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, device: torch.device,
+                 source: "ShardSource | None" = None) -> None:
+        self.model, self.prefix, self.blocks, self.device, self.source = model, prefix, blocks, device, source
+        self.home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+    @contextmanager
+    def outside_blocks(self) -> Iterator[None]:
+        """The embeddings, rotary tables, final norm and head on the compute device, for the length of the block."""
+        _move_tensors(self.model, self.prefix, self.device)
+        try:
+            yield
+        finally:
+            _move_tensors(self.model, self.prefix, self.home)
+
+    def onload(self, i: int) -> nn.Module:
+        block = self.blocks[i]
+        if self.source is not None:
+            self.source.materialise(block, f"{self.prefix}.{i}.", self.home)
+        return block.to(self.device)
+
+    def state(self, i: int) -> dict[str, Tensor]:
+        """Block i's tensors under their model names, on CPU, contiguous (U's rank-major layout is a view)."""
+        return {f"{self.prefix}.{i}.{k}": v.detach().cpu().contiguous() for k, v in self.blocks[i].state_dict().items()}
+
+    def offload(self, i: int) -> None:
+        self.blocks[i].to("meta" if self.source is not None else self.home)
