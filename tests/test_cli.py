@@ -89,8 +89,12 @@ def test_existing_out_needs_force(model_dir, text_file, tmp_path, capsys):
     assert main(compress_args(model_dir, text_file, out)) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"
+    assert main(compress_args(model_dir, text_file, out, "--force", "--method", "svd")) == 2  # not svdllm's files
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    assert main(compress_args(model_dir, text_file, out, "--method", "svd")) == 0  # an empty folder is fine
     assert main(compress_args(model_dir, text_file, out, "--force", "--method", "svd")) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert (out / "config.json").exists()
 
 
 def test_console_script_exit_code(tmp_path):

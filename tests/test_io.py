@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ARCHS
 from svdllm import CompressionConfig, compress, load, sample_windows, save
 from svdllm.io import FormatError, verify
 from svdllm.lowrank import LowRankLinear
@@ -18,11 +19,13 @@ from svdllm.lowrank import LowRankLinear
 CFG = dict(ratio=0.4, method="svdllm-w")
 
 
-def payload_bytes(path: Path) -> int:
-    """Bytes of tensor data in a safetensors file (the file less its 8-byte length and JSON header)."""
-    with open(path, "rb") as fh:
-        header = int.from_bytes(fh.read(8), "little")
-    return path.stat().st_size - 8 - header
+def payload_bytes(folder: Path) -> int:
+    """Bytes of tensor data in a folder's safetensors files (each file less its 8-byte length and JSON header)."""
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as fh:
+            total += path.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+    return total
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -51,7 +54,10 @@ def test_folder_holds_no_pickle_and_records_everything(saved):
     model, out = saved
     names = {p.name for p in out.iterdir()}
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in names)
-    assert {"config.json", "model.safetensors", "modeling_svdllm.py", "README.md", "svdllm_report.json"} <= names
+    assert {"config.json", "model.safetensors.index.json", "modeling_svdllm.py", "README.md",
+            "svdllm_report.json"} <= names
+    assert sorted(n for n in names if n.endswith(".safetensors")) == [f"model-0000{i}-of-00003.safetensors"
+                                                                      for i in (1, 2, 3)]  # a shard per block
     section = json.loads((out / "config.json").read_text())["svdllm"]
     for key in ("format_version", "method", "options", "ratio", "calibration", "svdllm_version", "ranks", "shards"):
         assert key in section
@@ -59,7 +65,7 @@ def test_folder_holds_no_pickle_and_records_everything(saved):
     report = json.loads((out / "svdllm_report.json").read_text())  # written by the library, inside the atomic save
     assert report["plan"]["ranks"] == section["ranks"] and len(report["records"]) == len(section["ranks"])
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    assert payload_bytes(out / "model.safetensors") == n_params * 4
+    assert payload_bytes(out) == n_params * 4
 
 
 def test_bfloat16_save_halves_the_size(make_model, tokenizer, calib_tokens, tmp_path):
@@ -67,7 +73,7 @@ def test_bfloat16_save_halves_the_size(make_model, tokenizer, calib_tokens, tmp_
     compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
     a = save(model, tokenizer, tmp_path / "f32")
     b = save(model, tokenizer, tmp_path / "bf16", dtype="bfloat16")
-    ratio = (b / "model.safetensors").stat().st_size / (a / "model.safetensors").stat().st_size
+    ratio = payload_bytes(b) / payload_bytes(a)
     assert 0.49 < ratio < 0.52
     loaded = load(b)
     assert loaded.dtype == torch.bfloat16
@@ -126,7 +132,7 @@ def test_tampered_rank_is_refused(saved):
 
 def test_corrupted_and_missing_shards_are_refused(saved):
     _, out = saved
-    shard = out / "model.safetensors"
+    shard = out / "model-00001-of-00003.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(FormatError, match="corrupt or truncated"):
@@ -164,7 +170,9 @@ def test_failed_save_leaves_nothing(make_model, tokenizer, tmp_path, monkeypatch
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(model, "save_pretrained", boom)
+    import svdllm.io
+
+    monkeypatch.setattr(svdllm.io, "atomic_save_file", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         save(model, tokenizer, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
@@ -186,6 +194,22 @@ def test_bfloat16_save_keeps_tied_embeddings_shared(tokenizer, calib_tokens, tmp
     compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
     out = save(model, tokenizer, tmp_path / "tied", dtype="bfloat16")
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    assert payload_bytes(out / "model.safetensors") == n * 2  # one copy of the tied table
+    assert payload_bytes(out) == n * 2  # one copy of the tied table
     loaded = load(out)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_is_exact_for_every_family(arch, make_model, tokenizer, calib_tokens, tmp_path):
+    """svdllm.load and plain transformers both give back the very logits (GPT-NeoX once reloaded a random head)."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_model(arch)
+    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
+    out = save(model, tokenizer, tmp_path / arch)
+    ids = calib_tokens[:40][None]
+    plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert torch.equal(load(out)(ids).logits, ref)
+        assert torch.equal(plain(ids).logits, ref)

@@ -142,7 +142,11 @@ def resolve_model(spec: str) -> tuple[Path | str, str | None]:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{spec} is a folder without config.json, not a Hugging Face model")
+        if not any(path.glob("*.safetensors")) and any(p.suffix in (".bin", ".pt", ".pth") for p in path.iterdir()):
+            raise FileNotFoundError(f"{spec} holds only pickled weights (.bin/.pt); svdllm never unpickles: "
+                                    "convert them to safetensors first")
         return path, None
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+    local_parent = Path(spec.split("/")[0]).is_dir()  # "models/foo" next to a models/ folder is a missing path
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1 or local_parent:
         raise FileNotFoundError(f"model not found: {spec} (not a named model, a folder, a .gguf file or a hub id)")
     return spec, None  # a hub id: needs a network

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ def parse_layers(spec: str, n_blocks: int) -> list[int]:
             idx = range(int(lo), int(hi) + 1) if sep else [int(lo)]
         except ValueError:
             raise ValueError(f"--skip-layers: bad layer list {spec!r} (use e.g. '0,29' or '0-2')") from None
+        if not idx:
+            raise ValueError(f"--skip-layers: the range {part!r} is empty (write the lower block first)")
         for i in idx:
             j = i + n_blocks if i < 0 else i
             if not 0 <= j < n_blocks:
@@ -41,14 +44,24 @@ def parse_layers(spec: str, n_blocks: int) -> list[int]:
     return sorted(out)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _globs(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()] or ["*"]
 
 
 def _common_eval(p: argparse.ArgumentParser, seqlen: bool = True) -> None:
     if seqlen:
-        p.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="tokens read per evaluation set (default 8192)")
+        p.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-tokens", type=_positive, default=8192, help="tokens read per evaluation set (default 8192)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -288,10 +301,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
             blocks = [run.block_file(i) for i in range(report.plan["n_blocks"])]
             save_streamed(model, tok, out, blocks, dtype=args.dtype, force=args.force, perplexity=after)
         else:
-            save(model, tok, out, dtype=args.dtype, force=args.force, perplexity=after)
+            save(model, tok, out, dtype=args.dtype, force=args.force, perplexity=after,
+                 write_extra=(lambda folder: _write_loss_curve(stages, folder)) if stages else None)
     run.remove()
-    if stages:
-        _write_loss_curve(stages, out)
     _print_summary(args, report, params_before, count_parameters(model), dict(timings), out)
     return 0
 
@@ -319,8 +331,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     after = _perplexities(model, tok, evals, args, {}) if evals else {}
     for k in after:
         print(f"{k}: perplexity {before[k]:.3f} -> {after[k]:.3f}")
-    save(model, tok, out, force=args.force, perplexity=after)
-    _write_loss_curve(stages, out)
+    save(model, tok, out, force=args.force, perplexity=after, write_extra=lambda folder: _write_loss_curve(stages, folder))
     print(f"saved to {out}")
     return 0
 
@@ -414,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     from .io import FormatError
 
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt  # a SIGTERM cleans up like Ctrl-C: no half-written folder is left
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FormatError, OSError) as exc:

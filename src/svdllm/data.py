@@ -91,17 +91,28 @@ def is_test_article(title: str) -> bool:
     return int(hashlib.sha256(title.encode()).hexdigest(), 16) % TEST_FRACTION == 0
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
 def _jsonl_text(path: Path) -> str:
     docs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(_read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             row: dict[str, Any] = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: a JSONL row must be an object with a 'text' or 'instruction' field")
         if "text" in row:
-            docs.append(str(row["text"]))
+            if not isinstance(row["text"], str):
+                raise ValueError(f"{path}:{i}: 'text' must be a string, got {type(row['text']).__name__}")
+            docs.append(row["text"])
         elif "instruction" in row:
             docs.append(format_instruction(row))
         else:
@@ -140,7 +151,7 @@ def load_text(spec: str) -> str:
     if spec in HUB_DATASETS and not path.is_file():
         return _hub_text(spec)
     check_spec(spec)  # a missing file or an unknown name is an error here
-    return _jsonl_text(path) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
+    return _jsonl_text(path) if path.suffix == ".jsonl" else _read_utf8(path)
 
 
 def _hub_text(name: str) -> str:
@@ -157,15 +168,47 @@ def _hub_text(name: str) -> str:
     return "\n\n".join(rows)
 
 
-def tokenize(tokenizer: Any, text: str) -> Tensor:
-    """1-D token ids of a long text, with no special tokens and no length warning."""
-    if not text.strip():
-        raise ValueError("the text is empty")
+CHUNK_CHARS = 1 << 16
+
+
+def _boundaries(text: str, size: int) -> list[int]:
+    """Split points about ``size`` characters apart, each just before the second newline of a blank line."""
+    cuts, at = [0], size
+    while at < len(text):
+        j = text.find("\n\n", at)
+        if j < 0:
+            break
+        cuts.append(j + 1)
+        at = j + 1 + size
+    return cuts + [len(text)]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
     old = getattr(tokenizer, "model_max_length", None)
     try:
         tokenizer.model_max_length = int(1e12)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     finally:
         if old is not None:
             tokenizer.model_max_length = old
-    return torch.tensor(ids, dtype=torch.long)
+
+
+def tokenize(tokenizer: Any, text: str) -> Tensor:
+    """1-D token ids of a long text, with no special tokens and no length warning.
+
+    Encoding 2.5 M characters at once costs the fast tokenizers ~360 MB (more
+    than SmolLM2's weights streamed), so long texts are encoded in 64k-character
+    pieces cut inside blank lines, where byte-level BPE splits anyway.  The ids
+    are the whole text's: the first cuts are checked against encoding across
+    them, and a tokenizer that disagrees (a sentencepiece prefix space, say)
+    gets the whole text at once.
+    """
+    if not text.strip():
+        raise ValueError("the text is empty")
+    cuts = _boundaries(text, CHUNK_CHARS)
+    seamless = all(_encode(tokenizer, text[c - 2000 : c + 2000]) ==
+                   _encode(tokenizer, text[c - 2000 : c]) + _encode(tokenizer, text[c : c + 2000])
+                   for c in cuts[1:4] if c >= 2000)
+    if not seamless:
+        cuts = [0, len(text)]
+    return torch.cat([torch.tensor(_encode(tokenizer, text[a:b]), dtype=torch.long) for a, b in zip(cuts, cuts[1:])])

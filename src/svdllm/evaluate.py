@@ -112,9 +112,13 @@ def _replaying(blocks: nn.ModuleList, tuple_output: bool) -> Iterator[list[Tenso
 
 @torch.no_grad()
 def stream_perplexity(model: nn.Module, blocks: nn.ModuleList, stream: ActivationStream, lane: str,
-                      windows: Tensor, batch_size: int, device: torch.device, chunk: int = 128) -> PerplexityResult:
-    """Perplexity of ``windows`` from the last hidden states of ``lane``, ``chunk`` positions per head call."""
+                      windows: Tensor, batch_size: int, device: torch.device,
+                      logits_budget: int = 1 << 23) -> PerplexityResult:
+    """Perplexity of ``windows`` from the last hidden states of ``lane``; each head call makes at most
+    ``logits_budget`` logits (32 MB in float32), so the head never dominates the memory of a streamed run."""
     acc = NLLSum(windows.shape[1])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk = max(1, logits_budget // (batch_size * vocab))
     with _replaying(blocks, stream.tuple_output) as slot:
         for j in range(len(stream)):
             hidden = stream.hidden(lane, j, device)

@@ -36,14 +36,51 @@ class FormatError(ValueError):
     """The folder is not a loadable svdllm model."""
 
 
+def written_by_svdllm(folder: Path) -> bool:
+    """A folder svdllm saved: its config.json has an svdllm section, or it holds an svdllm report."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        return isinstance(cfg, dict) and isinstance(cfg.get("svdllm"), dict) or (folder / REPORT_FILE).is_file()
+    except (OSError, ValueError):
+        return (folder / REPORT_FILE).is_file()
+
+
 def check_out_dir(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite a non-empty folder unless asked; refuse a file in the way."""
-    out = Path(path)
+    """Before any work: --out must be a writable place, and an existing folder is replaced only when asked and
+    only if it is empty or svdllm wrote it (never a user's other files)."""
+    out = Path(path).expanduser()
+    if out.name in ("", ".", ".."):
+        raise FileExistsError(f"--out {path} must name a folder of its own, not {path!r}")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
+        if not written_by_svdllm(out):
+            raise FileExistsError(f"--out {out} holds files svdllm did not write; it is not replaced, even with --force")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise FileExistsError(f"--out {out} lies under {ancestor}, which is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out} cannot be written: {ancestor} is not writable")
     return out
+
+
+def _remove_stale_siblings(out: Path) -> None:
+    """Temp and old folders a killed save of this --out left behind (their process is gone)."""
+    for sibling in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, rest = sibling.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or not sibling.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(sibling, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def base_class(model: nn.Module) -> type:
@@ -81,29 +118,17 @@ def model_card(section: dict[str, Any], perplexity: dict[str, float] | None) -> 
     return "\n".join(lines)
 
 
-def _cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Cast floating tensors, keeping tied tensors (embeddings / lm_head) one shared tensor."""
-    if dtype is None:
-        return state
-    done: dict[tuple, torch.Tensor] = {}
-    out = {}
-    for k, v in state.items():
-        key = (v.data_ptr(), tuple(v.shape), v.dtype)
-        if key not in done:
-            done[key] = v.to(dtype) if v.is_floating_point() else v
-        out[k] = done[key]
-    return out
-
-
 def _write_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike, dtype: torch.dtype | None, force: bool,
-                  perplexity: dict[str, float] | None, write_weights: Callable[[Path], None]) -> Path:
+                  perplexity: dict[str, float] | None, write_weights: Callable[[Path], None],
+                  write_extra: Callable[[Path], None] | None = None) -> Path:
     """Everything but the weights, around ``write_weights(tmp)``; the folder appears complete or not at all."""
     out = check_out_dir(path, force)
     section = getattr(model.config, "svdllm", None)
     if not section:
         raise FormatError("model has no svdllm section: compress it first")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    _remove_stale_siblings(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         write_weights(tmp)
         if not (tmp / "config.json").exists():
@@ -128,6 +153,8 @@ def _write_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike, dty
         report = getattr(model, "svdllm_report", None)
         if report is not None:
             report.write(tmp / REPORT_FILE)
+        if write_extra is not None:
+            write_extra(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a saved model is for sharing
@@ -150,22 +177,29 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
-def save(
-    model: nn.Module,
-    tokenizer: Any,
-    path: str | os.PathLike,
-    dtype: str | torch.dtype | None = None,
-    force: bool = False,
-    perplexity: dict[str, float] | None = None,
-    max_shard_size: str = "2GB",
-) -> Path:
-    """Write ``model`` (compressed by svdllm, in memory) to ``path`` atomically, with its report if it has one."""
-    target = _dtype(dtype)
+def _write_shards(tmp: Path, model: nn.Module, blocks: list[Callable[[], dict[str, torch.Tensor]]],
+                  dtype: torch.dtype | None) -> None:
+    """One shard per decoder block (each read by its callable) and one for the rest, plus the index.
 
-    def weights(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=_cast_state(model.state_dict(), target), max_shard_size=max_shard_size)
+    Keys are the model's own parameter names, never a legacy checkpoint naming
+    (save_pretrained writes GPT-NeoX's lm_head as embed_out, and transformers
+    does not rename it back for a custom class: the head would load at random).
+    """
+    from .architecture import decoder_blocks
 
-    return _write_folder(model, tokenizer, path, target, force, perplexity, weights)
+    prefix, _ = decoder_blocks(model)
+    total = len(blocks) + 1
+    weight_map: dict[str, str] = {}
+    size = 0
+    for i, read in enumerate([*blocks, lambda: _untied_rest(model, prefix)], 1):
+        name = f"model-{i:05d}-of-{total:05d}.safetensors"
+        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+                   for k, v in read().items()}
+        atomic_save_file(tensors, tmp / name, {"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        size += sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _untied_rest(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -176,37 +210,33 @@ def _untied_rest(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         if name.startswith(head) or key in seen or t.device.type == "meta":
             continue
         seen.add(key)
-        out[name] = t.detach().cpu().contiguous()
+        out[name] = t.detach().cpu()
     return out
+
+
+def save(model: nn.Module, tokenizer: Any, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+         force: bool = False, perplexity: dict[str, float] | None = None,
+         write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` (compressed by svdllm, in memory) to ``path`` atomically, with its report if it has one;
+    ``write_extra(folder)`` adds files before the folder appears."""
+    from .architecture import decoder_blocks
+
+    prefix, blocks = decoder_blocks(model)
+    readers = [lambda i=i: {f"{prefix}.{i}.{k}": v.detach().cpu() for k, v in blocks[i].state_dict().items()}
+               for i in range(len(blocks))]
+    target = _dtype(dtype)
+    return _write_folder(model, tokenizer, path, target, force, perplexity,
+                         lambda tmp: _write_shards(tmp, model, readers, target), write_extra)
 
 
 def save_streamed(model: nn.Module, tokenizer: Any, path: str | os.PathLike, block_files: list[Path],
                   dtype: str | torch.dtype | None = None, force: bool = False,
                   perplexity: dict[str, float] | None = None) -> Path:
-    """Write a model compressed from disk: one shard per block (from ``block_files``) plus one for the rest."""
-    from .architecture import decoder_blocks
-
+    """Write a model compressed from disk: its blocks come from ``block_files``, written by the run."""
+    readers = [lambda f=f: load_file(str(f)) for f in block_files]
     target = _dtype(dtype)
-    prefix, _ = decoder_blocks(model)
-    total = len(block_files) + 1
-    names = [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
-
-    def weights(tmp: Path) -> None:
-        weight_map: dict[str, str] = {}
-        size = 0
-        for src, name in zip([*block_files, None], names):
-            tensors = _untied_rest(model, prefix) if src is None else load_file(str(src))
-            tensors = {k: v.to(target) if target is not None and v.is_floating_point() else v
-                       for k, v in tensors.items()}
-            atomic_save_file(tensors, tmp / name, {"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, name))
-            size += sum(v.numel() * v.element_size() for v in tensors.values())
-        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if target is not None:
-            model.config.dtype = target
-
-    return _write_folder(model, tokenizer, path, target, force, perplexity, weights)
+    return _write_folder(model, tokenizer, path, target, force, perplexity,
+                         lambda tmp: _write_shards(tmp, model, readers, target))
 
 
 def read_section(path: str | os.PathLike) -> dict[str, Any]:
@@ -216,17 +246,26 @@ def read_section(path: str | os.PathLike) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise FormatError(f"{folder} is not a model folder (no config.json)")
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{cfg_file} is not valid JSON ({exc.msg})") from None
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{cfg_file} is not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{cfg_file} is not a JSON object")
     section = cfg.get("svdllm")
     if not isinstance(section, dict) or "ranks" not in section:
         raise FormatError(f"{folder} is not an svdllm model (config.json has no svdllm section)")
     version = section.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise FormatError(f"{folder}: svdllm format_version must be a whole number ≥ 1, got {version!r}")
+    if version > FORMAT_VERSION:
         raise FormatError(
             f"{folder} uses svdllm format version {version}; this svdllm ({__version__}) reads up to {FORMAT_VERSION}: upgrade svdllm"
         )
+    ranks, shards = section.get("ranks"), section.get("shards")
+    if not isinstance(ranks, dict) or not all(isinstance(k, str) and type(v) is int and v > 0 for k, v in ranks.items()):
+        raise FormatError(f"{folder}: the svdllm section's ranks must map module names to positive whole numbers")
+    if not isinstance(shards, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shards.items()):
+        raise FormatError(f"{folder}: the svdllm section's shards must map file names to sha256 digests")
     return section
 
 
@@ -239,6 +278,8 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
         raise FormatError(f"{folder}: the svdllm section lists no weight shards")
     shapes: dict[str, tuple[int, ...]] = {}
     for name, digest in shards.items():
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise FormatError(f"{folder}: shard name {name!r} is not a .safetensors file inside the folder")
         shard = folder / name
         if not shard.is_file():
             raise FormatError(f"{folder}: weight shard {name} is missing")
@@ -261,6 +302,21 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     return section
 
 
+def causal_lm_class(architectures: Any, folder: Path) -> type:
+    """The transformers causal-LM class named by config.json's ``architectures``; anything else is refused
+    (an Auto class, a function or a module would build a random model or offer to run the folder's code)."""
+    from transformers import PreTrainedModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    arch = architectures[0] if isinstance(architectures, list) and architectures else architectures
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch in names else None
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise FormatError(f"{folder}: config.json's architectures {architectures!r} is not a transformers "
+                          "causal-LM class")
+    return cls
+
+
 def load(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
@@ -271,16 +327,16 @@ def load(
     folder = Path(path)
     verify(folder)
     cfg = json.loads((folder / "config.json").read_text())
-    arch = (cfg.get("architectures") or [None])[0]
-    base = getattr(transformers, arch, None) if arch else None
-    if base is None:
-        raise FormatError(f"{folder}: unknown architecture {arch!r} in config.json")
+    base = causal_lm_class(cfg.get("architectures"), folder)
     kwargs: dict[str, Any] = {"dtype": "auto"}  # the saved dtype unless asked otherwise
     if dtype is not None:
         kwargs["dtype"] = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = svdllm_class(base).from_pretrained(folder, **kwargs)
+    try:
+        model = svdllm_class(base).from_pretrained(folder, **kwargs)
+    except ValueError as exc:
+        raise FormatError(f"{folder}: {str(exc).splitlines()[0]}") from None
     if device:
         model.to(device)
     return model.eval()
@@ -374,7 +430,8 @@ def load_model(spec: str, dtype: Any = None, device: str | None = None) -> tuple
             return load(where, dtype=dtype, device=device), AutoTokenizer.from_pretrained(where)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs)
+        safe = {} if gguf else {"use_safetensors": True}  # never unpickle
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs, **safe)
     except OSError as exc:
         if isinstance(where, str):
             raise FileNotFoundError(f"model not found: {spec} (no local path, and the hub is unreachable or has no such id)") from None

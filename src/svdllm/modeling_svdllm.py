@@ -105,8 +105,18 @@ def svdllm_class(base: type) -> type:
             apply_ranks(self, section.get("ranks", {}))
 
         @classmethod
-        def from_pretrained(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-            return restore_rank_major(super().from_pretrained(*args, **kwargs))
+        def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):  # type: ignore[no-untyped-def]
+            """Strict: every tensor of the model from the shards and every tensor of the shards used, else an error
+            (a dropped or edited rank would otherwise leave a randomly initialised layer)."""
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+                found = sorted(info.get(kind) or [])
+                if found:
+                    name = found[0][0] if isinstance(found[0], tuple) else found[0]
+                    raise ValueError(f"the weights do not match config.json's svdllm ranks: "
+                                     f"{kind.replace('_', ' ')[:-1]} {name} ({len(found)} in all)")
+            restore_rank_major(model)
+            return (model, info) if output_loading_info else model
 
     SVDLLMForCausalLM.__name__ = SVDLLMForCausalLM.__qualname__ = "SVDLLMForCausalLM"
     return SVDLLMForCausalLM

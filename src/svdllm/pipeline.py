@@ -133,8 +133,9 @@ def _factorise(name: str, module: nn.Module, stats: LayerStats, k: int | None, o
 def fingerprint(model: nn.Module, cfg: CompressionConfig, windows: Tensor | None,
                 eval_windows: dict[str, Tensor]) -> str:
     """What a checkpoint must match to be resumed: the model's config and embeddings, the options, the data."""
-    emb = model.get_input_embeddings().weight
-    probe = float(emb.detach().double().abs().sum()) if emb.device.type != "meta" else 0.0
+    emb = model.get_input_embeddings().weight.detach()
+    rows = emb[:: max(1, emb.shape[0] // 64)]  # a sample: a copy of the whole table would cost its size again
+    probe = float(rows.double().abs().sum()) if emb.device.type != "meta" else 0.0
     blob = json.dumps([model.config.to_diff_dict(), probe, cfg.to_dict(), windows_digest(windows),
                        {k: windows_digest(v) for k, v in sorted(eval_windows.items())}], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -223,7 +224,9 @@ def compress(
     report.params_after = count_parameters(model)
     model.config.svdllm = {
         "format_version": 1, "svdllm_version": __version__, "method": opts.name, "options": opts.to_dict(),
-        "ratio": cfg.ratio, "rank_rule": cfg.rank_rule, "calibration": calib_info or None, "ranks": plan.ranks,
+        "ratio": cfg.ratio, "rank_rule": cfg.rank_rule, "calibration": calib_info or None,
+        # every low-rank layer of the model, an earlier pass's too: a rank left out would reload at random
+        "ranks": {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)},
     }
     model.svdllm_report = report
     return model

@@ -48,6 +48,8 @@ def make_plan(model: nn.Module, ratio: float, targets: list[str] | None = None, 
     bad = sorted(i for i in skip if not 0 <= i < len(blocks))
     if bad:
         raise ValueError(f"--skip-layers: block {bad[0]} does not exist (the model has {len(blocks)} blocks, 0-{len(blocks) - 1})")
+    if len(skip) == len(blocks):
+        raise ValueError(f"--skip-layers leaves none of the {len(blocks)} blocks to compress")
     patterns = targets or ["*"]
     shapes: dict[str, list[int]] = {}
     for i, block in enumerate(blocks):
@@ -58,7 +60,7 @@ def make_plan(model: nn.Module, ratio: float, targets: list[str] | None = None, 
             if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(local, p) for p in patterns):
                 shapes[name] = list(linear_shape(module))
     if not shapes:
-        raise ValueError(f"--targets {','.join(patterns)!r} matches no linear layer in the blocks left after --skip-layers")
+        raise ValueError(f"--targets {','.join(patterns)!r} matches no linear layer of the decoder blocks")
     if rule not in RANK_RULES:
         raise ValueError(f"unknown rank rule {rule!r}; choose from {', '.join(RANK_RULES)}")
     ranks = RANK_RULES[rule]({n: (m, k) for n, (m, k) in shapes.items()}, ratio)

@@ -39,6 +39,12 @@ def cholesky_factor(gram: Tensor, damp: float = 0.0) -> tuple[Tensor, str]:
     raised step by step; if that still fails, eigenvalues are clamped.  The
     returned string says what was done ("" when nothing was).
     """
+    s, remedy, _ = repaired_cholesky(gram, damp)
+    return s, remedy
+
+
+def repaired_cholesky(gram: Tensor, damp: float = 0.0) -> tuple[Tensor, str, Tensor | float]:
+    """``cholesky_factor`` plus what the repair added to the (symmetrised) Gram: a ridge λ, or a matrix."""
     g = gram.double()
     g = (g + g.T) / 2
     n = g.shape[0]
@@ -48,13 +54,13 @@ def cholesky_factor(gram: Tensor, damp: float = 0.0) -> tuple[Tensor, str]:
     for i, d in enumerate(tried):
         s, info = torch.linalg.cholesky_ex(g + d * scale * eye if d else g)
         if info.item() == 0 and torch.isfinite(s).all():
-            return s, "" if i == 0 else f"damped {d:g}×mean diag"
+            return s, "" if i == 0 else f"damped {d:g}×mean diag", d * scale
     evals, evecs = torch.linalg.eigh(g)
     floor = max(evals.max().item(), scale) * 1e-6
     clamped = int((evals < floor).sum())
-    g = (evecs * evals.clamp_min(floor)) @ evecs.T
-    s = torch.linalg.cholesky((g + g.T) / 2)
-    return s, f"eigenvalues clamped ({clamped} of {n} below {floor:.3g})"
+    fixed = (evecs * evals.clamp_min(floor)) @ evecs.T
+    fixed = (fixed + fixed.T) / 2
+    return torch.linalg.cholesky(fixed), f"eigenvalues clamped ({clamped} of {n} below {floor:.3g})", fixed - g
 
 
 def truncate(target: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -77,13 +83,18 @@ def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: fl
 
     With S′ = chol(gram): W′ = Trunc_k(W·cross·S′⁻ᵀ)·S′⁻¹.  When cross = gram this
     is plain whitening.  Used by the error-corrected method with Z = βX + (1−β)X′.
+    Whatever repair the Gram needs (ridge λ, or clamped eigenvalues Δ) is added to
+    cross too: the fit is then ‖WZ − W′X′‖² + λ‖W − W′‖², which shrinks towards W
+    rather than towards 0, and gives W back exactly (at full rank) when X′ = Z.
     """
     w = weight.double()
-    s, remedy = cholesky_factor(gram, damp)
+    s, remedy, added = repaired_cholesky(gram, damp)
     if cross is gram:
         target = w @ s
-    else:  # W·cross·S⁻ᵀ: solve M Sᵀ = W·cross
-        target = torch.linalg.solve_triangular(s.T, w @ cross.double(), upper=True, left=False)
+    else:  # W·(cross + added)·S⁻ᵀ: solve M Sᵀ = W·(cross + added)
+        c = cross.double()
+        c = c + added if isinstance(added, Tensor) else c + added * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        target = torch.linalg.solve_triangular(s.T, w @ c, upper=True, left=False)
     u, vs, sigma = truncate(target, k)
     v = torch.linalg.solve_triangular(s, vs, upper=False, left=False)  # vs·S⁻¹
     return Factorization(u, v, sigma, k, remedy)
