@@ -27,15 +27,15 @@ from svdllm.methods import MethodOptions, options_for  # noqa: E402
 from svdllm.data import load_text, tokenize  # noqa: E402
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
+def parse_method(spec: str) -> MethodOptions:
     """'svdllm-ec@0.5' → β 0.5; a trailing '!' ('svdllm-ec@1!') turns the norm guard off."""
     name, _, beta = spec.partition("@")
-    extra: dict = {}
+    values: dict = {}
     if beta.endswith("!"):
-        beta, extra["ec_norm_cap"] = beta[:-1], None
+        beta, values["norm_cap"] = beta[:-1], 0.0
     if beta:
-        extra["beta"] = beta if beta == "auto" else float(beta)
-    return name, extra
+        values["beta"] = float(beta)
+    return options_for(name, **values)
 
 
 def plot(results: dict, path: Path, data: str) -> None:

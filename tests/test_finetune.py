@@ -61,15 +61,34 @@ def test_a_few_steps_lower_the_training_loss(compressed, calib_tokens):
     assert results[0].stage == "Wv"
 
 
-def test_keep_best_reverts_a_harmful_stage(compressed, calib_tokens):
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_keep_best_reverts_a_harmful_stage(compressed, calib_tokens, monkeypatch, keep_best):
+    """A stage made harmful on purpose (its factors scrambled): --keep-best puts them back, without it they stay."""
+    import svdllm.finetune as ft
+
+    real = ft._stage
+
+    def harmful(model, which, *a, **k):
+        model, losses = real(model, which, *a, **k)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if f".{ft.STAGE_TARGET[which]}." in n:
+                    p.add_(torch.randn(p.shape, generator=gen) * 5 * p.std())
+        return model, losses
+
+    monkeypatch.setattr(ft, "_stage", harmful)
     before = factor_state(compressed, "u")
-    model, results = finetune(compressed, None, FinetuneConfig(steps=3, seqlen=32, batch_size=2, lr=5.0,
-                                                               keep_best=True), tokens=calib_tokens, progress=False)
+    model, results = finetune(compressed, None, FinetuneConfig(steps=1, seqlen=32, batch_size=2, keep_best=keep_best),
+                              tokens=calib_tokens, progress=False)
     r = results[0]
-    assert r.val_after <= r.val_before
-    if not r.kept:  # the huge learning rate made it worse: the factors are back as they were
-        after = factor_state(model, "u")
+    after = factor_state(model, "u")
+    if keep_best:
+        assert not r.kept and r.val_after == r.val_before
         assert all(torch.equal(before[n], after[n]) for n in before)
+    else:
+        assert r.kept and r.val_after > r.val_before
+        assert not all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_fp16_and_bad_order_refused(compressed, calib_tokens):

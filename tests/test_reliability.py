@@ -305,3 +305,41 @@ def test_pickled_weights_and_local_looking_paths_are_refused_at_once(tmp_path, m
     t0 = time.perf_counter()
     assert main(["-q", "eval", "models/nothing"]) == 2
     assert time.perf_counter() - t0 < 5 and "model not found" in capsys.readouterr().err
+
+
+def fuzz_cases(section: dict) -> list[tuple[str, object]]:
+    """(description, edit) for dropping, retyping and renaming each key of the svdllm section and architectures."""
+    cases = []
+    for key in list(section) + ["architectures"]:
+        where = (lambda c: c) if key == "architectures" else (lambda c: c["svdllm"])
+        cases.append((f"drop {key}", lambda c, k=key, w=where: w(c).pop(k)))
+        cases.append((f"rename {key}", lambda c, k=key, w=where: w(c).__setitem__(k + "_x", w(c).pop(k))))
+        for value in (None, 7, "x", [1], {"a": 1}):
+            cases.append((f"{key}={value!r}", lambda c, k=key, w=where, v=value: w(c).__setitem__(k, v)))
+    return cases
+
+
+def test_fuzzed_configs_give_a_format_error_or_the_same_model(saved, tmp_path):
+    """Every mutation of a saved config either loads the very same model or fails with a one-line FormatError."""
+    import shutil
+
+    model, out = saved
+    ids = torch.arange(40)[None] % 300
+    with torch.no_grad():
+        ref = model(ids).logits
+    section = json.loads((out / "config.json").read_text())["svdllm"]
+    outcomes = {"refused": 0, "same": 0}
+    for i, (what, edit) in enumerate(fuzz_cases(section)):
+        folder = tmp_path / f"f{i}"
+        shutil.copytree(out, folder)
+        edit_config(folder, edit)
+        try:
+            loaded = load(folder)
+        except FormatError as exc:
+            assert len(str(exc).splitlines()) == 1, what
+            outcomes["refused"] += 1
+            continue
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, ref), what
+        outcomes["same"] += 1
+    assert outcomes["refused"] > 20 and outcomes["same"] > 5, outcomes

@@ -77,6 +77,7 @@ def test_low_memory_equals_in_memory(sharded_dir, text_file, tmp_path, method):
     assert ra["perplexity"] == rb["perplexity"] and ra["records"] == rb["records"]
     assert len(list((tmp_path / "disk").glob("model-*-of-*.safetensors"))) == 5  # a shard per block + the rest
     assert not list(tmp_path.glob(".*svdllm-run"))  # a finished run removes its checkpoint
+    assert [p.name for p in text_file.parent.iterdir()] == [text_file.name]  # nothing written beside the data
 
 
 @pytest.mark.parametrize("low_memory", [False, True])

@@ -184,13 +184,31 @@ class TensorStore:
     def put(self, key: str, value: Tensor) -> None:
         if self.folder is None:
             self._mem[key] = value.detach().to(self.device)
-        else:
-            save_file({"t": value.detach().cpu().contiguous()}, str(self.folder / f"{key}.safetensors"))
+        else:  # a new file renamed over the old: a checkpoint's hard link to the old one keeps its contents
+            tmp = self.folder / f".{key}.tmp"
+            save_file({"t": value.detach().cpu().contiguous()}, str(tmp))
+            os.replace(tmp, self.folder / f"{key}.safetensors")
 
     def get(self, key: str, device: torch.device) -> Tensor:
         if self.folder is None:
             return self._mem[key].to(device)
         return load_file(str(self.folder / f"{key}.safetensors"))["t"].to(device)
+
+    def export(self, key: str, dest: Path) -> None:
+        """Write ``key`` to the file ``dest``: a hard link (or copy) from a disk store, one tensor in memory at most."""
+        if self.folder is None:
+            save_file({"t": self._mem[key].detach().cpu().contiguous()}, str(dest))
+            return
+        try:
+            os.link(self.folder / f"{key}.safetensors", dest)
+        except OSError:
+            shutil.copyfile(self.folder / f"{key}.safetensors", dest)
+
+    def restore(self, key: str, src: Path) -> None:
+        if self.folder is None:
+            self._mem[key] = load_file(str(src))["t"].to(self.device)
+        else:
+            shutil.copyfile(src, self.folder / f"{key}.safetensors")
 
     def move(self, src: str, dst: str) -> None:
         if self.folder is None:
@@ -322,13 +340,13 @@ class ActivationStream:
         for j in range(len(self)):
             self.store.move(self._key("next", j), self._key(DENSE, j))
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Every lane's hidden states (on CPU), for a checkpoint."""
-        cpu = torch.device("cpu")
-        return {self._key(lane, j): self.hidden(lane, j, cpu).contiguous() for lane in self.lanes
-                for j in range(len(self))}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+    def save(self, folder: Path) -> None:
+        """Every lane's hidden states into ``folder``, a file per batch (never the whole stream in memory)."""
         for lane in self.lanes:
             for j in range(len(self)):
-                self.store.put(self._key(lane, j), state[self._key(lane, j)])
+                self.store.export(self._key(lane, j), folder / f"{self._key(lane, j)}.safetensors")
+
+    def load(self, folder: Path) -> None:
+        for lane in self.lanes:
+            for j in range(len(self)):
+                self.store.restore(self._key(lane, j), folder / f"{self._key(lane, j)}.safetensors")

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -60,15 +60,22 @@ class RunDir:
     def load_block(self, i: int) -> dict[str, Tensor]:
         return load_file(str(self.block_file(i)))
 
-    def load_streams(self) -> dict[str, Tensor]:
-        return load_file(str(self.path / "streams.safetensors"))
+    def streams_folder(self, boundary: int) -> Path:
+        """The activation streams at the input of block ``boundary``."""
+        return self.path / f"streams-{boundary:05d}"
 
-    def commit(self, i: int, block_state: dict[str, Tensor], streams: dict[str, Tensor], extra: dict[str, Any]) -> None:
-        """Block i is finished: its tensors, the streams after it, then the state that names them."""
+    def commit(self, i: int, block_state: dict[str, Tensor], save_streams: Callable[[Path], None],
+               extra: dict[str, Any]) -> None:
+        """Block i is finished: its tensors, the streams after it (``save_streams(folder)``), then the state that
+        names them; the streams of the boundary before go once the state no longer points there."""
         atomic_save_file(block_state, self.block_file(i), {"format": "pt"})
-        atomic_save_file(streams, self.path / "streams.safetensors")
+        folder = self.streams_folder(i + 1)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        save_streams(folder)
         self.state = {"fingerprint": self.fingerprint, "next_block": i + 1, **extra}
         atomic_write_text(self.path / STATE, json.dumps(self.state))
+        shutil.rmtree(self.streams_folder(i), ignore_errors=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -55,6 +55,8 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.method, str):
             self.method = options_for(self.method)
+        if not isinstance(self.method, MethodOptions):
+            raise TypeError(f"method must be a method name or its options, got {type(self.method).__name__}")
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -63,12 +65,10 @@ class CompressionConfig:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
         if self.offload not in OFFLOAD:
             raise ValueError(f"--offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
-        assert isinstance(self.method, MethodOptions)
-        self.method.validate()
+        self.method.validate()  # type: ignore[union-attr]
 
     def to_dict(self) -> dict[str, Any]:
-        assert isinstance(self.method, MethodOptions)
-        return dict(asdict(self), method=self.method.to_dict())
+        return dict(asdict(self), method=self.method.to_dict())  # type: ignore[union-attr]
 
 
 class Timings(dict):
@@ -241,14 +241,16 @@ def _open_streams(model: nn.Module, first_block: nn.Module, host: BlockHost, win
     if windows is not None:
         jobs["calib"] = (windows, (DENSE, COMPRESSED) if sequential else (DENSE,))
     with report.timings.clock("capture block inputs"), host.outside_blocks():
-        return {name: ActivationStream.capture(model, first_block, w, batch_size, lanes, store, host.device, name)
-                for name, (w, lanes) in jobs.items()}
+        # stream keys name files: an evaluation set's name may be a path, so the streams are numbered
+        return {name: ActivationStream.capture(model, first_block, w, batch_size, lanes, store, host.device,
+                                               name if name == "calib" else f"eval{k}")
+                for k, (name, (w, lanes)) in enumerate(jobs.items())}
 
 
 def _checkpoint(run_dir: RunDir, i: int, host: BlockHost, streams: dict[str, ActivationStream],
                 report: CompressionReport) -> None:
     """Commit block i: its tensors, every stream after it, and what the report has gathered so far."""
-    run_dir.commit(i, host.state(i), {k: v for s in streams.values() for k, v in s.state_dict().items()},
+    run_dir.commit(i, host.state(i), lambda folder: [s.save(folder) for s in streams.values()],
                    {"records": report.records, "timings": report.timings,
                     "linear_params": [report.linear_params_before, report.linear_params_after],
                     "tuple_output": any(s.tuple_output for s in streams.values())})
@@ -268,9 +270,8 @@ def _resume(model: nn.Module, plan: CompressionPlan, host: BlockHost, run_dir: R
             state = {k[len(head):]: v for k, v in run_dir.load_block(i).items()}
             host.blocks[i].load_state_dict(state, strict=True)
             host.blocks[i].apply(lambda m: m.use_rank_major() if isinstance(m, LowRankLinear) else None)
-    saved = run_dir.load_streams()
     for stream in streams.values():
-        stream.load_state_dict(saved)
+        stream.load(run_dir.streams_folder(start))
         stream.tuple_output = bool(run_dir.state.get("tuple_output", False))
     report.records = run_dir.state["records"]
     report.timings.update(run_dir.state["timings"])

@@ -43,16 +43,22 @@ def cholesky_factor(gram: Tensor, damp: float = 0.0) -> tuple[Tensor, str]:
     return s, remedy
 
 
+def _plus_ridge(g: Tensor, ridge: float) -> Tensor:
+    """g + ridge·I without an n×n identity (the Grams of wide layers are large)."""
+    out = g.clone()
+    out.diagonal().add_(ridge)
+    return out
+
+
 def repaired_cholesky(gram: Tensor, damp: float = 0.0) -> tuple[Tensor, str, Tensor | float]:
     """``cholesky_factor`` plus what the repair added to the (symmetrised) Gram: a ridge λ, or a matrix."""
     g = gram.double()
     g = (g + g.T) / 2
     n = g.shape[0]
     scale = g.diagonal().abs().mean().item() or 1.0
-    eye = torch.eye(n, dtype=g.dtype, device=g.device)
     tried = [damp] + [d for d in DAMP_STEPS if d > damp]
     for i, d in enumerate(tried):
-        s, info = torch.linalg.cholesky_ex(g + d * scale * eye if d else g)
+        s, info = torch.linalg.cholesky_ex(_plus_ridge(g, d * scale) if d else g)
         if info.item() == 0 and torch.isfinite(s).all():
             return s, "" if i == 0 else f"damped {d:g}×mean diag", d * scale
     evals, evecs = torch.linalg.eigh(g)
@@ -93,7 +99,7 @@ def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: fl
         target = w @ s
     else:  # W·(cross + added)·S⁻ᵀ: solve M Sᵀ = W·(cross + added)
         c = cross.double()
-        c = c + added if isinstance(added, Tensor) else c + added * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        c = c + added if isinstance(added, Tensor) else _plus_ridge(c, added)
         target = torch.linalg.solve_triangular(s.T, w @ c, upper=True, left=False)
     u, vs, sigma = truncate(target, k)
     v = torch.linalg.solve_triangular(s, vs, upper=False, left=False)  # vs·S⁻¹

@@ -83,8 +83,3 @@ def options_for(name: str, **values: Any) -> MethodOptions:
     opts.validate()
     return opts
 
-
-def options_from_dict(data: dict[str, Any]) -> MethodOptions:
-    """Inverse of ``MethodOptions.to_dict`` (as recorded in a report or a checkpoint)."""
-    values = {k: v for k, v in data.items() if k not in ("name", "version")}
-    return options_for(str(data.get("name")), **values)
