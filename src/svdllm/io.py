@@ -131,10 +131,9 @@ def _write_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike, dty
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         write_weights(tmp)
-        if not (tmp / "config.json").exists():
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None and model.can_generate():
-                model.generation_config.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MODELING_FILE).write_text(_modeling_source(model))
