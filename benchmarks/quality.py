@@ -2,7 +2,8 @@
 
     python benchmarks/quality.py --methods svd,fwsvd,asvd,svdllm-w,svdllm,svdllm-ec --ratios 0.2,0.4,0.6,0.8
 
-A method may carry a β for svdllm-ec as ``svdllm-ec@0.5`` (``svdllm-ec@0.75!``: no norm guard).
+A method may carry a β for svdllm-ec as ``svdllm-ec@0.5`` (``svdllm-ec@0.75!``: no norm guard), and a rank
+rule as ``svdllm-ec+fisher`` (``+loss``; ``+fisher:0.8:1.5`` sets the floor and cap).
 Writes results.json (updated after every run, so partial results survive),
 table.md and perplexity.png to --out.  Calibration windows, evaluation tokens
 and the dense model's statistics are computed once and shared by all runs, so
@@ -27,9 +28,18 @@ from svdllm.methods import MethodOptions, options_for  # noqa: E402
 from svdllm.data import load_text, tokenize  # noqa: E402
 
 
+def parse_rule(spec: str) -> dict:
+    """'svdllm-ec+fisher:0.8:1.5' → rank_rule fisher, floor 0.8, cap 1.5 (the CompressionConfig fields)."""
+    _, plus, rule = spec.partition("+")
+    if not plus:
+        return {}
+    name, *bounds = rule.split(":")
+    return dict(rank_rule=name, **dict(zip(("rank_floor", "rank_cap"), map(float, bounds))))
+
+
 def parse_method(spec: str) -> MethodOptions:
     """'svdllm-ec@0.5' → β 0.5; a trailing '!' ('svdllm-ec@1!') turns the norm guard off."""
-    name, _, beta = spec.partition("@")
+    name, _, beta = spec.partition("+")[0].partition("@")
     values: dict = {}
     if beta.endswith("!"):
         beta, values["norm_cap"] = beta[:-1], 0.0
@@ -140,7 +150,7 @@ def main() -> None:
     windows = sample_windows(calib, args.nsamples, args.seqlen, args.seed)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for spec in args.methods.split(","):
-            cfg = CompressionConfig(ratio=ratio, method=parse_method(spec))
+            cfg = CompressionConfig(ratio=ratio, method=parse_method(spec), **parse_rule(spec))
             model = copy.deepcopy(base)
             with PeakRSS() as rss:
                 t0 = time.perf_counter()

@@ -47,6 +47,19 @@ def test_whitening_beats_plain_svd_on_smollm2(real):
     assert ppl["svdllm-w"] < 10 * dense
 
 
+def test_fisher_ranks_beat_uniform_on_smollm2(real):
+    """The allocated ranks keep the budget and lower the held-out perplexity (svdllm-w at 0.4, small calibration)."""
+    model, tok, calib, test = real
+    ppl, params = {}, {}
+    for rule in ("uniform", "fisher"):
+        m = load_model("smollm2-135m")[0]
+        compress(m, sample_windows(calib, **CALIB), CompressionConfig(ratio=0.4, method="svdllm-w", rank_rule=rule),
+                 progress=False)
+        ppl[rule], params[rule] = evaluate_perplexity(m, tok, test, 256, None).perplexity, count_parameters(m)
+    assert params["fisher"] <= params["uniform"] < params["fisher"] + 576 + 1536  # one rank of the widest matrix
+    assert ppl["fisher"] < 0.9 * ppl["uniform"], ppl
+
+
 def test_bfloat16_checkpoint_at_ratio_04(real, tmp_path):
     model, tok, _, test = real
     dense_dir = tmp_path / "dense"

@@ -59,7 +59,8 @@ def tiny_model_with_layers(vocab: int, layers: int, hidden: int = 64):
 
 def args(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
     return ["-q", "compress", str(model), "--calib", str(text), "--eval", str(text), "--nsamples", "8",
-            "--seqlen", "32", "--eval-seqlen", "32", "--max-tokens", "512", "--ratio", "0.4", "--out", str(out), *extra]
+            "--seqlen", "32", "--eval-seqlen", "32", "--max-tokens", "512", "--ratio", "0.4", "--ranks", "uniform",
+            "--out", str(out), *extra]  # uniform: auto would allocate in memory but not when streaming
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import distributed
+
 DENSE, COMPRESSED = "dense", "compressed"
 
 
@@ -100,8 +102,8 @@ class GramAccumulator:
     rounding does not grow with the number of calibration tokens.
     """
 
-    def __init__(self, needs: frozenset[str], device: torch.device) -> None:
-        self.needs, self.device = needs, device
+    def __init__(self, needs: frozenset[str], device: torch.device, fisher: dict[str, Tensor] | None = None) -> None:
+        self.needs, self.device, self.fisher = needs, device, fisher or {}  # fisher: whole-model, computed before
         self.groups: list[list[str]] = []
         self.stats: dict[str, LayerStats] = {}
 
@@ -127,7 +129,19 @@ class GramAccumulator:
                 if "cross" in self.needs:
                     self._add(st, "cross", x.T @ xc)
 
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of a process group (each saw its share of the windows)."""
+        if not distributed.active():
+            return
+        for st in self.stats.values():  # the same groups in the same order on every rank
+            tokens = torch.tensor([st.tokens], dtype=torch.float64, device=self.device)
+            distributed.all_reduce_([tokens, *(t for t in (st.gram, st.comp_gram, st.cross, st.abs_sum)
+                                               if t is not None)])
+            st.tokens = int(tokens.item())
+
     def for_linear(self, name: str) -> LayerStats:
+        if name in self.fisher:
+            return LayerStats(fisher=self.fisher[name])
         for group in self.groups:
             if name in group:
                 return self.stats[group[0]]

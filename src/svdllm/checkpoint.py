@@ -15,6 +15,8 @@ from typing import Any, Callable
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from . import distributed
+
 STATE = "state.json"
 
 
@@ -52,7 +54,9 @@ class RunDir:
 
     @property
     def stream_folder(self) -> Path:
-        return self.path / "stream"
+        """Where a disk-offloaded stream lives while the run goes on (one folder per process)."""
+        rank, size = distributed.world()
+        return self.path / ("stream" if size == 1 else f"stream-rank{rank}")
 
     def block_file(self, i: int) -> Path:
         return self.path / f"block-{i:05d}.safetensors"
@@ -67,15 +71,20 @@ class RunDir:
     def commit(self, i: int, block_state: dict[str, Tensor], save_streams: Callable[[Path], None],
                extra: dict[str, Any]) -> None:
         """Block i is finished: its tensors, the streams after it (``save_streams(folder)``), then the state that
-        names them; the streams of the boundary before go once the state no longer points there."""
-        atomic_save_file(block_state, self.block_file(i), {"format": "pt"})
-        folder = self.streams_folder(i + 1)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
+        names them; the streams of the boundary before go once the state no longer points there.  With several
+        processes rank 0 writes the block and the state, and every rank its own streams in between."""
+        folder, writer = self.streams_folder(i + 1), distributed.is_writer()
+        if writer:
+            atomic_save_file(block_state, self.block_file(i), {"format": "pt"})
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+        distributed.barrier()
         save_streams(folder)
+        distributed.barrier()
         self.state = {"fingerprint": self.fingerprint, "next_block": i + 1, **extra}
-        atomic_write_text(self.path / STATE, json.dumps(self.state))
-        shutil.rmtree(self.streams_folder(i), ignore_errors=True)
+        if writer:
+            atomic_write_text(self.path / STATE, json.dumps(self.state))
+            shutil.rmtree(self.streams_folder(i), ignore_errors=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .calibration import ActivationStream, eval_windows
 
 
@@ -55,6 +56,16 @@ class NLLSum:
     def result(self) -> PerplexityResult:
         mean = self.total / max(self.count, 1)
         return PerplexityResult(math.exp(mean), mean, self.count, self.windows)
+
+
+def all_reduce_result(res: PerplexityResult) -> PerplexityResult:
+    """The perplexity over every rank's windows, from each rank's own (identity in one process)."""
+    if not distributed.active():
+        return res
+    sums = torch.tensor([res.nll * res.tokens, res.tokens, res.windows], dtype=torch.float64)
+    distributed.all_reduce_([sums])
+    total, tokens, windows = sums.tolist()
+    return PerplexityResult(math.exp(total / max(tokens, 1)), total / max(tokens, 1), int(tokens), int(windows))
 
 
 @torch.no_grad()
@@ -113,9 +124,9 @@ def _replaying(blocks: nn.ModuleList, tuple_output: bool) -> Iterator[list[Tenso
 @torch.no_grad()
 def stream_perplexity(model: nn.Module, blocks: nn.ModuleList, stream: ActivationStream, lane: str,
                       windows: Tensor, batch_size: int, device: torch.device,
-                      logits_budget: int = 1 << 23) -> PerplexityResult:
+                      logits_budget: int = 1 << 21) -> PerplexityResult:
     """Perplexity of ``windows`` from the last hidden states of ``lane``; each head call makes at most
-    ``logits_budget`` logits (32 MB in float32), so the head never dominates the memory of a streamed run."""
+    ``logits_budget`` logits (8 MB in float32), so the head never dominates the memory of a streamed run."""
     acc = NLLSum(windows.shape[1])
     vocab = model.get_output_embeddings().weight.shape[0]
     chunk = max(1, logits_budget // (batch_size * vocab))

@@ -298,6 +298,8 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
             raise FormatError(
                 f"{folder}: {module} has factors {list(u)} and {list(v)} but config records rank {rank}"
             )
+    section["dense_shapes"] = {m: [shapes[f"{m}.svd_u.weight"][0], shapes[f"{m}.svd_v.weight"][1]]
+                               for m in section["ranks"]}
     return section
 
 

@@ -34,6 +34,21 @@ def return_freed_memory() -> None:
         pass
 
 
+def trim_heap() -> None:
+    """Give the free pages inside glibc's heaps back to the OS.
+
+    A block's forward passes and statistics leave many small freed chunks that
+    glibc keeps: streaming SmolLM2 with two evaluation sets grew RSS by ~4.5 MiB
+    per block (136 MiB over 30 blocks) without this, and stayed flat with it.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _move_tensors(model: nn.Module, skip_prefix: str, device: torch.device) -> None:
     """Move every parameter and buffer outside ``skip_prefix`` (tied ones stay tied: the Parameter is kept)."""
     head = skip_prefix + "."
@@ -50,12 +65,29 @@ class BlockHost:
 
     @contextmanager
     def outside_blocks(self) -> Iterator[None]:
-        """The embeddings, rotary tables, final norm and head on the compute device, for the length of the block."""
+        """The embeddings, rotary tables, final norm and head on the compute device, for the length of the block
+        (read again from the shards if ``park_outside`` freed them)."""
+        head = self.prefix + "."
+        parked = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(head)]
+        if parked and self.source is not None:  # a tied head is not in the shards: tie_weights restores it
+            self.source.load(self.model, {n: n for n in parked if n in self.source.files}, self.home)
+            self.model.tie_weights()
         _move_tensors(self.model, self.prefix, self.device)
         try:
             yield
         finally:
             _move_tensors(self.model, self.prefix, self.home)
+
+    def park_outside(self) -> None:
+        """Streaming from shards: free the parameters outside the blocks (the embeddings and head are often the
+        largest tensors of a model) while the blocks are processed; ``outside_blocks`` reads them again."""
+        if self.source is None:
+            return
+        head = self.prefix + "."
+        for name, p in self.model.named_parameters(remove_duplicate=False):  # a tied head too: no reference stays
+            if not name.startswith(head):
+                owner, _, attr = name.rpartition(".")
+                self.model.get_submodule(owner)._parameters[attr] = nn.Parameter(p.to("meta"), p.requires_grad)
 
     def onload(self, i: int) -> nn.Module:
         block = self.blocks[i]
@@ -69,3 +101,4 @@ class BlockHost:
 
     def offload(self, i: int) -> None:
         self.blocks[i].to("meta" if self.source is not None else self.home)
+        trim_heap()

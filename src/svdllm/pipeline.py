@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .architecture import count_parameters, decoder_blocks, dense_weight
 from .calibration import (
     COMPRESSED,
@@ -26,11 +26,13 @@ from .calibration import (
     windows_digest,
 )
 from .checkpoint import RunDir, atomic_write_text
-from .evaluate import stream_perplexity
+from .evaluate import all_reduce_result, stream_perplexity
+from .importance import output_sensitivity, whitened_spectra
 from .methods import ErrorCorrectedOptions, MethodOptions, method_of, options_for
 from .modeling_svdllm import LowRankLinear, apply_ranks, replace_module
 from .onload import BlockHost, return_freed_memory
 from .plan import CompressionPlan, make_plan
+from .ranks import allocate
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("svdllm")
 OFFLOAD = ("none", "cpu", "disk")
+ALLOCATIONS = ("loss", "fisher")  # rank rules decided from the model's own statistics
 
 
 @dataclass
@@ -47,7 +50,9 @@ class CompressionConfig:
     ratio: float = 0.2  # parameter reduction of each compressed matrix
     targets: list[str] = field(default_factory=lambda: ["*"])  # globs over module names
     skip_layers: list[int] = field(default_factory=list)  # blocks left dense
-    rank_rule: str = "uniform"
+    rank_rule: str = "uniform"  # uniform, or allocated from statistics: loss (relative σ²), fisher (importance·σ²)
+    rank_floor: float = 0.5  # allocated ranks stay within [floor, cap] × the uniform rank
+    rank_cap: float = 2.0
     batch_size: int = 4  # windows per forward
     device: str | None = None  # where blocks run (one at a time); None: where the model is
     offload: str = "none"  # where activations wait between blocks: none (the device), cpu, or disk
@@ -63,6 +68,11 @@ class CompressionConfig:
             raise ValueError(f"--ratio must be in (0, 1), got {self.ratio}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.rank_rule not in ("uniform", *ALLOCATIONS):
+            raise ValueError(f"--ranks must be one of uniform, {', '.join(ALLOCATIONS)}, got {self.rank_rule!r}")
+        if not 0.0 <= self.rank_floor <= 1.0 <= self.rank_cap:
+            raise ValueError(f"--rank-floor must be in [0, 1] and --rank-cap at least 1, got {self.rank_floor}, "
+                             f"{self.rank_cap}")
         if self.offload not in OFFLOAD:
             raise ValueError(f"--offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
         self.method.validate()  # type: ignore[union-attr]
@@ -95,6 +105,7 @@ class CompressionReport:
     records: list[dict[str, Any]] = field(default_factory=list)
     perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
+    processes: dict[str, Any] = field(default_factory=dict)  # world size and each rank's timings (torchrun)
 
     @property
     def remedies(self) -> list[dict[str, Any]]:
@@ -103,31 +114,66 @@ class CompressionReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def account(self, record: dict[str, Any]) -> None:
+        """Add one linear's record and its parameters before and after."""
+        (m, n), k = record["shape"], record["rank"]
+        self.linear_params_before += m * n
+        self.linear_params_after += m * n if k is None else k * (m + n)
+        if k is None:
+            record["kept_dense"] = self.plan["kept_dense"][record["name"]]
+        self.records.append(record)
+
     def write(self, path: "str | Path") -> None:
         from pathlib import Path
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _factorise(name: str, module: nn.Module, stats: LayerStats, k: int | None, opts: MethodOptions,
-               report: CompressionReport) -> nn.Module:
-    """The low-rank replacement of ``module`` (or ``module`` itself when the plan keeps it dense)."""
+def _factorise(name: str, module: nn.Module, stats: LayerStats, k: int | None, opts: MethodOptions
+               ) -> tuple[tuple[Tensor, Tensor] | None, dict[str, Any]]:
+    """The factors (u, v) of ``module`` at rank ``k`` (None when the plan keeps it dense) and its record."""
     weight, _ = dense_weight(module)
-    m, n = weight.shape
-    record: dict[str, Any] = {"name": name, "shape": [m, n], "rank": k}
-    report.linear_params_before += m * n
+    record: dict[str, Any] = {"name": name, "shape": list(weight.shape), "rank": k}
     if k is None:
-        report.linear_params_after += m * n
-        report.records.append(dict(record, kept_dense=report.plan["kept_dense"][name]))
-        return module
+        return None, record
     f, info = method_of(opts).factorize(weight, stats, k, opts)
     record.update(info)
     if f.remedy:
         record["remedy"] = f.remedy
         log.warning("%s: singular statistic, %s", name, f.remedy)
-    report.linear_params_after += k * (m + n)
-    report.records.append(record)
-    return LowRankLinear.from_factors(module, f.u, f.v)
+    return (f.u, f.v), record
+
+
+def _decompose_block(linears: dict[str, nn.Module], acc: GramAccumulator, ranks: dict[str, int],
+                     opts: MethodOptions, device: torch.device
+                     ) -> dict[str, tuple[tuple[Tensor, Tensor] | None, dict[str, Any]]]:
+    """Each linear's factors and record.  With several processes each matrix is decomposed on one rank
+    (balanced by m·n·min(m, n)) and broadcast, so that every rank ends with the same block."""
+    rank = distributed.world()[0]
+    shapes = {name: dense_weight(m)[0].shape for name, m in linears.items()}
+    owner = distributed.owners({name: a * b * min(a, b) for name, (a, b) in shapes.items() if name in ranks})
+    out = {name: _factorise(name, m, acc.for_linear(name), ranks.get(name), opts)
+           for name, m in linears.items() if owner.get(name, rank) == rank}
+    for name, src in owner.items() if distributed.active() else ():
+        factors, record = out.get(name, (None, None))
+        record = distributed.broadcast_object(record, src)
+        u, v = distributed.broadcast_tensors(list(factors) if factors else None, src, device)
+        out[name] = ((u, v), record)
+    return {name: out[name] for name in linears}
+
+
+def _allocate(model: nn.Module, windows: Tensor, plan: CompressionPlan, cfg: CompressionConfig,
+              device: torch.device, source: "ShardSource | None") -> dict[str, int]:
+    """Ranks under the uniform budget from the dense whitened spectra: ``loss`` scores each component by its share
+    σᵢ²/Σσ² of its matrix's output energy, ``fisher`` by f·σᵢ² with f the loss's sensitivity to that output."""
+    spectra = whitened_spectra(model, windows, plan, device, cfg.batch_size, source)
+    if cfg.rank_rule == "fisher":
+        weight = output_sensitivity(model, windows, list(plan.ranks))
+    else:
+        weight = {n: 1.0 / float(s.sum()) for n, s in spectra.items()}
+    scores = {n: (weight[n] * spectra[n]).tolist() for n in plan.ranks}
+    return allocate({n: (plan.shapes[n][0], plan.shapes[n][1]) for n in plan.ranks}, cfg.ratio, scores,
+                    cfg.rank_floor, cfg.rank_cap)
 
 
 def fingerprint(model: nn.Module, cfg: CompressionConfig, windows: Tensor | None,
@@ -136,7 +182,7 @@ def fingerprint(model: nn.Module, cfg: CompressionConfig, windows: Tensor | None
     emb = model.get_input_embeddings().weight.detach()
     rows = emb[:: max(1, emb.shape[0] // 64)]  # a sample: a copy of the whole table would cost its size again
     probe = float(rows.double().abs().sum()) if emb.device.type != "meta" else 0.0
-    blob = json.dumps([model.config.to_diff_dict(), probe, cfg.to_dict(), windows_digest(windows),
+    blob = json.dumps([model.config.to_diff_dict(), probe, cfg.to_dict(), distributed.world()[1], windows_digest(windows),
                        {k: windows_digest(v) for k, v in sorted(eval_windows.items())}], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -172,7 +218,13 @@ def compress(
         raise ValueError(f"method {opts.name} needs calibration windows")
     if source is not None and (run_dir is None or "fisher" in method.needs):
         raise ValueError("streaming from disk needs a run folder and a method without gradients (not fwsvd)")
-    plan = make_plan(model, cfg.ratio, cfg.targets, cfg.skip_layers, cfg.rank_rule)
+    if cfg.rank_rule in ALLOCATIONS and windows is None:
+        raise ValueError(f"--ranks {cfg.rank_rule} needs calibration windows")
+    if cfg.rank_rule == "fisher" and source is not None:
+        raise ValueError("--ranks fisher needs the whole model in memory (gradients): drop --low-memory, "
+                         "or use --ranks uniform")
+    plan = make_plan(model, cfg.ratio, cfg.targets, cfg.skip_layers,
+                     cfg.rank_rule if cfg.rank_rule not in ALLOCATIONS else "uniform")
     calib_info = {} if windows is None or not method.needs else {
         "nsamples": windows.shape[0], "seqlen": windows.shape[1], "sha256": windows_digest(windows)}
     report = CompressionReport(cfg.to_dict(), plan.to_dict(), calib_info, params_before=count_parameters(model))
@@ -183,27 +235,39 @@ def compress(
     host = BlockHost(model, prefix, blocks, device, source)
     if source is not None:
         return_freed_memory()
+    if windows is not None:
+        windows = distributed.shard(windows)
+    evals = {name: distributed.shard(w) for name, w in evals.items()}
     fisher = fisher_rows(model, windows, {n: model.get_submodule(n) for n in plan.ranks}) \
         if "fisher" in method.needs else {}
+    distributed.all_reduce_(list(fisher.values()))
+    if cfg.rank_rule in ALLOCATIONS:
+        with report.timings.clock("rank allocation"):
+            plan.ranks = _allocate(model, windows, plan, cfg, device, source)
+        report.plan = plan.to_dict()
     store = TensorStore(run_dir.stream_folder if cfg.offload == "disk" and run_dir else
                         torch.device("cpu") if cfg.offload != "none" else device)
     streams = _open_streams(model, blocks[0], host, windows if method.needs - {"fisher"} else None,
                             method.sequential, evals, cfg.batch_size, store, report)
+    host.park_outside()
     start = _resume(model, plan, host, run_dir, streams, report) if run_dir else 0
     calib = streams.get("calib")
-    for i in tqdm(range(start, plan.n_blocks), desc=f"compress {opts.name}", disable=not progress, unit="block"):
+    for i in tqdm(range(start, plan.n_blocks), desc=f"compress {opts.name}", unit="block",
+                  disable=not progress or not distributed.is_writer()):
         block = host.onload(i)
         linears = {name: model.get_submodule(name) for name in plan.block(i)}
-        acc = GramAccumulator(method.needs, device)
+        acc = GramAccumulator(method.needs, device, fisher)
         with report.timings.clock("forward passes and statistics"):
             for name in evals:
                 streams[name].propagate(block, DENSE)
             if calib is not None:
                 calib.record(block, linears, acc)
         with report.timings.clock("decompositions"):
-            for name, module in linears.items():
-                stats = LayerStats(fisher=fisher[name]) if name in fisher else acc.for_linear(name)
-                replace_module(model, name, _factorise(name, module, stats, plan.ranks.get(name), opts, report))
+            acc.all_reduce()
+            for name, (factors, record) in _decompose_block(linears, acc, plan.ranks, opts, device).items():
+                report.account(record)
+                if factors is not None:
+                    replace_module(model, name, LowRankLinear.from_factors(linears[name], *factors))
         del acc
         with report.timings.clock("forward passes and statistics"):
             if calib is not None:
@@ -217,10 +281,12 @@ def compress(
         if on_block is not None:
             on_block(i)
     with report.timings.clock("evaluation"), host.outside_blocks():
-        report.perplexity = {lane: {name: stream_perplexity(model, blocks, streams[name], lane, evals[name],
-                                                             cfg.batch_size, device).perplexity for name in evals}
-                             for lane in (DENSE, COMPRESSED)} if evals else {}
+        report.perplexity = {lane: {name: all_reduce_result(stream_perplexity(
+            model, blocks, streams[name], lane, evals[name], cfg.batch_size, device)).perplexity for name in evals}
+            for lane in (DENSE, COMPRESSED)} if evals else {}
     store.close()
+    if distributed.active():
+        report.processes = {"world_size": distributed.world()[1], "timings": distributed.gather_objects(report.timings)}
     report.params_after = count_parameters(model)
     model.config.svdllm = {
         "format_version": 1, "svdllm_version": __version__, "method": opts.name, "options": opts.to_dict(),
@@ -241,16 +307,18 @@ def _open_streams(model: nn.Module, first_block: nn.Module, host: BlockHost, win
     if windows is not None:
         jobs["calib"] = (windows, (DENSE, COMPRESSED) if sequential else (DENSE,))
     with report.timings.clock("capture block inputs"), host.outside_blocks():
-        # stream keys name files: an evaluation set's name may be a path, so the streams are numbered
+        # stream keys name files: an evaluation set's name may be a path, so the streams are numbered; each
+        # rank's stream is its own (a checkpoint holds them side by side)
+        rank = f".rank{distributed.world()[0]}" if distributed.active() else ""
         return {name: ActivationStream.capture(model, first_block, w, batch_size, lanes, store, host.device,
-                                               name if name == "calib" else f"eval{k}")
+                                               (name if name == "calib" else f"eval{k}") + rank)
                 for k, (name, (w, lanes)) in enumerate(jobs.items())}
 
 
 def _checkpoint(run_dir: RunDir, i: int, host: BlockHost, streams: dict[str, ActivationStream],
                 report: CompressionReport) -> None:
     """Commit block i: its tensors, every stream after it, and what the report has gathered so far."""
-    run_dir.commit(i, host.state(i), lambda folder: [s.save(folder) for s in streams.values()],
+    run_dir.commit(i, host.state(i) if distributed.is_writer() else {}, lambda folder: [s.save(folder) for s in streams.values()],
                    {"records": report.records, "timings": report.timings,
                     "linear_params": [report.linear_params_before, report.linear_params_after],
                     "tuple_output": any(s.tuple_output for s in streams.values())})

@@ -1,0 +1,149 @@
+"""Many processes through torch.distributed (``torchrun``): data-parallel statistics, one block's matrices spread
+over ranks, one writer.
+
+Each rank streams a disjoint shard of the calibration and evaluation windows.
+A block's statistics are summed with ``all_reduce`` (float64) before any
+decomposition; each matrix is decomposed on one rank (balanced by m·n·min(m, n))
+and its factors are broadcast, so every rank holds the same compressed block and
+carries its own shard through it.  Without an initialised process group every
+helper here is a no-op and a run is the single-process one.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+DEFAULT_TIMEOUT_S = 1800  # the longest one rank may wait for another (a whole block's decompositions)
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: another process died, or did not answer within the timeout."""
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as exc:  # gloo raises plain RuntimeErrors, NCCL DistBackendError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeerLost(f"rank {world()[0]}: another process of the run failed or did not answer within "
+                       f"--dist-timeout ({what}: {first[:200]})") from exc
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def active() -> bool:
+    return world()[1] > 1
+
+
+def is_writer() -> bool:
+    """Whether this process writes files (rank 0, or the only process)."""
+    return world()[0] == 0
+
+
+def launched() -> bool:
+    """Started by torchrun (or by hand with its environment) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """Join the process group torchrun describes (NCCL for CUDA, gloo for CPU); the device this rank computes on.
+
+    Every collective then fails after ``timeout_s`` instead of waiting forever for a rank that died.
+    """
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return device
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        with _collective("barrier"):
+            dist.barrier()
+
+
+def shard(windows: Tensor) -> Tensor:
+    """This rank's contiguous share of ``windows`` (every rank gets at least one window)."""
+    rank, size = world()
+    if size == 1:
+        return windows
+    if windows.shape[0] < size:
+        raise ValueError(f"{windows.shape[0]} windows cannot be shared by {size} processes: "
+                         f"give at least {size} (--nsamples, or more evaluation text)")
+    return windows.tensor_split(size)[rank]
+
+
+def all_reduce_(tensors: list[Tensor]) -> None:
+    """Sum each tensor over ranks, in place (through the GPU where the backend is NCCL)."""
+    if not active():
+        return
+    nccl = dist.get_backend() == "nccl"
+    with _collective("all_reduce"):
+        for t in tensors:
+            if nccl and t.device.type != "cuda":
+                on_gpu = t.cuda()
+                dist.all_reduce(on_gpu)
+                t.copy_(on_gpu)
+            else:
+                dist.all_reduce(t)
+
+
+def owners(costs: dict[str, float]) -> dict[str, int]:
+    """Each name → the rank that computes it: the costliest first, each to the least loaded rank (deterministic)."""
+    size = world()[1]
+    load = [0.0] * size
+    out: dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        r = min(range(size), key=lambda i: (load[i], i))
+        out[name], load[r] = r, load[r] + costs[name]
+    return out
+
+
+def broadcast_tensors(tensors: list[Tensor] | None, src: int, device: torch.device) -> list[Tensor]:
+    """``tensors`` from rank ``src`` on every rank (others pass None): shapes and dtypes first, then the data."""
+    meta: list[Any] = [[(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors] if tensors else None]
+    with _collective("broadcast"):
+        dist.broadcast_object_list(meta, src=src)
+        out = [t.contiguous() for t in tensors] if tensors is not None and world()[0] == src else \
+            [torch.empty(shape, dtype=getattr(torch, dtype), device=device) for shape, dtype in meta[0]]
+        for t in out:
+            dist.broadcast(t, src=src)
+    return out
+
+
+def broadcast_object(obj: Any, src: int) -> Any:
+    box = [obj]
+    with _collective("broadcast"):
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (on every rank)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world()[1]
+    with _collective("all_gather"):
+        dist.all_gather_object(out, obj)
+    return out

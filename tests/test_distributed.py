@@ -1,0 +1,125 @@
+"""torchrun with gloo on 2 CPU processes: the factors of one process, one writer, resume, and a dead rank fails fast."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from svdllm import distributed
+from svdllm.cli import main
+
+from test_cli import compress_args
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+# Grams of full rank (the factors are well defined); uniform ranks (an allocation is a discrete choice that
+# summation order could tip)
+CALIB = ("--nsamples", "16", "--seqlen", "64", "--ranks", "uniform")
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "svdllm", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def assert_same_model(dist_out: Path, single_out: Path, tol: float = 1e-5) -> None:
+    got, want = tensors(dist_out), tensors(single_out)
+    assert got.keys() == want.keys()
+    worst = max(rel(got[k], want[k]) for k in want)
+    assert worst <= tol, f"largest relative difference {worst:.2e}"
+
+
+@pytest.mark.parametrize("method", ["svdllm-w", "svdllm-ec"])
+def test_two_gloo_processes_match_one(model_dir, text_file, tmp_path, method):
+    single, two = tmp_path / "one", tmp_path / "two"
+    assert main(compress_args(model_dir, text_file, single, "--method", method, *CALIB)) == 0
+    proc = torchrun(*compress_args(model_dir, text_file, two, "--method", method, *CALIB))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("saved to") == 1  # rank 0 alone prints and writes
+    assert_same_model(two, single)
+    r1, r2 = (json.loads((d / "svdllm_report.json").read_text()) for d in (single, two))
+    assert r2["processes"]["world_size"] == 2 and len(r2["processes"]["timings"]) == 2 and not r1["processes"]
+    for lane in ("dense", "compressed"):
+        for name, ppl in r1["perplexity"][lane].items():
+            assert r2["perplexity"][lane][name] == pytest.approx(ppl, rel=1e-5)
+    assert [r["rank"] for r in r2["records"]] == [r["rank"] for r in r1["records"]]
+    assert not list(tmp_path.glob(".*svdllm-run"))  # the run folder is gone
+
+
+def test_too_few_windows_for_the_processes(model_dir, text_file, tmp_path):
+    proc = torchrun(*compress_args(model_dir, text_file, tmp_path / "o", "--nsamples", "1"))
+    assert proc.returncode != 0
+    assert "1 windows cannot be shared by 2 processes" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIES_AFTER_BLOCK_0 = """
+import os, sys
+from svdllm import onload
+from svdllm.cli import main
+if os.environ["RANK"] == "1":
+    def offload(self, i):
+        os._exit(9)  # killed after block 0 is committed
+    onload.BlockHost.offload = offload
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_rank_fails_the_others_fast_and_the_run_resumes(model_dir, text_file, tmp_path):
+    script = tmp_path / "dies.py"
+    script.write_text(DIES_AFTER_BLOCK_0)
+    out = tmp_path / "o"
+    args = compress_args(model_dir, text_file, out, "--method", "svdllm-ec", *CALIB)
+    env = dict(ENV, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(script), *args, "--dist-timeout", "60"], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+    (_, err0), _ = (p.communicate(timeout=120) for p in procs)
+    assert procs[1].returncode == 9
+    assert procs[0].returncode == 2 and time.monotonic() - t0 < 100
+    lines = [ln for ln in err0.splitlines() if ln.strip()]
+    assert lines[-1].startswith("svdllm compress: error: rank 0: another process of the run failed"), err0[-2000:]
+    assert not out.exists()
+    # the same command under torchrun continues after block 0 and ends as an uninterrupted run would
+    proc = torchrun(*args)
+    assert proc.returncode == 0 and "resuming" in proc.stderr, proc.stderr[-2000:]
+    single = tmp_path / "single"
+    assert main(compress_args(model_dir, text_file, single, "--method", "svdllm-ec", *CALIB)) == 0
+    assert_same_model(out, single)
+
+
+def test_owners_balance_the_work_and_shards_cover_the_windows(monkeypatch):
+    costs = {"a": 8.0, "b": 4.0, "c": 4.0, "d": 1.0}
+    assert set(distributed.owners(costs).values()) == {0}  # one process owns everything
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    assert distributed.owners(costs) == {"a": 0, "b": 1, "c": 1, "d": 0}  # costliest first, to the least loaded
+    windows = torch.arange(5)[:, None]
+    shards = []
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "world", lambda r=r: (r, 2))
+        shards.append(distributed.shard(windows))
+    assert torch.equal(torch.cat(shards), windows) and [len(s) for s in shards] == [3, 2]
