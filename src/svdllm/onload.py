@@ -9,13 +9,24 @@ once its factors are written.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .io import ShardSource
+
+
+def _glibc() -> Any:
+    """The C library when it is glibc (mallopt, malloc_trim), else None."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def return_freed_memory() -> None:
@@ -26,12 +37,8 @@ def return_freed_memory() -> None:
     grew RSS by about one block per block (tests/test_streaming.py probe).  A
     fixed threshold keeps it flat.  A no-op where glibc is not the allocator.
     """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD: glibc's initial 128 KiB, held fixed
-    except (OSError, AttributeError):
-        pass
+    if (libc := _glibc()) is not None:
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD: glibc's initial 128 KiB, held fixed
 
 
 def trim_heap() -> None:
@@ -41,12 +48,8 @@ def trim_heap() -> None:
     glibc keeps: streaming SmolLM2 with two evaluation sets grew RSS by ~4.5 MiB
     per block (136 MiB over 30 blocks) without this, and stayed flat with it.
     """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 def _move_tensors(model: nn.Module, skip_prefix: str, device: torch.device) -> None:

@@ -144,15 +144,15 @@ def _factorise(name: str, module: nn.Module, stats: LayerStats, k: int | None, o
     return (f.u, f.v), record
 
 
-def _decompose_block(linears: dict[str, nn.Module], acc: GramAccumulator, ranks: dict[str, int],
+def _decompose_block(linears: dict[str, nn.Module], acc: GramAccumulator, plan: CompressionPlan,
                      opts: MethodOptions, device: torch.device
                      ) -> dict[str, tuple[tuple[Tensor, Tensor] | None, dict[str, Any]]]:
     """Each linear's factors and record.  With several processes each matrix is decomposed on one rank
     (balanced by m·n·min(m, n)) and broadcast, so that every rank ends with the same block."""
     rank = distributed.world()[0]
-    shapes = {name: dense_weight(m)[0].shape for name, m in linears.items()}
-    owner = distributed.owners({name: a * b * min(a, b) for name, (a, b) in shapes.items() if name in ranks})
-    out = {name: _factorise(name, m, acc.for_linear(name), ranks.get(name), opts)
+    shapes = {name: plan.shapes[name] for name in linears if name in plan.ranks}
+    owner = distributed.owners({name: m * n * min(m, n) for name, (m, n) in shapes.items()})
+    out = {name: _factorise(name, m, acc.for_linear(name), plan.ranks.get(name), opts)
            for name, m in linears.items() if owner.get(name, rank) == rank}
     for name, src in owner.items() if distributed.active() else ():
         factors, record = out.get(name, (None, None))
@@ -264,7 +264,7 @@ def compress(
                 calib.record(block, linears, acc)
         with report.timings.clock("decompositions"):
             acc.all_reduce()
-            for name, (factors, record) in _decompose_block(linears, acc, plan.ranks, opts, device).items():
+            for name, (factors, record) in _decompose_block(linears, acc, plan, opts, device).items():
                 report.account(record)
                 if factors is not None:
                     replace_module(model, name, LowRankLinear.from_factors(linears[name], *factors))
