@@ -109,6 +109,7 @@ def main() -> None:
         return probe(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,random-llama")
+    ap.add_argument("--modes", default="in-memory,low-memory")
     ap.add_argument("--work", default=None, help="where the random model and outputs go (default: a temp folder)")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
@@ -120,7 +121,7 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         folder = named_model_dir("smollm2-135m") if name == "smollm2" else random_llama(work / name)
-        for mode in ("in-memory", "low-memory"):
+        for mode in args.modes.split(","):
             res = run(folder, mode, RUNS[name], work / f"out-{name}-{mode}")
             rows.append(dict(res, model=name, mode=mode, weight_bytes=weight_bytes(folder), options=RUNS[name]))
             print(json.dumps(rows[-1]), flush=True)
@@ -130,7 +131,8 @@ def main() -> None:
         [[r["model"], r["mode"], f"{r['weight_bytes'] / 2**20:.0f}", f"{r['peak_over_base'] / 2**20:.0f}",
           f"{r['peak_over_base'] / r['weight_bytes']:.2f}", f"{r['wall_s']:.0f}",
           ", ".join(f"{k} {v:.2f}" for k, v in r["perplexity"].items()) or "-"] for r in rows])
-    cmd = "python benchmarks/memory.py" + (f" --models {args.models}" if args.models != "smollm2,random-llama" else "")
+    cmd = "python benchmarks/memory.py" + (f" --models {args.models}" if args.models != "smollm2,random-llama" else "") \
+        + (f" --modes {args.modes}" if args.modes != "in-memory,low-memory" else "")
     (results / "table.md").write_text(f"`{cmd}`\n\nDevice: CPU (2 cores); each run a fresh process.\n\n{table}")
     plot(rows, results / "memory.png")
     print(table)

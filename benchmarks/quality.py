@@ -3,7 +3,8 @@
     python benchmarks/quality.py --methods svd,fwsvd,asvd,svdllm-w,svdllm,svdllm-ec --ratios 0.2,0.4,0.6,0.8
 
 A method may carry a β for svdllm-ec as ``svdllm-ec@0.5`` (``svdllm-ec@0.75!``: no norm guard), and a rank
-rule as ``svdllm-ec+fisher`` (``+loss``; ``+fisher:0.8:1.5`` sets the floor and cap).
+rule as ``svdllm-ec+fisher`` (``+loss``, ``+v2``, ``+search``; ``+fisher:0.8:1.5`` sets the floor and cap),
+and ``/ts`` at the end for the true-sequential order inside a block (``svdllm-ec+fisher/ts``).
 Writes results.json (updated after every run, so partial results survive),
 table.md and perplexity.png to --out.  Calibration windows, evaluation tokens
 and the dense model's statistics are computed once and shared by all runs, so
@@ -29,17 +30,20 @@ from svdllm.data import load_text, tokenize  # noqa: E402
 
 
 def parse_rule(spec: str) -> dict:
-    """'svdllm-ec+fisher:0.8:1.5' → rank_rule fisher, floor 0.8, cap 1.5 (the CompressionConfig fields)."""
+    """'svdllm-ec+fisher:0.8:1.5/ts' → rank_rule fisher, floor 0.8, cap 1.5, true_sequential (CompressionConfig
+    fields)."""
+    spec, ts = spec.removesuffix("/ts"), spec.endswith("/ts")
     _, plus, rule = spec.partition("+")
+    out: dict = {"true_sequential": True} if ts else {}
     if not plus:
-        return {}
+        return out
     name, *bounds = rule.split(":")
-    return dict(rank_rule=name, **dict(zip(("rank_floor", "rank_cap"), map(float, bounds))))
+    return dict(out, rank_rule=name, **dict(zip(("rank_floor", "rank_cap"), map(float, bounds))))
 
 
 def parse_method(spec: str) -> MethodOptions:
     """'svdllm-ec@0.5' → β 0.5; a trailing '!' ('svdllm-ec@1!') turns the norm guard off."""
-    name, _, beta = spec.partition("+")[0].partition("@")
+    name, _, beta = spec.removesuffix("/ts").partition("+")[0].partition("@")
     values: dict = {}
     if beta.endswith("!"):
         beta, values["norm_cap"] = beta[:-1], 0.0
@@ -161,7 +165,8 @@ def main() -> None:
                    "phases": model.svdllm_report.timings, "peak_rss_gib": rss.peak / 2**30,
                    "remedies": len(model.svdllm_report.remedies),
                    "beta_reduced": sum(1 for r in model.svdllm_report.records if "beta_requested" in r),
-                   "max_norm_ratio": max((r.get("norm_ratio", 0.0) for r in model.svdllm_report.records), default=0.0)}
+                   "max_norm_ratio": max((r.get("norm_ratio", 0.0) for r in model.svdllm_report.records), default=0.0),
+                   "rank_search": model.svdllm_report.rank_search}
             results["runs"].append(run)
             print(spec, ratio, {k: round(v, 2) for k, v in ppl.items()}, f"{seconds:.0f}s", flush=True)
             del model

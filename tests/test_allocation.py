@@ -9,8 +9,8 @@ import torch
 
 from conftest import ARCHS, tiny_model
 from svdllm import CompressionConfig, compress, make_plan
-from svdllm.importance import output_sensitivity, whitened_spectra
-from svdllm.ranks import allocate, max_useful_rank, uniform
+from svdllm.importance import held_out_losses, interpolate, output_sensitivity, whitened_spectra
+from svdllm.ranks import allocate, max_useful_rank, per_type, uniform
 
 
 def budget(ranks: dict[str, int], shapes: dict) -> int:
@@ -102,14 +102,64 @@ def test_output_sensitivity_equals_autograd():
         assert got[n] > 0
 
 
-def test_fisher_allocation_refuses_streaming(tmp_path):
+def test_v2_per_type_rule_keeps_each_types_budget_and_favours_lossy_matrices():
+    shapes = {f"model.layers.{i}.{t}": s for i in range(6) for t, s in
+              [("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (16, 64)), ("mlp.down_proj", (64, 160))]}
+    rng = random.Random(3)
+    losses = {n: rng.lognormvariate(0, 2) for n in shapes}
+    for ratio in (0.2, 0.6):
+        uni = uniform(shapes, ratio)
+        for floor, cap in [(0.5, 2.0), (0.9, 1.1)]:
+            ranks = per_type(shapes, ratio, losses, floor, cap)
+            for t in ("q_proj", "k_proj", "down_proj"):
+                group = [n for n in shapes if n.endswith(t)]
+                assert 0 <= sum(uni[n] - ranks[n] for n in group) < len(group)  # the type's budget, floored
+                assert all(floor * uni[n] - 1 < ranks[n] <= cap * uni[n] for n in group)
+                assert all(ranks[n] <= max_useful_rank(*shapes[n]) for n in group)
+                by_loss = sorted(group, key=losses.get)
+                assert all(ranks[a] <= ranks[b] + 1 for a, b in zip(by_loss, by_loss[1:]))  # more loss, more rank
+            if (floor, cap) == (0.5, 2.0):
+                assert ranks != uni
+
+
+def test_held_out_loss_of_a_candidate_equals_the_compressed_models_loss():
+    model = tiny_model("llama", 64)
+    fit, held = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0)).split([6, 2])
+    plan = make_plan(model, 0.4)
+    more = {n: max_useful_rank(*plan.shapes[n]) for n in plan.ranks}  # uniform's factors are then a slice
+    losses = held_out_losses(model, fit, held, plan, {"uniform": plan.ranks, "more": more}, torch.device("cpu"))
+    ref = compress(tiny_model("llama", 64), fit, CompressionConfig(method="svdllm-w", ratio=0.4), progress=False)
+    with torch.no_grad():  # equal windows: the mean NLL over windows is the mean over tokens
+        assert losses["uniform"] == pytest.approx(float(ref(input_ids=held, labels=held).loss), rel=1e-5)
+    assert losses["more"] != losses["uniform"]
+    assert interpolate({"a": 10}, {"a": 21}, 0.5) == {"a": 15} and interpolate({"a": 3}, {"a": 1}, 1.0) == {"a": 1}
+
+
+def test_search_picks_the_best_held_out_candidate_within_the_budget():
+    model = tiny_model("llama", 64)
+    windows = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    compress(model, windows, CompressionConfig(method="svdllm-ec", ratio=0.4, rank_rule="search"), progress=False)
+    search = model.svdllm_report.rank_search
+    assert search["held_out_windows"] == 2 and set(search["loss_by_step"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    assert search["chosen"] == min(search["loss_by_step"], key=search["loss_by_step"].get)
+    plan = make_plan(tiny_model("llama", 64), 0.4)
+    shapes = {n: tuple(plan.shapes[n]) for n in plan.ranks}
+    ranks = model.config.svdllm["ranks"]
+    assert budget(ranks, shapes) <= budget(plan.ranks, shapes)
+    assert budget(plan.ranks, shapes) - budget(ranks, shapes) < sum(sum(s) for s in shapes.values())
+    if search["chosen"] == "0":
+        assert ranks == plan.ranks
+
+
+@pytest.mark.parametrize("rule", ["fisher", "search"])
+def test_gradient_allocations_refuse_streaming(tmp_path, rule):
     from svdllm.checkpoint import RunDir
     from svdllm.io import ShardSource
 
     model = tiny_model("llama", 64)
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="whole model in memory"):
-        compress(model, torch.randint(0, 64, (4, 32)), CompressionConfig(rank_rule="fisher", offload="disk"),
+        compress(model, torch.randint(0, 64, (4, 32)), CompressionConfig(rank_rule=rule, offload="disk"),
                  run_dir=RunDir(tmp_path / "run", "x"), source=ShardSource(tmp_path / "m"), progress=False)
 
 
@@ -120,10 +170,12 @@ def test_cli_fisher_ranks_are_saved_and_plotted(model_dir, text_file, tmp_path, 
     from test_cli import compress_args
 
     out = tmp_path / "c"
-    assert main(compress_args(model_dir, text_file, out, "--ranks", "fisher", "--rank-floor", "0.8")) == 0
+    assert main(compress_args(model_dir, text_file, out, "--ranks", "fisher", "--rank-floor", "0.8",
+                              "--no-true-sequential")) == 0
     section = json.loads((out / "config.json").read_text())["svdllm"]
     report = json.loads((out / "svdllm_report.json").read_text())
     assert section["rank_rule"] == "fisher" and section["ranks"] == report["plan"]["ranks"]
+    assert report["config"]["true_sequential"] is False
     assert "rank allocation" in " ".join(report["timings"])
     capsys.readouterr()
     plot = tmp_path / "ranks.png"

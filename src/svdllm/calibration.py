@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -73,13 +73,18 @@ class LayerStats:
 
 
 @contextmanager
-def recorded_inputs(linears: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
-    """While active, maps each linear's name to its last input (as given, not copied)."""
+def recorded_inputs(linears: dict[str, nn.Module], stop: list[bool] | None = None) -> Iterator[dict[str, Tensor]]:
+    """While active, maps each linear's name to its last input (as given, not copied).  While ``stop[0]`` is
+    true, a forward raises ``_Stop`` once every linear has seen its input (the rest of the block is not run)."""
     seen: dict[str, Tensor] = {}
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0]))
-        for name, m in linears.items()
-    ]
+
+    def hook(_m: nn.Module, args: tuple, name: str) -> None:
+        seen[name] = args[0]
+        if stop and stop[0] and len(seen) == len(linears):
+            raise _Stop
+
+    handles = [m.register_forward_pre_hook(lambda m, args, name=name: hook(m, args, name))
+               for name, m in linears.items()]
     try:
         yield seen
     finally:
@@ -317,10 +322,14 @@ class ActivationStream:
         return stream
 
     @torch.no_grad()
-    def _run(self, block: nn.Module, j: int, h: Tensor) -> Tensor:
+    def _run(self, block: nn.Module, j: int, h: Tensor) -> Tensor | None:
+        """Block output for batch j, or None when a recording hook stopped the block early."""
         device = block_device(block)
         ctx = self.contexts[j]
-        out = block(h, *_to(ctx.args, device), **_to(ctx.kwargs, device))
+        try:
+            out = block(h, *_to(ctx.args, device), **_to(ctx.kwargs, device))
+        except _Stop:
+            return None
         self.tuple_output = isinstance(out, (tuple, list))
         return out[0] if self.tuple_output else out
 
@@ -330,21 +339,39 @@ class ActivationStream:
         for j in range(len(self)):
             self.store.put(self._key(lane, j), self._run(block, j, self.hidden(lane, j, device)))
 
-    @torch.no_grad()
-    def record(self, block: nn.Module, linears: dict[str, nn.Module], acc: GramAccumulator) -> None:
-        """Statistics of every linear's inputs: the dense lane (and the compressed one, if kept) through the
-        still-dense ``block``.  The dense lane's outputs are kept for ``advance``."""
-        device = block_device(block)
+    def input_order(self, block: nn.Module, linears: dict[str, nn.Module]) -> list[list[str]]:
+        """The linears of ``block`` in groups sharing an input, in the order the forward reaches them
+        (q/k/v, o, gate/up, down), from the dense lane's first batch."""
         with recorded_inputs(linears) as seen:
+            self._run(block, 0, self.hidden(DENSE, 0, block_device(block)))
+            return shared_input_groups(seen)
+
+    @torch.no_grad()
+    def record(self, block: nn.Module, linears: dict[str, nn.Module], acc: GramAccumulator,
+               dense_view: Callable[[], AbstractContextManager] = nullcontext, keep_output: bool = True) -> None:
+        """Statistics of the inputs of ``linears``: the dense lane through the dense block (``dense_view`` puts
+        back the dense modules of linears already compressed) and, if kept, the compressed lane through the
+        block as it is now.  With ``keep_output`` the dense lane's outputs are kept for ``advance``; the
+        other forwards stop as soon as every linear has seen its input."""
+        device = block_device(block)
+        stop = [not keep_output]
+        with recorded_inputs(linears, stop) as seen:
             for j in range(len(self)):
-                out = self._run(block, j, self.hidden(DENSE, j, device))
+                with dense_view():
+                    out = self._run(block, j, self.hidden(DENSE, j, device))
                 dense_in, comp_in = dict(seen), None
+                seen.clear()
                 if COMPRESSED in self.lanes and linears:
+                    stop[0] = True
                     self._run(block, j, self.hidden(COMPRESSED, j, device))
+                    stop[0] = not keep_output
                     comp_in = dict(seen)
+                    seen.clear()
                 if linears:
                     acc.add_batch(dense_in, comp_in)
-                self.store.put(self._key("next", j), out)
+                if keep_output:
+                    assert out is not None
+                    self.store.put(self._key("next", j), out)
 
     def advance(self, block: nn.Module) -> None:
         """After ``record`` and the swap: the compressed lane through the compressed block, the dense lane to

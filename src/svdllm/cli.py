@@ -58,6 +58,15 @@ def _globs(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()] or ["*"]
 
 
+def _zero_shot_options(p: argparse.ArgumentParser, flag: str) -> None:
+    g = p.add_argument_group("zero-shot accuracy (lm-evaluation-harness: pip install 'svdllm[eval]')")
+    g.add_argument(flag, default="", help="lm-eval tasks, comma-separated: 'offline' (svdllm_cloze, "
+                   "svdllm_next_sentence: built from the offline texts), 'paper' (the paper's seven; needs the hub), "
+                   "or any lm-eval task name")
+    g.add_argument("--include-path", default=None, help="a folder of your own lm-eval task YAMLs")
+    g.add_argument("--limit", type=_positive, default=None, help="at most N examples per task (quick runs)")
+
+
 def _common_eval(p: argparse.ArgumentParser, seqlen: bool = True) -> None:
     if seqlen:
         p.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens (default 512)")
@@ -130,10 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="svdllm-ec: halve β for a matrix while ||W'|| > cap·||W|| (default 1.5; 0 turns it off)")
     m.add_argument("--damp", type=float, default=None, help="svdllm-w, svdllm: whitening ridge (default 0: only when needed)")
     m.add_argument("--asvd-alpha", type=float, default=None, help="asvd: activation exponent (default 0.5)")
-    c.add_argument("--ranks", default="auto", choices=["auto", "uniform", "loss", "fisher"],
+    c.add_argument("--ranks", default="auto", choices=["auto", "uniform", "loss", "v2", "fisher", "search"],
                    help="rank per matrix: uniform (the paper), or allocated under the same parameter budget from the "
-                        "whitened spectra (loss) weighted by the loss's sensitivity to each output (fisher); "
-                        "auto (default): fisher for svdllm-ec with the model in memory, else uniform")
+                        "whitened spectra (loss), SVD-LLM V2's per-type rule (v2), the spectra weighted by the loss's "
+                        "sensitivity to each output (fisher), or the best of uniform-to-fisher interpolations on "
+                        "held-out calibration windows (search); auto (default): fisher for svdllm-ec with the model "
+                        "in memory, else uniform")
+    c.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="svdllm, svdllm-ec: fit q/k/v, then o, then gate/up, then down, each on the inputs the "
+                        "already compressed ones produce (default; --no-true-sequential fits a block's linears at once)")
     c.add_argument("--rank-floor", type=float, default=0.5, help="allocated ranks stay ≥ floor × uniform (default 0.5)")
     c.add_argument("--rank-cap", type=float, default=2.0, help="allocated ranks stay ≤ cap × uniform (default 2)")
     c.add_argument("--targets", default="*", help="globs over module names, e.g. '*mlp*'")
@@ -155,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace a non-empty --out")
     c.add_argument("--finetune", action="store_true", help="then run the LoRA recovery step (see `finetune`)")
     _common_eval(c, seqlen=False)
+    _zero_shot_options(c, "--eval-tasks")
     _finetune_options(c, prefix="ft-")
 
     f = sub.add_parser("finetune", help="LoRA on the Wu then Wv factors of a compressed model, merged back")
@@ -170,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model")
     e.add_argument("model")
     e.add_argument("--data", default=EVAL_DEFAULT, help="comma-separated DATA")
-    e.add_argument("--json", default=None, help="write results here")
+    e.add_argument("--json", default=None, help="write results here (with --tasks: lm-eval's whole output too)")
     _common_eval(e)
+    _zero_shot_options(e, "--tasks")
 
     g = sub.add_parser("generate", help="greedy or sampled generation")
     g.add_argument("model")
@@ -276,6 +292,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     for spec in [args.calib, *evals]:
         check_spec(spec)
     low_memory = _wants_low_memory(args)
+    tasks = _tasks(args.eval_tasks, args.include_path)
+    if tasks and (low_memory or distributed.launched()):
+        raise ValueError("--eval-tasks needs the whole model in one process: compress, then run "
+                         f"`svdllm eval OUT --tasks {args.eval_tasks}` on the saved folder")
     if low_memory and args.finetune:
         raise ValueError("--finetune needs the whole model in memory; drop --low-memory or fine-tune afterwards")
     if distributed.launched() and args.finetune:
@@ -284,6 +304,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     device = distributed.init_from_env(_device(args.device), args.dist_timeout)
     with timings.clock("load model"):
         if low_memory:
+            from .onload import return_freed_memory
+
+            return_freed_memory()  # before the tokenizer and texts: what they free goes back to the OS
             where, _ = resolve_model(args.model)
             (model, source), tok = load_skeleton(where), AutoTokenizer.from_pretrained(where)
         else:
@@ -291,13 +314,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
     params_before = count_parameters(model)
     cfg = CompressionConfig(method=opts, ratio=args.ratio, targets=_globs(args.targets), batch_size=args.batch_size,
                             rank_rule=_rank_rule(args.ranks, opts, low_memory), rank_floor=args.rank_floor,
-                            rank_cap=args.rank_cap,
+                            rank_cap=args.rank_cap, true_sequential=args.true_sequential,
                             skip_layers=parse_layers(args.skip_layers, model.config.get_text_config().num_hidden_layers),
                             device=device, offload="disk" if low_memory else args.offload)
     cfg.validate()
     with timings.clock("load text"):
         windows = sample_windows(tokenize(tok, load_text(args.calib)), args.nsamples, args.seqlen, args.seed)
         ev = {s: eval_windows(tokenize(tok, load_text(s)), args.eval_seqlen, args.max_tokens) for s in evals}
+    if low_memory:
+        from .onload import trim_heap
+
+        trim_heap()  # the texts and their tokenisation leave ~50 MB of freed heap on SmolLM2
+    zero_shot: dict[str, list] = {}
+    if tasks:
+        from .zeroshot import score_rows, zero_shot as run_tasks
+
+        with timings.clock("zero-shot tasks, dense"):
+            zero_shot["dense"] = score_rows(run_tasks(model, tok, *tasks, limit=args.limit))
     run = RunDir(run_path, fingerprint(model, cfg, windows, ev))
     if run.done and distributed.is_writer():
         print(f"resuming {run_path} after {run.done} finished blocks", file=sys.stderr)
@@ -321,6 +354,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         with timings.clock("evaluate finetuned"):
             args.seqlen = args.eval_seqlen
             after = report.perplexity["finetuned"] = _perplexities(model, tok, evals, args, {})
+    if tasks:
+        with timings.clock("zero-shot tasks, compressed"):
+            zero_shot["compressed"] = score_rows(run_tasks(model, tok, *tasks, limit=args.limit))
+        report.zero_shot = {**zero_shot, "limit": args.limit}
+        model.config.svdllm["zero_shot"] = {f"{t} {m}": v for t, m, v, _ in zero_shot["compressed"]}
     report.timings = Timings({**timings, **{f"compress: {k}": v for k, v in report.timings.items()}})
     with timings.clock("save"):
         if low_memory:
@@ -373,6 +411,11 @@ def _print_summary(args: argparse.Namespace, report: Any, p0: int, p1: int, phas
         print("|---|---:|---:|---:|")
         for k in before:
             print(f"| {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
+    if report.zero_shot:
+        from .zeroshot import markdown
+
+        print(f"\nzero-shot (lm-eval{f', --limit {args.limit}' if args.limit else ''}):\n")
+        print(markdown({k: report.zero_shot[k] for k in ("dense", "compressed")}))
     print("\n| parameters | dense | compressed | reduction |\n|---|---:|---:|---:|")
     print(f"| whole model | {p0:,} | {p1:,} | {100 * (1 - p1 / p0):.1f}% |")
     lb, la = report.linear_params_before, report.linear_params_after
@@ -393,18 +436,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     specs = [s for s in args.data.split(",") if s.strip()]
     for spec in specs:
         check_spec(spec)
+    tasks = _tasks(args.tasks, args.include_path)
     model, tok = load_model(args.model, device=_device(args.device))
     ppl = _perplexities(model, tok, specs, args, {})
-    result = {"model": args.model, "perplexity": ppl, "parameters": count_parameters(model),
-              "seqlen": args.seqlen, "max_tokens": args.max_tokens}
+    result: dict[str, Any] = {"model": args.model, "perplexity": ppl, "parameters": count_parameters(model),
+                              "seqlen": args.seqlen, "max_tokens": args.max_tokens}
     for k, v in ppl.items():
         print(f"{k}: perplexity {v:.3f}")
     print(f"parameters: {result['parameters']:,}")
+    if tasks:
+        from .zeroshot import markdown, score_rows, zero_shot
+
+        result["lm_eval"] = zero_shot(model, tok, *tasks, limit=args.limit)
+        print("\n" + markdown({"value": score_rows(result["lm_eval"])}))
     if args.json:
         tmp = f"{args.json}.tmp-{os.getpid()}"
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(result, indent=2, default=str) + "\n")
         os.replace(tmp, args.json)
     return 0
+
+
+def _tasks(spec: str, include_path: str | None) -> tuple[list[str], Any] | None:
+    """lm-eval task names and manager for ``--tasks``/``--eval-tasks``, checked before any model is loaded."""
+    if not spec.strip():
+        if include_path:
+            raise ValueError("--include-path needs --tasks (or --eval-tasks) naming the tasks to run")
+        return None
+    from .zeroshot import resolve_tasks
+
+    return resolve_tasks(spec, include_path)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

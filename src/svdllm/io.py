@@ -115,6 +115,9 @@ def model_card(section: dict[str, Any], perplexity: dict[str, float] | None) -> 
                   f"seed {c.get('seed')}.", ""]
     if perplexity:
         lines += ["| data | perplexity |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in perplexity.items()] + [""]
+    if section.get("zero_shot"):
+        lines += ["| lm-eval task metric | value |", "|---|---|"] + \
+                 [f"| {k} | {v:.4f} |" for k, v in section["zero_shot"].items()] + [""]
     return "\n".join(lines)
 
 

@@ -6,6 +6,9 @@ with ``trust_remote_code=True`` and no svdllm installed.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -80,6 +83,17 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+@contextmanager
+def swapped(root: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """While active, ``modules`` sit at their dotted paths under ``root``; the replaced ones come back after."""
+    old = {name: replace_module(root, name, m) for name, m in modules.items()}
+    try:
+        yield
+    finally:
+        for name, m in old.items():
+            replace_module(root, name, m)
 
 
 def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:

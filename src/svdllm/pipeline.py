@@ -5,7 +5,7 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -22,17 +22,18 @@ from .calibration import (
     GramAccumulator,
     LayerStats,
     TensorStore,
+    block_device,
     fisher_rows,
     windows_digest,
 )
 from .checkpoint import RunDir, atomic_write_text
 from .evaluate import all_reduce_result, stream_perplexity
-from .importance import output_sensitivity, whitened_spectra
+from .importance import held_out_losses, interpolate, output_sensitivity, whitened_spectra
 from .methods import ErrorCorrectedOptions, MethodOptions, method_of, options_for
-from .modeling_svdllm import LowRankLinear, apply_ranks, replace_module
+from .modeling_svdllm import LowRankLinear, apply_ranks, replace_module, swapped
 from .onload import BlockHost, return_freed_memory
 from .plan import CompressionPlan, make_plan
-from .ranks import allocate
+from .ranks import allocate, per_type
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -41,7 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("svdllm")
 OFFLOAD = ("none", "cpu", "disk")
-ALLOCATIONS = ("loss", "fisher")  # rank rules decided from the model's own statistics
+ALLOCATIONS = ("loss", "v2", "fisher", "search")  # rank rules decided from the model's own statistics
+GRADIENT_RULES = ("fisher", "search")  # these need the whole model in memory
+SEARCH_STEPS = (0.0, 0.25, 0.5, 0.75, 1.0)  # --ranks search: uniform (0) to fisher (1)
 
 
 @dataclass
@@ -50,12 +53,13 @@ class CompressionConfig:
     ratio: float = 0.2  # parameter reduction of each compressed matrix
     targets: list[str] = field(default_factory=lambda: ["*"])  # globs over module names
     skip_layers: list[int] = field(default_factory=list)  # blocks left dense
-    rank_rule: str = "uniform"  # uniform, or allocated from statistics: loss (relative σ²), fisher (importance·σ²)
+    rank_rule: str = "uniform"  # uniform, or one of ALLOCATIONS (from the model's statistics)
     rank_floor: float = 0.5  # allocated ranks stay within [floor, cap] × the uniform rank
     rank_cap: float = 2.0
     batch_size: int = 4  # windows per forward
     device: str | None = None  # where blocks run (one at a time); None: where the model is
     offload: str = "none"  # where activations wait between blocks: none (the device), cpu, or disk
+    true_sequential: bool = True  # sequential methods: fit q/k/v, o, gate/up, down in turn on the X′ the earlier produce
 
     def __post_init__(self) -> None:
         if isinstance(self.method, str):
@@ -106,6 +110,8 @@ class CompressionReport:
     perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
     processes: dict[str, Any] = field(default_factory=dict)  # world size and each rank's timings (torchrun)
+    rank_search: dict[str, Any] = field(default_factory=dict)  # --ranks search: held-out loss of each candidate
+    zero_shot: dict[str, Any] = field(default_factory=dict)  # lm-eval rows (task, metric, value, stderr), dense and after
 
     @property
     def remedies(self) -> list[dict[str, Any]]:
@@ -162,18 +168,65 @@ def _decompose_block(linears: dict[str, nn.Module], acc: GramAccumulator, plan: 
     return {name: out[name] for name in linears}
 
 
+def _fit_block(model: nn.Module, block: nn.Module, linears: dict[str, nn.Module], calib: ActivationStream | None,
+               plan: CompressionPlan, cfg: CompressionConfig, fisher: dict[str, Tensor], report: CompressionReport) -> None:
+    """Record the statistics of ``linears``, factorise each at its plan rank and swap the factors in.  All at once,
+    or (true-sequential) group by group in forward order (q/k/v, o, gate/up, down), each group fitted on the
+    compressed stream that the groups before it already produce."""
+    opts = cfg.method
+    assert isinstance(opts, MethodOptions)
+    method, device = method_of(opts), block_device(block)  # the block is on the compute device
+    groups = [list(linears)]
+    if calib is not None and cfg.true_sequential and method.sequential and linears:
+        with report.timings.clock("forward passes and statistics"):
+            groups = calib.input_order(block, linears)
+    for g, names in enumerate(groups):
+        acc = GramAccumulator(method.needs, device, fisher)
+        with report.timings.clock("forward passes and statistics"):
+            if calib is not None:
+                calib.record(block, {n: linears[n] for n in names}, acc, _dense_view(model, linears),
+                             keep_output=g == len(groups) - 1)
+        with report.timings.clock("decompositions"):
+            acc.all_reduce()
+            for name, (factors, record) in _decompose_block({n: linears[n] for n in names}, acc, plan, opts,
+                                                            device).items():
+                report.account(record)
+                if factors is not None:
+                    replace_module(model, name, LowRankLinear.from_factors(linears[name], *factors))
+
+
+def _dense_view(model: nn.Module, linears: dict[str, nn.Module]) -> Callable[[], AbstractContextManager]:
+    """A context that puts back the dense modules of the linears already swapped for their factors."""
+    return lambda: swapped(model, {n: m for n, m in linears.items() if model.get_submodule(n) is not m})
+
+
 def _allocate(model: nn.Module, windows: Tensor, plan: CompressionPlan, cfg: CompressionConfig,
-              device: torch.device, source: "ShardSource | None") -> dict[str, int]:
-    """Ranks under the uniform budget from the dense whitened spectra: ``loss`` scores each component by its share
-    σᵢ²/Σσ² of its matrix's output energy, ``fisher`` by f·σᵢ² with f the loss's sensitivity to that output."""
-    spectra = whitened_spectra(model, windows, plan, device, cfg.batch_size, source)
-    if cfg.rank_rule == "fisher":
-        weight = output_sensitivity(model, windows, list(plan.ranks))
-    else:
+              device: torch.device, source: "ShardSource | None", report: CompressionReport) -> dict[str, int]:
+    """Ranks under the uniform budget from the dense whitened spectra σ²: ``loss`` keeps the components with the
+    largest share σᵢ²/Σσ² of their matrix's output energy, ``fisher`` those with the largest f·σᵢ² (f: the loss's
+    sensitivity to that output), ``v2`` is SVD-LLM V2's per-type rule, and ``search`` scores interpolations
+    between uniform and fisher on held-out calibration windows (the last quarter, left out of the statistics)."""
+    held = max(1, len(windows) // 4) if cfg.rank_rule == "search" else 0
+    if held and len(windows) < 2:
+        raise ValueError("--ranks search needs at least 2 calibration windows per process (a quarter is held out)")
+    fit = windows[: len(windows) - held]
+    shapes = {n: (plan.shapes[n][0], plan.shapes[n][1]) for n in plan.ranks}
+    spectra = whitened_spectra(model, fit, plan, device, cfg.batch_size, source)
+    if cfg.rank_rule == "v2":
+        return per_type(shapes, cfg.ratio, {n: float(spectra[n][k:].sum()) for n, k in plan.ranks.items()},
+                        cfg.rank_floor, cfg.rank_cap)
+    if cfg.rank_rule == "loss":
         weight = {n: 1.0 / float(s.sum()) for n, s in spectra.items()}
-    scores = {n: (weight[n] * spectra[n]).tolist() for n in plan.ranks}
-    return allocate({n: (plan.shapes[n][0], plan.shapes[n][1]) for n in plan.ranks}, cfg.ratio, scores,
-                    cfg.rank_floor, cfg.rank_cap)
+    else:
+        weight = output_sensitivity(model, fit, list(plan.ranks))
+    ranks = allocate(shapes, cfg.ratio, {n: (weight[n] * spectra[n]).tolist() for n in plan.ranks},
+                     cfg.rank_floor, cfg.rank_cap)
+    if cfg.rank_rule != "search":
+        return ranks
+    candidates = {f"{t:g}": interpolate(plan.ranks, ranks, t) for t in SEARCH_STEPS}
+    losses = held_out_losses(model, fit, windows[len(windows) - held:], plan, candidates, device, cfg.batch_size)
+    report.rank_search = {"held_out_windows": held, "loss_by_step": losses, "chosen": min(losses, key=losses.get)}
+    return candidates[report.rank_search["chosen"]]
 
 
 def fingerprint(model: nn.Module, cfg: CompressionConfig, windows: Tensor | None,
@@ -220,9 +273,9 @@ def compress(
         raise ValueError("streaming from disk needs a run folder and a method without gradients (not fwsvd)")
     if cfg.rank_rule in ALLOCATIONS and windows is None:
         raise ValueError(f"--ranks {cfg.rank_rule} needs calibration windows")
-    if cfg.rank_rule == "fisher" and source is not None:
-        raise ValueError("--ranks fisher needs the whole model in memory (gradients): drop --low-memory, "
-                         "or use --ranks uniform")
+    if cfg.rank_rule in GRADIENT_RULES and source is not None:
+        raise ValueError(f"--ranks {cfg.rank_rule} needs the whole model in memory (gradients): drop --low-memory, "
+                         "or use --ranks uniform, loss or v2")
     plan = make_plan(model, cfg.ratio, cfg.targets, cfg.skip_layers,
                      cfg.rank_rule if cfg.rank_rule not in ALLOCATIONS else "uniform")
     calib_info = {} if windows is None or not method.needs else {
@@ -243,7 +296,7 @@ def compress(
     distributed.all_reduce_(list(fisher.values()))
     if cfg.rank_rule in ALLOCATIONS:
         with report.timings.clock("rank allocation"):
-            plan.ranks = _allocate(model, windows, plan, cfg, device, source)
+            plan.ranks = _allocate(model, windows, plan, cfg, device, source, report)
         report.plan = plan.to_dict()
     store = TensorStore(run_dir.stream_folder if cfg.offload == "disk" and run_dir else
                         torch.device("cpu") if cfg.offload != "none" else device)
@@ -256,19 +309,10 @@ def compress(
                   disable=not progress or not distributed.is_writer()):
         block = host.onload(i)
         linears = {name: model.get_submodule(name) for name in plan.block(i)}
-        acc = GramAccumulator(method.needs, device, fisher)
         with report.timings.clock("forward passes and statistics"):
             for name in evals:
                 streams[name].propagate(block, DENSE)
-            if calib is not None:
-                calib.record(block, linears, acc)
-        with report.timings.clock("decompositions"):
-            acc.all_reduce()
-            for name, (factors, record) in _decompose_block(linears, acc, plan, opts, device).items():
-                report.account(record)
-                if factors is not None:
-                    replace_module(model, name, LowRankLinear.from_factors(linears[name], *factors))
-        del acc
+        _fit_block(model, block, linears, calib, plan, cfg, fisher, report)
         with report.timings.clock("forward passes and statistics"):
             if calib is not None:
                 calib.advance(block)

@@ -1,0 +1,211 @@
+"""Zero-shot accuracy through lm-evaluation-harness, and two offline tasks built from the offline texts.
+
+Scoring is lm-eval's own: ``HFLM`` wraps the model object svdllm loaded and
+``simple_evaluate`` runs the tasks.  The offline tasks are ordinary lm-eval
+task YAML + JSONL written once to the cache, from text that never calibrates:
+
+- ``svdllm_cloze``: LAMBADA-style, predict the last word of a news passage
+  (acc: the word is the greedy continuation; perplexity of the word);
+- ``svdllm_next_sentence``: HellaSwag-style, the true next sentence of a
+  Wikipedia test article against three sentences of other test articles
+  (acc, acc_norm).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import assets
+from .checkpoint import atomic_write_text
+
+if TYPE_CHECKING:
+    from torch import nn
+
+TASKS_VERSION = 1
+OFFLINE_TASKS = ("svdllm_cloze", "svdllm_next_sentence")
+# the paper's zero-shot set with the metric its tables report: acc_norm where lm-eval normalises by length
+PAPER_TASKS = {"openbookqa": "acc_norm", "winogrande": "acc", "hellaswag": "acc_norm", "piqa": "acc",
+               "mathqa": "acc_norm", "arc_easy": "acc", "arc_challenge": "acc_norm"}
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE.split(" ".join(text.split())) if len(s.split()) >= 4]
+
+
+def cloze_items(docs: list[str], limit: int = 500) -> list[dict[str, str]]:
+    """Passages of whole sentences (≥ 40 words) whose last word (alphabetic, ≥ 3 letters) is to be predicted."""
+    items = []
+    for doc in docs:
+        sents = _sentences(doc)
+        start = 0
+        for end in range(len(sents)):
+            words = " ".join(sents[start : end + 1]).split()
+            if len(words) < 40:
+                continue
+            last = words[-1].rstrip(".!?\"')")
+            if last.isalpha() and len(last) >= 3 and words[-1][len(last):] in (".", "!", "?"):
+                items.append({"context": " ".join(words[:-1]), "target": last})
+            start = end + 1
+        if len(items) >= limit:
+            break
+    return items[:limit]
+
+
+def next_sentence_items(articles: list[list[str]], limit: int = 500, seed: int = 0) -> list[dict[str, Any]]:
+    """Three sentences of context, the true fourth and three sentences drawn from other articles, shuffled."""
+    rng = random.Random(seed)
+    pool = [(a, s) for a, sents in enumerate(articles) for s in sents]
+    items = []
+    for a, sents in enumerate(articles):
+        for i in range(3, len(sents), 8):
+            others = []
+            while len(others) < 3:
+                b, s = pool[rng.randrange(len(pool))]
+                if b != a and s not in others:
+                    others.append(s)
+            choices = [sents[i], *others]
+            rng.shuffle(choices)
+            items.append({"context": " ".join(sents[i - 3 : i]), "choices": choices,
+                          "label": choices.index(sents[i])})
+            if len(items) >= limit:
+                return items
+    return items
+
+
+_YAML = {
+    "svdllm_cloze": """task: svdllm_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: context
+doc_to_target: "{{{{' ' + target}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+metadata:
+  version: {version}
+""",
+    "svdllm_next_sentence": """task: svdllm_next_sentence
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: {version}
+""",
+}
+
+
+def offline_tasks_dir() -> Path:
+    """The offline tasks' folder in the cache, written on first use (YAML + JSONL, deterministic)."""
+    from .data import is_test_article, load_text, wiki_articles
+
+    folder = assets.cache_dir() / f"lm-eval-tasks-v{TASKS_VERSION}"
+    if all((folder / f"{t}.yaml").is_file() for t in OFFLINE_TASKS):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    news = [line for line in load_text("news").splitlines() if line.strip()]
+    articles = [_sentences(p) for t, p in wiki_articles() if is_test_article(t)]
+    data = {"svdllm_cloze": cloze_items(news), "svdllm_next_sentence": next_sentence_items([a for a in articles if len(a) >= 4])}
+    for task, rows in data.items():
+        jsonl = folder / f"{task}.jsonl"
+        atomic_write_text(jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(folder / f"{task}.yaml", _YAML[task].format(data=json.dumps(str(jsonl)), version=TASKS_VERSION))
+    return folder
+
+
+def _lm_eval() -> Any:
+    try:
+        import lm_eval  # type: ignore[import-not-found]
+    except ImportError:
+        raise RuntimeError("zero-shot tasks need lm-evaluation-harness: pip install 'svdllm[eval]'") from None
+    return lm_eval
+
+
+def resolve_tasks(spec: str, include_path: str | None = None) -> tuple[list[str], Any]:
+    """Task names from ``--tasks`` (``paper`` is the paper's seven, ``offline`` ours) and lm-eval's TaskManager
+    with our folder (and ``include_path``) included; an unknown name is an error naming the fix."""
+    _lm_eval()
+    from lm_eval.tasks import TaskManager  # type: ignore[import-not-found]
+
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        names += list(PAPER_TASKS) if part == "paper" else list(OFFLINE_TASKS) if part == "offline" else [part]
+    if not names:
+        raise ValueError("--tasks is empty")
+    if include_path and not Path(include_path).expanduser().is_dir():
+        raise FileNotFoundError(f"--include-path {include_path}: no such folder")
+    paths = [str(offline_tasks_dir())] if set(names) & set(OFFLINE_TASKS) else []
+    paths += [str(Path(include_path).expanduser())] if include_path else []
+    manager = TaskManager(include_path=paths or None)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task {unknown[0]!r}: see `lm-eval ls tasks`, or give its YAML folder "
+                         f"with --include-path (offline: {', '.join(OFFLINE_TASKS)})")
+    return names, manager
+
+
+def zero_shot(model: "nn.Module", tokenizer: Any, tasks: list[str], manager: Any, limit: int | None = None,
+              batch_size: int = 8) -> dict[str, Any]:
+    """lm-eval's results for ``tasks`` on ``model`` (dense or compressed) as loaded: its whole output dict."""
+    lm_eval = _lm_eval()
+    from lm_eval.models.huggingface import HFLM  # type: ignore[import-not-found]
+
+    device = str(next(p.device for p in model.parameters()))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                       log_samples=False, bootstrap_iters=1000)
+    except Exception as exc:  # a task whose data lives on the hub, with no network
+        if any(w in f"{type(exc).__name__} {exc}" for w in ("Offline", "Connection", "hub", "resolve", "Couldn't reach")):
+            raise RuntimeError(f"a task's data needs the Hugging Face hub, which is not reachable ({type(exc).__name__});"
+                               f" use the offline tasks ({', '.join(OFFLINE_TASKS)}) or a local --include-path") from None
+        raise
+
+
+def score_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """(task, metric, value, stderr) for every metric lm-eval reported, tasks in its order."""
+    rows = []
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, comma, filt = key.partition(",")  # "acc,none": lm-eval's metric,filter keys
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            err = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append((task, metric, float(value), float(err) if isinstance(err, (int, float)) else math.nan))
+    return rows
+
+
+def markdown(rows_by_model: dict[str, list[tuple[str, str, float, float]]]) -> str:
+    """One table, a column per model (value ± stderr)."""
+    heads = list(rows_by_model)
+    keys = list(dict.fromkeys((t, m) for rows in rows_by_model.values() for t, m, _, _ in rows))
+    cell = {(h, t, m): f"{v:.4f} ± {e:.4f}" if not math.isnan(e) else f"{v:.4f}"
+            for h, rows in rows_by_model.items() for t, m, v, e in rows}
+    lines = ["| task | metric | " + " | ".join(heads) + " |", "|---|---|" + "---:|" * len(heads)]
+    lines += [f"| {t} | {m} | " + " | ".join(cell.get((h, t, m), "") for h in heads) + " |" for t, m in keys]
+    return "\n".join(lines)

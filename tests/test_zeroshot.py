@@ -1,0 +1,104 @@
+"""Zero-shot tasks through lm-evaluation-harness: the offline task data, the CLI, agreement with lm-eval's own CLI,
+and the one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_text
+from svdllm.cli import main
+from svdllm.zeroshot import cloze_items, next_sentence_items, _sentences
+from test_cli import compress_args
+
+
+def test_offline_items_come_from_the_text_and_are_deterministic():
+    docs = [make_text(400, seed) for seed in range(6)]
+    items = cloze_items(docs)
+    assert items and items == cloze_items(docs)
+    for it in items:
+        assert it["target"].isalpha() and len(it["context"].split()) >= 39
+        assert any(f"{it['context']} {it['target']}." in " ".join(d.split()) for d in docs)
+    articles = [_sentences(d) for d in docs]
+    mc = next_sentence_items(articles, seed=1)
+    assert mc and mc == next_sentence_items(articles, seed=1)
+    for it in mc:
+        owner = next(a for a in articles if it["context"] in " ".join(a))
+        context_end = next(i for i in range(3, len(owner)) if " ".join(owner[i - 3 : i]) == it["context"])
+        assert it["choices"][it["label"]] == owner[context_end]
+        assert len(it["choices"]) == 4 and all(c not in owner for j, c in enumerate(it["choices"]) if j != it["label"])
+    assert len({it["label"] for it in mc}) > 1  # the answer is not always in one place
+
+
+def tiny_task(folder: Path) -> Path:
+    """A four-way next-sentence task in lm-eval's own YAML + JSONL, as a user's --include-path holds."""
+    folder.mkdir()
+    rows = next_sentence_items([_sentences(make_text(300, s)) for s in range(4)], limit=12)
+    (folder / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny.yaml").write_text(
+        f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(folder / 'tiny.jsonl'))}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return folder
+
+
+def test_compress_eval_and_lm_evals_own_cli_agree(model_dir, text_file, tmp_path, capsys):
+    tasks, out = tiny_task(tmp_path / "tasks"), tmp_path / "c"
+    zs = ["--include-path", str(tasks), "--limit", "6"]
+    assert main(compress_args(model_dir, text_file, out, "--eval-tasks", "tiny_mc", *zs)) == 0
+    assert "| tiny_mc | acc_norm |" in capsys.readouterr().out
+    report = json.loads((out / "svdllm_report.json").read_text())
+    rows = {k: {(t, m): v for t, m, v, _ in report["zero_shot"][k]} for k in ("dense", "compressed")}
+    assert set(rows["dense"]) == set(rows["compressed"]) == {("tiny_mc", "acc"), ("tiny_mc", "acc_norm")}
+    assert json.loads((out / "config.json").read_text())["svdllm"]["zero_shot"]["tiny_mc acc"] == \
+        rows["compressed"][("tiny_mc", "acc")]
+    assert "| tiny_mc acc |" in (out / "README.md").read_text()
+
+    js = tmp_path / "eval.json"
+    assert main(["-q", "eval", str(out), "--data", "", "--tasks", "tiny_mc", *zs, "--json", str(js)]) == 0
+    ours = json.loads(js.read_text())["lm_eval"]["results"]["tiny_mc"]
+    assert ours["acc,none"] == rows["compressed"][("tiny_mc", "acc")]
+    assert ours["acc_norm,none"] == rows["compressed"][("tiny_mc", "acc_norm")]
+
+    lm_out = tmp_path / "lm-eval-out"
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={out},trust_remote_code=True", "--tasks", "tiny_mc", "--include_path",
+                           str(tasks), "--limit", "6", "--device", "cpu", "--output_path", str(lm_out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = json.loads(next(lm_out.rglob("results*.json")).read_text())["results"]["tiny_mc"]
+    assert theirs["acc,none"] == pytest.approx(ours["acc,none"]) and \
+        theirs["acc_norm,none"] == pytest.approx(ours["acc_norm,none"])
+
+
+def test_zero_shot_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    assert main(["eval", str(model_dir), "--data", "", "--tasks", "no_such_task"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown lm-eval task 'no_such_task'" in err and "--include-path" in err and "\n" not in err
+    assert main(["eval", str(model_dir), "--data", "", "--tasks", "tiny_mc", "--include-path", str(tmp_path / "x")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    assert main(["eval", str(model_dir), "--data", "", "--tasks", "svdllm_cloze"]) == 2
+    assert "pip install 'svdllm[eval]'" in capsys.readouterr().err
+
+
+def test_a_hub_task_offline_is_one_line(model_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-m", "svdllm", "eval", str(model_dir), "--data", "", "--tasks", "arc_easy",
+                           "--limit", "2"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "needs the Hugging Face hub" in last and "svdllm_cloze" in last
+
+
+@pytest.mark.real
+def test_dense_smollm2_is_above_chance_on_the_offline_tasks(tmp_path):
+    js = tmp_path / "zs.json"
+    assert main(["-q", "eval", "smollm2-135m", "--data", "", "--tasks", "offline", "--limit", "20", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())["lm_eval"]["results"]
+    assert res["svdllm_cloze"]["acc,none"] > 0.1  # chance: about 0 (any word of the vocabulary)
+    assert res["svdllm_next_sentence"]["acc_norm,none"] > 0.4  # chance: 0.25
