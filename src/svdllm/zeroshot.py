@@ -5,7 +5,7 @@ Scoring is lm-eval's own: ``HFLM`` wraps the model object svdllm loaded and
 task YAML + JSONL written once to the cache, from text that never calibrates:
 
 - ``svdllm_cloze``: LAMBADA-style, predict the last word of a news passage
-  (acc: the word is the greedy continuation; perplexity of the word);
+  (acc: the word is the greedy continuation);
 - ``svdllm_next_sentence``: HellaSwag-style, the true next sentence of a
   Wikipedia test article against three sentences of other test articles
   (acc, acc_norm).
@@ -25,7 +25,7 @@ from .checkpoint import atomic_write_text
 if TYPE_CHECKING:
     from torch import nn
 
-TASKS_VERSION = 1
+TASKS_VERSION = 2  # v2: no perplexity metric (its bootstrap forks a pool, which hangs beside torch's threads)
 OFFLINE_TASKS = ("svdllm_cloze", "svdllm_next_sentence")
 # the paper's zero-shot set with the metric its tables report: acc_norm where lm-eval normalises by length
 PAPER_TASKS = {"openbookqa": "acc_norm", "winogrande": "acc", "hellaswag": "acc_norm", "piqa": "acc",
@@ -91,9 +91,6 @@ metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
 metadata:
   version: {version}
 """,
