@@ -34,29 +34,12 @@ from common import markdown_table, peak_rss, peak_rss_reset, write_json  # noqa:
 
 from svdllm import CompressionConfig, compress, load_model, sample_windows, save  # noqa: E402
 from svdllm.data import load_text, tokenize  # noqa: E402
+from svdllm.generation import bytes_read_per_token, fast_options, weight_bytes  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def bytes_read_per_token(model: nn.Module) -> int:
-    """Weights a batch-1 decode step streams: everything but input-embedding tables (one row is read),
-    unless the table is tied to the output head, which reads it whole."""
-    head = model.get_output_embeddings()
-    head_id = id(head.weight) if head is not None else None
-    total = 0
-    for p in {id(p): p for p in model.parameters()}.values():
-        total += p.numel() * p.element_size()
-    for m in model.modules():
-        if isinstance(m, nn.Embedding) and id(m.weight) != head_id:
-            total -= (m.weight.shape[0] - 1) * m.weight.shape[1] * m.weight.element_size()
-    return total
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -67,10 +50,13 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def generate_fn(model: nn.Module, batch: int, new_tokens: int, prompt: torch.Tensor) -> Callable[[], Any]:
+def generate_fn(model: nn.Module, batch: int, new_tokens: int, prompt: torch.Tensor,
+                fast: bool = False) -> Callable[[], Any]:
+    """One greedy generate of ``new_tokens`` after a 16-token prompt; ``fast``: static cache + compiled decode."""
     x = prompt[None, :16].repeat(batch, 1).to(next(model.parameters()).device)
+    extra = fast_options(model) if fast else {}
     return lambda: model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
 
 
 @torch.no_grad()
@@ -81,8 +67,11 @@ def measure(model: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> di
     for n in args.prefill:
         x = ids[:, :n].to(device)
         out[f"prefill_{n}_tok_s"] = n / timed(lambda: model(input_ids=x, use_cache=True), device)
-    for b in args.batch:
-        out[f"decode_b{b}_tok_s"] = b * args.new_tokens / timed(generate_fn(model, b, args.new_tokens, ids[0]), device)
+    for path in args.paths:
+        prefix = "fast_" if path == "fast" else ""
+        for b in args.batch:
+            gen = generate_fn(model, b, args.new_tokens, ids[0], fast=path == "fast")
+            out[f"{prefix}decode_b{b}_tok_s"] = b * args.new_tokens / timed(gen, device)
     return out
 
 
@@ -204,10 +193,12 @@ def _f(x: float, nd: int = 1) -> str:
 def table(results: dict) -> str:
     dense = results["models"]["dense"]
     med = lambda m, k: m["median"][k]  # noqa: E731
-    b1 = "decode_b1_tok_s" if "decode_b1_tok_s" in dense["median"] else None
-    keys = [k for k in dense["median"] if k != b1]
+    b1 = [k for k in ("decode_b1_tok_s", "fast_decode_b1_tok_s") if k in dense["median"]]
+    keys = [k for k in dense["median"] if k not in b1]
     out = f"`{results['command']}`\n\nDevice: {results['device']}, torch threads {results['threads']}, " \
-          f"{results['args']['repeats']} interleaved repeats, medians; memory probes each in a fresh process.\n\n"
+          f"{results['args']['repeats']} interleaved repeats, medians; memory probes each in a fresh process. " \
+          "`fast_`: static KV cache and compiled decode (`svdllm.generation.fast_options`), dense through the " \
+          "same path.\n\n"
     rows = []
     mem_keys = sorted(dense.get("memory", {}))
     for name, m in results["models"].items():
@@ -215,12 +206,16 @@ def table(results: dict) -> str:
             continue
         row = [f"{m['ratio']:g}", _f(m["weight_bytes"] / dense["weight_bytes"], 3)]
         row += [_f(m["memory"][k]["peak_mib"] / dense["memory"][k]["peak_mib"], 3) for k in mem_keys]
-        if b1:
-            row += [_f(med(m, b1) / med(dense, b1), 2), _f(dense["bytes_per_token"] / m["bytes_per_token"], 2)]
+        limit = dense["bytes_per_token"] / m["bytes_per_token"]
+        for k in b1:
+            row += [_f(med(m, k) / med(dense, k), 2), f"{100 * med(m, k) / med(dense, k) / limit:.0f}%"]
+        row += [_f(limit, 2)] if b1 else []
         row += [_f(med(m, k) / med(dense, k), 2) for k in keys]
         rows.append(row)
     header = ["ratio", "weight memory (c/d)"] + [f"peak memory generating {k} (c/d)" for k in mem_keys]
-    header += ["**decode_b1 speed-up**", "**its limit** (bytes read per token, d/c)"] if b1 else []
+    for k in b1:
+        header += [f"**{k.replace('_tok_s', '')} speed-up**", "share of the limit"]
+    header += ["**the limit** (bytes read per token, d/c)"] if b1 else []
     header += [k.replace("_tok_s", "") + " speed-up" for k in keys]
     out += markdown_table(header, rows)
     kind = next(iter(dense.get("memory", {}).values()), {}).get("kind", "")
@@ -257,6 +252,7 @@ def main() -> None:
     p.add_argument("--batch", default="1,8")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--paths", default="eager,fast", help="eager: generate as is; fast: static cache + compiled decode")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results/speed")
     p.add_argument("--cost-from", help="reuse the compression-cost section of an earlier results.json")
@@ -265,6 +261,7 @@ def main() -> None:
     args = p.parse_args()
     args.prefill = [int(x) for x in args.prefill.split(",")]
     args.batch = [int(x) for x in args.batch.split(",")]
+    args.paths = args.paths.split(",")
     if args.probe_generate:
         print(json.dumps(probe_generate(args.probe_generate, args.batch[0], args)))
         return
@@ -288,8 +285,8 @@ def main() -> None:
             m = compress(copy.deepcopy(base), None, CompressionConfig(ratio=r, method="svd"), progress=False)
             models[f"ratio {r:g}"] = (m, r, str(save(m, tok, Path(tmp.name) / f"ratio-{r:g}")))
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in models}
-    for name, (m, *_) in models.items():  # warm-up
-        measure(m, ids, argparse.Namespace(**{**vars(args), "new_tokens": 8, "prefill": [32]}))
+    for name, (m, *_) in models.items():  # warm-up; the fast path compiles here, for the measured shapes
+        measure(m, ids, argparse.Namespace(**{**vars(args), "prefill": [32]}))
     for rep in range(args.repeats):
         for name, (m, *_) in models.items():
             samples[name].append(measure(m, ids, args))

@@ -107,7 +107,9 @@ def test_plain_transformers_loads_without_svdllm(saved, calib_tokens, tmp_path):
         m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
         with torch.no_grad():
             torch.save({{"logits": m(ids).logits,
-                        "gen": m.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)}},
+                        "gen": m.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0),
+                        "latent": m.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                             latent_cache=True)}},
                        {str(tmp_path / 'res.pt')!r})
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -118,6 +120,7 @@ def test_plain_transformers_loads_without_svdllm(saved, calib_tokens, tmp_path):
     res = torch.load(tmp_path / "res.pt")
     assert torch.equal(res["logits"], ref)
     assert torch.equal(res["gen"], gen_ref)
+    assert torch.equal(res["latent"], gen_ref)  # LLaMA uses the latent cache; GPT-2 says why not and falls back
 
 
 def test_tampered_rank_is_refused(saved):

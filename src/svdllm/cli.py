@@ -196,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None)
+    g.add_argument("--fast", action="store_true",
+                   help="static KV cache and a compiled decode step (torch.compile; the first call compiles)")
+    g.add_argument("--latent-cache", action="store_true",
+                   help="keep the rank-r latents of low-rank k_proj/v_proj in the KV cache instead of keys and values")
+
+    b = sub.add_parser("bench", help="batch-1 decode speed and weight bytes, against a dense model and its limit")
+    b.add_argument("model")
+    b.add_argument("--dense", default=None, help="the uncompressed model to compare with (MODEL)")
+    b.add_argument("--fast", action="store_true", help="also through the fast path (static cache, compiled decode)")
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default=None)
+    b.add_argument("--json", default=None, help="write the figures here")
 
     i = sub.add_parser("info", help="the svdllm section and per-module ranks of a saved model")
     i.add_argument("model")
@@ -471,13 +484,68 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .io import load_model
+    from .modeling_svdllm import LatentCache, cache_argument, cache_bytes_per_token, latent_cache_unsupported
 
+    if args.fast and args.latent_cache:
+        raise ValueError("--fast and --latent-cache do not combine: the latent cache grows, the static cache is fixed")
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, device=_device(args.device))
     ids = tok(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
+    extra: dict[str, Any] = {}
+    if args.fast:
+        from .generation import fast_options
+
+        extra |= fast_options(model)
+    if args.latent_cache:
+        reason = latent_cache_unsupported(model)
+        if reason:
+            print(f"svdllm generate: latent cache: {reason}; using the ordinary cache", file=sys.stderr)
+        else:
+            extra[cache_argument(model)] = LatentCache(model)
+            dense, latent = cache_bytes_per_token(model, False), cache_bytes_per_token(model, True)
+            print(f"svdllm generate: KV cache {latent} bytes/token latent against {dense} dense "
+                  f"({latent / dense:.3f}x)", file=sys.stderr)
     out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id, **extra)
     print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .data import load_text, tokenize
+    from .generation import bytes_read_per_token, decode_speed, weight_bytes
+    from .io import load_model
+
+    if args.new_tokens < 1 or args.repeats < 1:
+        raise ValueError("--new-tokens and --repeats must be at least 1")
+    if args.json and Path(args.json).exists():
+        raise FileExistsError(f"--json {args.json} exists; give a new file name")
+    models, tok = {}, None
+    for spec in [args.model] + ([args.dense] if args.dense else []):
+        models[spec], tok = load_model(spec, device=_device(args.device))
+    prompt = tokenize(tok, load_text("wiki-test"))[:16]
+    paths = {"eager": decode_speed(models, prompt, args.new_tokens, args.repeats, fast=False)}
+    if args.fast:
+        paths["fast"] = decode_speed(models, prompt, args.new_tokens, args.repeats, fast=True)
+    rows = {spec: {"weight_bytes": weight_bytes(m), "bytes_read_per_token": bytes_read_per_token(m),
+                   **{f"{p}_tok_s": speed[spec] for p, speed in paths.items()}} for spec, m in models.items()}
+    print(f"batch-1 greedy decode, {args.new_tokens} tokens after a 16-token prompt, median of {args.repeats}\n")
+    print("| model | weights MiB | read per token MiB | " + " | ".join(f"{p} tok/s" for p in paths) + " |")
+    print("|---|---:|---:|" + "---:|" * len(paths))
+    for spec, r in rows.items():
+        print(f"| {spec} | {r['weight_bytes'] / 2**20:.1f} | {r['bytes_read_per_token'] / 2**20:.1f} | "
+              + " | ".join(f"{r[f'{p}_tok_s']:.1f}" for p in paths) + " |")
+    if args.dense:
+        c, d = rows[args.model], rows[args.dense]
+        limit = d["bytes_read_per_token"] / c["bytes_read_per_token"]
+        rows["speed_up"] = {p: c[f"{p}_tok_s"] / d[f"{p}_tok_s"] for p in paths} | {"limit": limit}
+        print("\nspeed-up over dense: " + ", ".join(f"{p} {c[f'{p}_tok_s'] / d[f'{p}_tok_s']:.2f}x "
+                                                   f"({100 * c[f'{p}_tok_s'] / d[f'{p}_tok_s'] / limit:.0f}% of the "
+                                                   f"{limit:.2f}x bytes limit)" for p in paths))
+    if args.json:
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
     return 0
 
 
@@ -532,7 +600,7 @@ def _plot_kept(kept: dict[str, float], path: Path, title: str) -> None:
 
 
 COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "eval": cmd_eval, "generate": cmd_generate,
-            "info": cmd_info}
+            "bench": cmd_bench, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -326,8 +326,10 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     device_map: Any = None,
+    latent_cache: bool = False,
 ) -> nn.Module:
-    """Rebuild a saved svdllm model from config.json and safetensors alone (ranks from config)."""
+    """Rebuild a saved svdllm model from config.json and safetensors alone (ranks from config).  With
+    ``latent_cache`` its ``generate`` keeps the latents of low-rank k_proj/v_proj in the KV cache by default."""
     folder = Path(path)
     verify(folder)
     cfg = json.loads((folder / "config.json").read_text())
@@ -343,6 +345,7 @@ def load(
         raise FormatError(f"{folder}: {str(exc).splitlines()[0]}") from None
     if device:
         model.to(device)
+    model.latent_cache_default = latent_cache
     return model.eval()
 
 
