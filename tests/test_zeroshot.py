@@ -75,6 +75,32 @@ def test_compress_eval_and_lm_evals_own_cli_agree(model_dir, text_file, tmp_path
         theirs["acc_norm,none"] == pytest.approx(ours["acc_norm,none"])
 
 
+def test_bootstrapped_metrics_never_fork(model_dir, tmp_path, monkeypatch):
+    """lm-eval bootstraps a perplexity's stderr in a forked pool, which can deadlock beside torch's threads."""
+    import multiprocessing
+
+    from svdllm.io import load_model
+    from svdllm.zeroshot import resolve_tasks, zero_shot
+
+    folder = tiny_task(tmp_path / "tasks")
+    (folder / "tiny_ppl.yaml").write_text(
+        (folder / "tiny.yaml").read_text().replace("task: tiny_mc", "task: tiny_ppl")
+        .replace("output_type: multiple_choice", "output_type: loglikelihood")
+        .replace("doc_to_choice: choices\n", "").replace("doc_to_target: label", "doc_to_target: \"{{choices[label]}}\"")
+        .split("metric_list:")[0] + "metric_list:\n  - metric: perplexity\n")
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("lm-eval forked a multiprocessing pool")
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    model, tok = load_model(str(model_dir))
+    names, manager = resolve_tasks("tiny_ppl", str(folder))
+    res = zero_shot(model, tok, names, manager, limit=6)
+    assert res["results"]["tiny_ppl"]["perplexity,none"] > 1
+    assert res["results"]["tiny_ppl"]["perplexity_stderr,none"] > 0  # bootstrapped, in this process
+    assert "DISABLE_MULTIPROC" not in os.environ
+
+
 def test_zero_shot_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch):
     assert main(["eval", str(model_dir), "--data", "", "--tasks", "no_such_task"]) == 2
     err = capsys.readouterr().err.strip()

@@ -157,8 +157,9 @@ def svdllm_class(base: type) -> type:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Latent KV cache: a low-rank k_proj/v_proj is U·(V·x), so the cache can hold the rank-r latent V·x instead of the
-# keys and values (Palu, arXiv 2407.21118).  Keys are rebuilt as RoPE(k_norm(U·latent)) and values as U·latent when
-# attention reads them; any attention kernel (eager, sdpa, flash) then runs unchanged.
+# keys and values (Palu, arXiv 2407.21118).  Keys are rebuilt as RoPE(k_norm(U·latent)) when attention reads them.
+# Values are rebuilt as U·latent in multi-token steps; in decode steps attention reads the latents and v_proj's U is
+# applied to its output instead (an o_proj pre-hook).
 # ---------------------------------------------------------------------------------------------------------------
 
 # Attention that computes k = RoPE(norm?(k_proj(x))) with transformers' rotate-half RoPE and passes

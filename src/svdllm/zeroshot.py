@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from pathlib import Path
@@ -174,6 +175,10 @@ def zero_shot(model: "nn.Module", tokenizer: Any, tasks: list[str], manager: Any
 
     device = str(next(p.device for p in model.parameters()))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    # lm-eval bootstraps some metrics' stderr (perplexity, f1, …) in a forked multiprocessing pool, and a fork beside
+    # torch's threads can deadlock (it hung CI once); its DISABLE_MULTIPROC runs the bootstrap in this process.
+    multiproc = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                        log_samples=False, bootstrap_iters=1000)
@@ -182,6 +187,11 @@ def zero_shot(model: "nn.Module", tokenizer: Any, tasks: list[str], manager: Any
             raise RuntimeError(f"a task's data needs the Hugging Face hub, which is not reachable ({type(exc).__name__});"
                                f" use the offline tasks ({', '.join(OFFLINE_TASKS)}) or a local --include-path") from None
         raise
+    finally:
+        if multiproc is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = multiproc
 
 
 def score_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float]]:
