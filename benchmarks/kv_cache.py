@@ -84,7 +84,7 @@ def probe(model_spec: str, mode: str, prompt: int, decode: int) -> dict[str, Any
             "bytes_per_token": cache_bytes_per_token(model, mode != "ordinary"), "peak_over_loaded": peak_rss() - base}
 
 
-def decode_speed(model_spec: str, prompt: int, rounds: int, steps: int) -> dict[str, float]:
+def cache_decode_speed(model_spec: str, prompt: int, rounds: int, steps: int) -> dict[str, float]:
     """Decode tokens/s of each cache after the same prompt, in one process, interleaved round by round (median)."""
     model, tok = load_model(model_spec)
     ids = prompt_tokens(tok, prompt)
@@ -174,7 +174,7 @@ def main() -> None:
         return
     if args.speed_probe:
         spec, prompt, rounds, steps = args.speed_probe
-        print(json.dumps(decode_speed(spec, int(prompt), int(rounds), int(steps))))
+        print(json.dumps(cache_decode_speed(spec, int(prompt), int(rounds), int(steps))))
         return
 
     work, out = Path(args.work), Path(args.out)

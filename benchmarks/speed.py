@@ -22,9 +22,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,29 +33,7 @@ from common import markdown_table, peak_rss, peak_rss_reset, write_json  # noqa:
 
 from svdllm import CompressionConfig, compress, load_model, sample_windows, save  # noqa: E402
 from svdllm.data import load_text, tokenize  # noqa: E402
-from svdllm.generation import bytes_read_per_token, fast_options, weight_bytes  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def generate_fn(model: nn.Module, batch: int, new_tokens: int, prompt: torch.Tensor,
-                fast: bool = False) -> Callable[[], Any]:
-    """One greedy generate of ``new_tokens`` after a 16-token prompt; ``fast``: static cache + compiled decode."""
-    x = prompt[None, :16].repeat(batch, 1).to(next(model.parameters()).device)
-    extra = fast_options(model) if fast else {}
-    return lambda: model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
+from svdllm.generation import bytes_read_per_token, generate_seconds, timed, weight_bytes  # noqa: E402
 
 
 @torch.no_grad()
@@ -70,8 +47,8 @@ def measure(model: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> di
     for path in args.paths:
         prefix = "fast_" if path == "fast" else ""
         for b in args.batch:
-            gen = generate_fn(model, b, args.new_tokens, ids[0], fast=path == "fast")
-            out[f"{prefix}decode_b{b}_tok_s"] = b * args.new_tokens / timed(gen, device)
+            seconds = generate_seconds(model, ids[:, :16].repeat(b, 1), args.new_tokens, fast=path == "fast")
+            out[f"{prefix}decode_b{b}_tok_s"] = b * args.new_tokens / seconds
     return out
 
 
@@ -106,8 +83,8 @@ def probe_generate(spec: str, batch: int, args: argparse.Namespace) -> dict[str,
     """
     model, tok = load_model(spec, device=args.device)
     own_copies(model)
-    prompt = tokenize(tok, load_text("wiki-train"))[:16]  # the prompt ``measure`` uses
-    gen = generate_fn(model, batch, args.new_tokens, prompt)
+    prompt = tokenize(tok, load_text("wiki-train"))[None, :16].repeat(batch, 1)  # the prompt ``measure`` uses
+    gen = lambda: generate_seconds(model, prompt, args.new_tokens)  # noqa: E731
     if args.device.startswith("cuda"):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -72,23 +72,32 @@ class LayerStats:
     fisher: Tensor | None = None
 
 
-@contextmanager
-def recorded_inputs(linears: dict[str, nn.Module], stop: list[bool] | None = None) -> Iterator[dict[str, Tensor]]:
-    """While active, maps each linear's name to its last input (as given, not copied).  While ``stop[0]`` is
-    true, a forward raises ``_Stop`` once every linear has seen its input (the rest of the block is not run)."""
-    seen: dict[str, Tensor] = {}
+class InputRecorder:
+    """Pre-hooks on ``linears`` that keep each one's last input (as given, not copied) in ``seen`` while the
+    recorder is entered.  With ``stop_when_complete`` set, a forward raises ``_Stop`` as soon as every linear
+    has its input, so the rest of the block is not run."""
 
-    def hook(_m: nn.Module, args: tuple, name: str) -> None:
-        seen[name] = args[0]
-        if stop and stop[0] and len(seen) == len(linears):
+    def __init__(self, linears: dict[str, nn.Module]) -> None:
+        self.linears, self.seen, self.stop_when_complete = linears, {}, False
+        self._handles: list[Any] = []
+
+    def _hook(self, name: str, args: tuple) -> None:
+        self.seen[name] = args[0]
+        if self.stop_when_complete and len(self.seen) == len(self.linears):
             raise _Stop
 
-    handles = [m.register_forward_pre_hook(lambda m, args, name=name: hook(m, args, name))
-               for name, m in linears.items()]
-    try:
-        yield seen
-    finally:
-        for h in handles:
+    def take(self) -> dict[str, Tensor]:
+        """The inputs seen so far; the recorder starts afresh."""
+        taken, self.seen = self.seen, {}
+        return taken
+
+    def __enter__(self) -> "InputRecorder":
+        self._handles = [m.register_forward_pre_hook(lambda _m, args, name=name: self._hook(name, args))
+                         for name, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
             h.remove()
 
 
@@ -342,9 +351,9 @@ class ActivationStream:
     def input_order(self, block: nn.Module, linears: dict[str, nn.Module]) -> list[list[str]]:
         """The linears of ``block`` in groups sharing an input, in the order the forward reaches them
         (q/k/v, o, gate/up, down), from the dense lane's first batch."""
-        with recorded_inputs(linears) as seen:
+        with InputRecorder(linears) as recorder:
             self._run(block, 0, self.hidden(DENSE, 0, block_device(block)))
-            return shared_input_groups(seen)
+            return shared_input_groups(recorder.seen)
 
     @torch.no_grad()
     def record(self, block: nn.Module, linears: dict[str, nn.Module], acc: GramAccumulator,
@@ -354,19 +363,16 @@ class ActivationStream:
         block as it is now.  With ``keep_output`` the dense lane's outputs are kept for ``advance``; the
         other forwards stop as soon as every linear has seen its input."""
         device = block_device(block)
-        stop = [not keep_output]
-        with recorded_inputs(linears, stop) as seen:
+        with InputRecorder(linears) as recorder:
             for j in range(len(self)):
+                recorder.stop_when_complete = not keep_output
                 with dense_view():
                     out = self._run(block, j, self.hidden(DENSE, j, device))
-                dense_in, comp_in = dict(seen), None
-                seen.clear()
+                dense_in, comp_in = recorder.take(), None
                 if COMPRESSED in self.lanes and linears:
-                    stop[0] = True
+                    recorder.stop_when_complete = True
                     self._run(block, j, self.hidden(COMPRESSED, j, device))
-                    stop[0] = not keep_output
-                    comp_in = dict(seen)
-                    seen.clear()
+                    comp_in = recorder.take()
                 if linears:
                     acc.add_batch(dense_in, comp_in)
                 if keep_output:

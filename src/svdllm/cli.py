@@ -8,9 +8,8 @@ import os
 import re
 import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 EVAL_DEFAULT = "wiki-test,news"
 
@@ -463,9 +462,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["lm_eval"] = zero_shot(model, tok, *tasks, limit=args.limit)
         print("\n" + markdown({"value": score_rows(result["lm_eval"])}))
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        Path(tmp).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        os.replace(tmp, args.json)
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=str) + "\n")
     return 0
 
 
@@ -484,7 +483,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .io import load_model
-    from .modeling_svdllm import LatentCache, cache_argument, cache_bytes_per_token, latent_cache_unsupported
+    from .modeling_svdllm import LatentCache, cache_argument, cache_bytes_per_token
 
     if args.fast and args.latent_cache:
         raise ValueError("--fast and --latent-cache do not combine: the latent cache grows, the static cache is fixed")
@@ -497,11 +496,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         extra |= fast_options(model)
     if args.latent_cache:
-        reason = latent_cache_unsupported(model)
-        if reason:
-            print(f"svdllm generate: latent cache: {reason}; using the ordinary cache", file=sys.stderr)
-        else:
+        try:
             extra[cache_argument(model)] = LatentCache(model)
+        except ValueError as exc:  # the reason, in one line
+            print(f"svdllm generate: {exc}; using the ordinary cache", file=sys.stderr)
+        else:
             dense, latent = cache_bytes_per_token(model, False), cache_bytes_per_token(model, True)
             print(f"svdllm generate: KV cache {latent} bytes/token latent against {dense} dense "
                   f"({latent / dense:.3f}x)", file=sys.stderr)

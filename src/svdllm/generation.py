@@ -64,30 +64,39 @@ def bytes_read_per_token(model: nn.Module) -> int:
     return total
 
 
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds ``fn()`` takes, with the device's queued work finished before and after (CUDA)."""
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def generate_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int, fast: bool = False) -> float:
+    """Seconds of one greedy ``generate`` of exactly ``new_tokens`` after ``ids`` (batch × tokens), through the
+    fast path if ``fast``."""
+    device = next(model.parameters()).device
+    x = ids.to(device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(x), **(fast_options(model) if fast else {}))
+    return timed(lambda: model.generate(x, **kw), device)
+
+
 def decode_speed(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, repeats: int,
                  fast: bool) -> dict[str, float]:
     """Batch-1 greedy decode tokens/s of each model after ``prompt``, interleaved repeat by repeat (median).  A
     warm-up call of the same shapes comes first: the fast path compiles there."""
     import statistics
-    import time
-
-    def run(model: nn.Module) -> float:
-        device = next(model.parameters()).device
-        x = prompt[None].to(device)
-        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                  attention_mask=torch.ones_like(x), **(fast_options(model) if fast else {}))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        model.generate(x, **kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return new_tokens / (time.perf_counter() - t0)
 
     for model in models.values():
-        run(model)
+        generate_seconds(model, prompt[None], new_tokens, fast)
     samples: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
-            samples[name].append(run(model))
+            samples[name].append(new_tokens / generate_seconds(model, prompt[None], new_tokens, fast))
     return {name: statistics.median(s) for name, s in samples.items()}

@@ -144,11 +144,10 @@ def svdllm_class(base: type) -> type:
             latents of the low-rank k_proj/v_proj (``LatentCache``), or says why not and keeps the ordinary one."""
             wanted = self.latent_cache_default if latent_cache is None else latent_cache
             if wanted and all(kwargs.get(n) is None for n in ("cache", "past_key_values")):
-                reason = latent_cache_unsupported(self)
-                if reason:
-                    logger.warning("latent cache: %s; using the ordinary cache", reason)
-                else:
+                try:
                     kwargs[cache_argument(self)] = LatentCache(self)
+                except ValueError as exc:  # the reason, in one line
+                    logger.warning("%s; using the ordinary cache", exc)
             return super().generate(*args, **kwargs)
 
     SVDLLMForCausalLM.__name__ = SVDLLMForCausalLM.__qualname__ = "SVDLLMForCausalLM"
@@ -353,9 +352,8 @@ def cache_bytes_per_token(model: nn.Module, latent: bool) -> int:
     kind of layer.  A LatentCache holds exactly this."""
     attns = _attention_layers(model).values()
     size = next(iter(attns)).v_proj.weight.element_size()
-    dense = lambda proj: proj.out_features if isinstance(proj, (nn.Linear, LowRankLinear)) else proj.weight.shape[1]  # noqa: E731
     if not latent:
-        return size * sum(dense(a.k_proj) + dense(a.v_proj) for a in attns)
+        return size * sum(a.k_proj.out_features + a.v_proj.out_features for a in attns)
     rope = 2 * next(iter(attns)).head_dim * len(LatentCache(model).rope_stores)
-    return size * (rope + sum((latent_rank(a.k_proj) or dense(a.k_proj)) + (latent_rank(a.v_proj) or dense(a.v_proj))
-                              for a in attns))
+    return size * (rope + sum((latent_rank(a.k_proj) or a.k_proj.out_features)
+                              + (latent_rank(a.v_proj) or a.v_proj.out_features) for a in attns))

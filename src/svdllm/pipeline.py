@@ -181,15 +181,13 @@ def _fit_block(model: nn.Module, block: nn.Module, linears: dict[str, nn.Module]
         with report.timings.clock("forward passes and statistics"):
             groups = calib.input_order(block, linears)
     for g, names in enumerate(groups):
-        acc = GramAccumulator(method.needs, device, fisher)
+        group, acc = {n: linears[n] for n in names}, GramAccumulator(method.needs, device, fisher)
         with report.timings.clock("forward passes and statistics"):
             if calib is not None:
-                calib.record(block, {n: linears[n] for n in names}, acc, _dense_view(model, linears),
-                             keep_output=g == len(groups) - 1)
+                calib.record(block, group, acc, _dense_view(model, linears), keep_output=g == len(groups) - 1)
         with report.timings.clock("decompositions"):
             acc.all_reduce()
-            for name, (factors, record) in _decompose_block({n: linears[n] for n in names}, acc, plan, opts,
-                                                            device).items():
+            for name, (factors, record) in _decompose_block(group, acc, plan, opts, device).items():
                 report.account(record)
                 if factors is not None:
                     replace_module(model, name, LowRankLinear.from_factors(linears[name], *factors))

@@ -26,7 +26,7 @@ from .checkpoint import atomic_write_text
 if TYPE_CHECKING:
     from torch import nn
 
-TASKS_VERSION = 2  # v2: no perplexity metric (its bootstrap forks a pool, which hangs beside torch's threads)
+TASKS_VERSION = 2  # v2: the cloze task reports acc only (v1 also reported perplexity)
 OFFLINE_TASKS = ("svdllm_cloze", "svdllm_next_sentence")
 # the paper's zero-shot set with the metric its tables report: acc_norm where lm-eval normalises by length
 PAPER_TASKS = {"openbookqa": "acc_norm", "winogrande": "acc", "hellaswag": "acc_norm", "piqa": "acc",
