@@ -16,6 +16,15 @@ WORDS = ("the model of a city river was in new and large old government people f
          "small time game power part field name life army book form line").split()
 
 
+def payload_bytes(folder: Path) -> int:
+    """Bytes of tensor data in a folder's safetensors files (each file less its 8-byte length and JSON header)."""
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as fh:
+            total += path.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+    return total
+
+
 def make_text(n_words: int, seed: int) -> str:
     rng = random.Random(seed)
     sentences = []

@@ -11,21 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ARCHS
+from conftest import ARCHS, payload_bytes
 from svdllm import CompressionConfig, compress, load, sample_windows, save
 from svdllm.io import FormatError, verify
 from svdllm.lowrank import LowRankLinear
 
 CFG = dict(ratio=0.4, method="svdllm-w")
-
-
-def payload_bytes(folder: Path) -> int:
-    """Bytes of tensor data in a folder's safetensors files (each file less its 8-byte length and JSON header)."""
-    total = 0
-    for path in folder.glob("*.safetensors"):
-        with open(path, "rb") as fh:
-            total += path.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
-    return total
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -196,7 +196,6 @@ def os_getpid() -> int:
 
 
 def test_sigterm_during_compress_cleans_up(model_dir, text_file, tmp_path):
-    import signal
     import subprocess
     import sys
 

@@ -1,7 +1,7 @@
 """svdllm: compress Hugging Face LLMs with SVD-LLM and beyond."""
 from __future__ import annotations
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 from .calibration import eval_windows, sample_windows  # noqa: E402
 from .evaluate import evaluate_perplexity  # noqa: E402

@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output folder (default out/MODEL-METHOD-RATIO)")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out")
     c.add_argument("--finetune", action="store_true", help="then run the LoRA recovery step (see `finetune`)")
+    c.add_argument("--quantize", type=int, default=None, choices=[8, 4, 2], metavar="BITS",
+                   help="then quantize the factors to 8, 4 or 2 bits (see `quantize`; --dtype bfloat16 for the "
+                        "smallest folder)")
+    c.add_argument("--quantize-group-size", type=int, default=128, help="with --quantize 4 (default 128)")
     _common_eval(c, seqlen=False)
     _zero_shot_options(c, "--eval-tasks")
     _finetune_options(c, prefix="ft-")
@@ -208,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--device", default=None)
     b.add_argument("--json", default=None, help="write the figures here")
+
+    q = sub.add_parser("quantize", help="int8/int4/int2 weights for the factors of a compressed model (optimum-quanto)")
+    q.add_argument("model", help="a folder written by svdllm (or, with --dense, any model)")
+    q.add_argument("--bits", type=int, required=True, choices=[8, 4, 2])
+    q.add_argument("--group-size", type=int, default=128,
+                   help="4 and 2 bits: weights per scale and shift along a row (default 128; smaller where it does "
+                        "not divide a factor's width)")
+    q.add_argument("--dense", default="", help="globs over dense linears in the decoder blocks to quantize too, "
+                                               "e.g. '*' (every one: quantization alone)")
+    q.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of everything left in floating point, scales included (default bfloat16)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    q.add_argument("--eval", default=EVAL_DEFAULT, help="evaluation DATA before and after; '' skips")
+    _common_eval(q)
 
     i = sub.add_parser("info", help="the svdllm section and per-module ranks of a saved model")
     i.add_argument("model")
@@ -281,6 +300,7 @@ def _rank_rule(choice: str, opts: Any, low_memory: bool) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoTokenizer
 
     from . import CompressionConfig, compress, distributed, eval_windows, sample_windows
@@ -310,6 +330,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
                          f"`svdllm eval OUT --tasks {args.eval_tasks}` on the saved folder")
     if low_memory and args.finetune:
         raise ValueError("--finetune needs the whole model in memory; drop --low-memory or fine-tune afterwards")
+    if low_memory and args.quantize:
+        raise ValueError("--quantize needs the whole model in memory: compress, then run `svdllm quantize OUT`")
+    quantize_options = _quantize_options(args.quantize, args.quantize_group_size, "") if args.quantize else None
     if distributed.launched() and args.finetune:
         raise ValueError("--finetune runs in one process: compress under torchrun, then run `svdllm finetune`")
     timings = Timings()
@@ -366,6 +389,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
         with timings.clock("evaluate finetuned"):
             args.seqlen = args.eval_seqlen
             after = report.perplexity["finetuned"] = _perplexities(model, tok, evals, args, {})
+    if quantize_options:
+        from .evaluate import evaluate_perplexity
+        from .quantize import quantize_model
+
+        with timings.clock("quantize"):
+            for param in model.parameters():  # buffers (RoPE frequencies) keep float32, as a load gives them
+                param.data = param.data.to(getattr(torch, args.dtype))
+            quantize_model(model, quantize_options)
+        with timings.clock("evaluate quantized"):
+            after = report.perplexity["quantized"] = {
+                name: evaluate_perplexity(model, None, w.flatten(), w.shape[1], None).perplexity
+                for name, w in ev.items()}
     if tasks:
         with timings.clock("zero-shot tasks, compressed"):
             zero_shot["compressed"] = score_rows(run_tasks(model, tok, *tasks, limit=args.limit))
@@ -384,6 +419,57 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_options(bits: int, group_size: int, dense: str) -> Any:
+    from .quantize import QuantizeOptions
+
+    options = QuantizeOptions(bits=bits, group_size=group_size, dense=tuple(g for g in _globs(dense) if dense.strip()))
+    options.validate()
+    return options
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import check_spec
+    from .generation import weight_bytes
+    from .io import check_out_dir, load_model, save
+    from .quantize import quantize_model
+
+    options = _quantize_options(args.bits, args.group_size, args.dense)
+    out = check_out_dir(args.out, args.force)
+    from .io import FormatError, read_section
+
+    try:
+        if read_section(args.model).get("quantization"):
+            raise ValueError(f"{args.model}: the model's weights are already quantized")
+    except FormatError:
+        pass  # not an svdllm folder: a dense model, or a name load_model resolves
+    evals = [s for s in args.eval.split(",") if s.strip()]
+    for spec in evals:
+        check_spec(spec)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=_device(args.device))
+    if getattr(model.config, "svdllm", None) is None:
+        if not options.dense:
+            raise ValueError(f"{args.model} is not compressed by svdllm: compress it first, or quantize its dense "
+                             "linears with --dense '*'")
+        model.config.svdllm = {"method": "none", "ratio": 0.0, "ranks": {}}
+    before_bytes = weight_bytes(model)
+    before = _perplexities(model, tok, evals, args, cache := {})
+    section = quantize_model(model, options)
+    after = _perplexities(model, tok, evals, args, cache)
+    groups = sorted({str(m["group_size"] or "row") for m in section["modules"].values()}) if args.bits < 8 else []
+    print(f"\nsvdllm quantize {args.model}: {len(section['modules'])} linears to int{args.bits} with "
+          f"{section['library']} {section['library_version']}" + (f", groups {', '.join(groups)}" if groups else ""))
+    print(f"\n| | {args.dtype} | int{args.bits} | change |\n|---|---:|---:|---:|")
+    print(f"| weight bytes | {before_bytes:,} | {weight_bytes(model):,} | "
+          f"{100 * (weight_bytes(model) / before_bytes - 1):+.1f}% |")
+    for k in before:
+        print(f"| perplexity {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
+    save(model, tok, out, force=args.force, perplexity=after or None)
+    print(f"\nsaved to {out}")
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import check_spec
     from .finetune import finetune
@@ -392,7 +478,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     ft = _finetune_config(args)
     ft.validate()
     out = check_out_dir(args.out, args.force)
-    read_section(args.model)
+    if read_section(args.model).get("quantization"):
+        raise ValueError(f"{args.model} has quantized weights: fine-tune before quantizing (compress --finetune "
+                         "--quantize does both in that order)")
     evals = [s for s in args.eval.split(",") if s.strip()]
     for spec in [ft.data, *evals]:
         check_spec(spec)
@@ -414,8 +502,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _print_summary(args: argparse.Namespace, report: Any, p0: int, p1: int, phases: dict[str, float],
                    out: Path) -> None:
-    before, after = report.perplexity.get("dense", {}), report.perplexity.get("finetuned") or \
-        report.perplexity.get("compressed", {})
+    before, after = report.perplexity.get("dense", {}), report.perplexity.get("quantized") or \
+        report.perplexity.get("finetuned") or report.perplexity.get("compressed", {})
     print(f"\nsvdllm compress {args.model}: method {args.method}, ratio {args.ratio}, "
           f"calibration {args.nsamples}×{args.seqlen} tokens of {args.calib}, seed {args.seed}")
     if before:
@@ -442,6 +530,7 @@ def _print_summary(args: argparse.Namespace, report: Any, p0: int, p1: int, phas
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .architecture import count_parameters
+    from .generation import weight_bytes
     from .io import load_model
     from .data import check_spec
 
@@ -455,7 +544,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               "seqlen": args.seqlen, "max_tokens": args.max_tokens}
     for k, v in ppl.items():
         print(f"{k}: perplexity {v:.3f}")
+    result["weight_bytes"] = weight_bytes(model)
     print(f"parameters: {result['parameters']:,}")
+    print(f"weight bytes: {result['weight_bytes']:,} ({result['weight_bytes'] / 2**20:.1f} MiB)")
     if tasks:
         from .zeroshot import markdown, score_rows, zero_shot
 
@@ -555,14 +646,25 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--plot {args.plot} exists; give a new file name")
     section = verify(args.model)
     ranks, shapes = section.pop("ranks"), section.pop("dense_shapes")
-    shards = section.pop("shards", {})
+    shards, tensor_bytes = section.pop("shards", {}), section.pop("tensor_bytes")
+    quantization = section.pop("quantization", None) or {}
+    quantized = quantization.pop("modules", {})
     print(json.dumps(section, indent=2))
     print(f"shards: {', '.join(shards)} (sha256 verified)")
-    print("\n| module | shape | rank | parameters kept |\n|---|---|---:|---:|")
+    print(f"weight bytes: {tensor_bytes:,} ({tensor_bytes / 2**20:.1f} MiB) in the shards")
+    if quantized:
+        print(f"quantization: {json.dumps(quantization)}; {len(quantized)} linears, their stored tensors checked")
+    print("\n| module | shape | rank | parameters kept |" + (" factors |\n" if quantized else "\n")
+          + "|---|---|---:|---:|" + ("---|" if quantized else ""))
     natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # noqa: E731
     kept = {n: k * sum(shapes[n]) / (shapes[n][0] * shapes[n][1]) for n, k in ranks.items()}
     for name, rank in sorted(ranks.items(), key=lambda kv: natural(kv[0])):
-        print(f"| {name} | {shapes[name][0]}×{shapes[name][1]} | {rank} | {100 * kept[name]:.1f}% |")
+        row = f"| {name} | {shapes[name][0]}×{shapes[name][1]} | {rank} | {100 * kept[name]:.1f}% |"
+        if quantized:
+            specs = [quantized.get(f"{name}.svd_{f}") for f in "uv"]
+            row += " " + ", ".join(f"{s['weights']}" + (f"/g{s['group_size']}" if s.get("group_size") else "")
+                                   if s else "float" for s in specs) + " |"
+        print(row)
     if args.plot:
         _plot_kept(kept, Path(args.plot), f"{Path(args.model).name}: {section.get('rank_rule', 'uniform')} ranks")
         print(f"\nplot: {args.plot}")
@@ -598,8 +700,8 @@ def _plot_kept(kept: dict[str, float], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
-COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "eval": cmd_eval, "generate": cmd_generate,
-            "bench": cmd_bench, "info": cmd_info}
+COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "quantize": cmd_quantize, "eval": cmd_eval,
+            "generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,8 +47,10 @@ def fast_options(model: nn.Module, backend: str | Callable[..., Any] = "inductor
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters, each tied tensor counted once."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    """Bytes of the model's weights as stored: every tensor of its state dict, a tied one once.  Quantized weights
+    count their packed data, scales and shifts, exactly what a saved folder's shards hold."""
+    tensors = {(t.data_ptr(), t.dtype, tuple(t.shape)): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def bytes_read_per_token(model: nn.Module) -> int:

@@ -8,6 +8,7 @@ without svdllm installed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from .assets import sha256_file as _sha256
 from .checkpoint import atomic_save_file
 from .modeling_svdllm import svdllm_class
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantized factors (written only for quantized models; others stay version 1)
 MODELING_FILE = "modeling_svdllm.py"
 REPORT_FILE = "svdllm_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,7 +147,8 @@ def _write_folder(model: nn.Module, tokenizer: Any, path: str | os.PathLike, dty
             cfg["dtype"] = str(dtype).removeprefix("torch.")
         cfg["architectures"] = [base_class(model).__name__]
         shards = sorted(p.name for p in tmp.glob("*.safetensors"))
-        cfg["svdllm"] = dict(section, format_version=FORMAT_VERSION, svdllm_version=__version__,
+        version = 2 if section.get("quantization") else 1  # older svdllm still reads unquantized folders
+        cfg["svdllm"] = dict(section, format_version=version, svdllm_version=__version__,
                              perplexity=perplexity or section.get("perplexity"),
                              shards={s: _sha256(tmp / s) for s in shards})
         cfg["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SVDLLMForCausalLM"}
@@ -279,6 +281,7 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     if not shards:
         raise FormatError(f"{folder}: the svdllm section lists no weight shards")
     shapes: dict[str, tuple[int, ...]] = {}
+    tensor_bytes = 0
     for name, digest in shards.items():
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
             raise FormatError(f"{folder}: shard name {name!r} is not a .safetensors file inside the folder")
@@ -290,20 +293,62 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
         try:
             with safe_open(str(shard), framework="pt") as fh:
                 for key in fh.keys():
-                    shapes[key] = tuple(fh.get_slice(key).get_shape())
+                    tensor = fh.get_slice(key)
+                    shapes[key] = tuple(tensor.get_shape())
+                    tensor_bytes += math.prod(shapes[key]) * _DTYPE_BYTES[tensor.get_dtype()]
         except SafetensorError as exc:
             raise FormatError(f"{folder}: weight shard {name} is unreadable ({exc})") from None
+    quantized = _check_quantized(folder, section, shapes)
+    shape = lambda linear: tuple(quantized[linear]["shape"]) if linear in quantized else shapes.get(f"{linear}.weight")  # noqa: E731
     for module, rank in section["ranks"].items():
-        u, v = shapes.get(f"{module}.svd_u.weight"), shapes.get(f"{module}.svd_v.weight")
+        u, v = shape(f"{module}.svd_u"), shape(f"{module}.svd_v")
         if u is None or v is None:
             raise FormatError(f"{folder}: factors of {module} are missing from the shards")
         if u[1] != rank or v[0] != rank:
             raise FormatError(
                 f"{folder}: {module} has factors {list(u)} and {list(v)} but config records rank {rank}"
             )
-    section["dense_shapes"] = {m: [shapes[f"{m}.svd_u.weight"][0], shapes[f"{m}.svd_v.weight"][1]]
-                               for m in section["ranks"]}
+    section["dense_shapes"] = {m: [shape(f"{m}.svd_u")[0], shape(f"{m}.svd_v")[1]] for m in section["ranks"]}
+    section["tensor_bytes"] = tensor_bytes
     return section
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def quantized_tensor_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The tensors optimum-quanto stores for one quantized weight (suffixes after ``weight.``) and their shapes:
+    int8 data and one scale per row; int4 (int2) data packed two (four) per byte along rows of (out, in), or of
+    (out·in/group, group), with a scale and a shift per such row."""
+    out_f, in_f = spec["shape"]
+    if spec["weights"] == "qint8":
+        return {"_data": (out_f, in_f), "_scale": (out_f, 1)}
+    per_byte = {"qint4": 2, "qint2": 4}[spec["weights"]]
+    group = spec.get("group_size")
+    rows, cols = (out_f * in_f // group, group) if group else (out_f, in_f)
+    return {"_data._data": (-(-rows // per_byte), cols), "_scale": (rows, 1), "_shift": (rows, 1)}
+
+
+def _check_quantized(folder: Path, section: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The quantized linears of the section, each checked against the tensors in the shards."""
+    quantization = section.get("quantization")
+    if not quantization:
+        return {}
+    modules = quantization.get("modules") if isinstance(quantization, dict) else None
+    if not isinstance(modules, dict) or not modules:
+        raise FormatError(f"{folder}: the svdllm section's quantization lists no modules")
+    for name, spec in modules.items():
+        try:
+            expected = quantized_tensor_shapes(spec)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            raise FormatError(f"{folder}: the quantization record of {name} is malformed") from None
+        for suffix, want in expected.items():
+            got = shapes.get(f"{name}.weight.{suffix}")
+            if got != want:
+                raise FormatError(f"{folder}: {name}.weight.{suffix} is {list(got) if got else 'missing'}, but the "
+                                  f"quantization record implies {list(want)}")
+    return modules
 
 
 def causal_lm_class(architectures: Any, folder: Path) -> type:
@@ -343,6 +388,8 @@ def load(
         model = svdllm_class(base).from_pretrained(folder, **kwargs)
     except ValueError as exc:
         raise FormatError(f"{folder}: {str(exc).splitlines()[0]}") from None
+    except ImportError as exc:  # a quantized model without its library
+        raise RuntimeError(f"{folder}: {exc}") from None
     if device:
         model.to(device)
     model.latent_cache_default = latent_cache

@@ -7,8 +7,11 @@ with ``trust_remote_code=True`` and no svdllm installed.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -46,7 +49,7 @@ class LowRankLinear(nn.Module):
     def use_rank_major(self) -> None:
         """Restore U's rank-major storage (a load or a merge may hand back a row-major tensor)."""
         w = self.svd_u.weight
-        if not w.t().is_contiguous():
+        if type(w.data) is torch.Tensor and not w.t().is_contiguous():  # quantized factors keep their own layout
             w.data = rank_major(w.data)
 
     @classmethod
@@ -124,10 +127,23 @@ def svdllm_class(base: type) -> type:
             apply_ranks(self, section.get("ranks", {}))
 
         @classmethod
-        def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):  # type: ignore[no-untyped-def]
+        def from_pretrained(cls, path, *args, output_loading_info: bool = False, **kwargs):  # type: ignore[no-untyped-def]
             """Strict: every tensor of the model from the shards and every tensor of the shards used, else an error
-            (a dropped or edited rank would otherwise leave a randomly initialised layer)."""
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            (a dropped or edited rank would otherwise leave a randomly initialised layer).  Quantized factors load
+            through ``load_quantized``."""
+            config = kwargs.get("config")
+            if not hasattr(config, "svdllm"):
+                config = cls.config_class.from_pretrained(path)
+            quantization = (getattr(config, "svdllm", None) or {}).get("quantization")
+            if quantization:
+                model = load_quantized(cls, path, config, quantization, kwargs.get("dtype"))
+                device_map = kwargs.get("device_map")
+                if isinstance(device_map, (str, torch.device)):
+                    model.to(device_map)
+                elif device_map is not None:
+                    raise ValueError("models with quantized factors take one device, not a device map")
+                return (model, {}) if output_loading_info else model
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
             for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
                 found = sorted(info.get(kind) or [])
                 if found:
@@ -152,6 +168,101 @@ def svdllm_class(base: type) -> type:
 
     SVDLLMForCausalLM.__name__ = SVDLLMForCausalLM.__qualname__ = "SVDLLMForCausalLM"
     return SVDLLMForCausalLM
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantized factors: config.svdllm["quantization"]["modules"] maps linear names to optimum-quanto weight types and
+# group sizes; the shards hold quanto's own flattened tensors (int8 data, or int4 packed two per byte, with scales
+# and shifts).  Loading rebuilds those modules with quanto and reads the shards strictly.
+# ---------------------------------------------------------------------------------------------------------------
+
+def float_weight(linear: nn.Module) -> torch.Tensor:
+    """The float weight of a linear, dequantized if quanto quantized it."""
+    w = linear.weight
+    return w.dequantize() if type(w.data) is not torch.Tensor else w
+
+
+def _guard_int8_cpu_kernel() -> None:
+    """quanto sends bfloat16 inputs of width divisible by 4 to torch's CPU kernel ``_weight_int8pack_mm``, which kills
+    the process (torch 2.13, segmentation fault) unless the width is a multiple of 16, as factor widths (ranks)
+    often are not; those go to quanto's generic dequantize-and-matmul path instead."""
+    from optimum.quanto.library import qbytes_mm as library
+
+    if getattr(library, "_svdllm_guarded", False):
+        return
+    kernel = library.qbytes_int8pack_mm
+
+    def guarded(activations: torch.Tensor, weights: torch.Tensor, output_scales: torch.Tensor) -> torch.Tensor:
+        if activations.shape[-1] % 16:
+            return library.qbytes_mm(activations, weights, output_scales)
+        return kernel(activations, weights, output_scales)
+
+    library.qbytes_int8pack_mm, library._svdllm_guarded = guarded, True
+
+
+def quantize_modules(model: nn.Module, modules: dict[str, dict[str, Any]]) -> None:
+    """Make each named nn.Linear an optimum-quanto QLinear of its recorded weight type and group size; ``freeze``
+    then quantizes their weights, or ``load_state_dict`` reads quantized ones."""
+    try:
+        from optimum.quanto import quantize
+    except ImportError:
+        raise ImportError("this model's weights are quantized with optimum-quanto: pip install optimum-quanto") from None
+    _guard_int8_cpu_kernel()
+    by_type: dict[str, list[str]] = {}
+    for name, spec in modules.items():
+        by_type.setdefault(spec["weights"], []).append(name)
+        weight = model.get_submodule(name).weight
+        weight.data = weight.data.contiguous()  # quanto keeps the float layout's strides: U's rank-major one breaks it
+    for weights, names in by_type.items():
+        quantize(model, weights=weights, include=names)
+    for name, spec in modules.items():
+        module = model.get_submodule(name)
+        if getattr(module, "weight_qtype", None) is None:
+            raise ValueError(f"{name} is not a linear optimum-quanto can quantize ({type(module).__name__})")
+        module.weight_group_size = spec.get("group_size")
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+
+
+def load_quantized(cls: type, path: str | os.PathLike, config: Any, quantization: dict[str, Any],
+                   dtype: Any = None) -> nn.Module:
+    """A model with quantized factors from a local folder: built without initialising weights, its quantized
+    linears made by quanto, then every tensor read from the shards (strictly: nothing missing, nothing unused)."""
+    from safetensors.torch import load_file
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{path}: models with quantized factors load from a local folder")
+    saved = getattr(torch, quantization["dtype"])  # scales and every unquantized tensor are in it
+    wanted = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if wanted not in (None, "auto", saved):
+        raise ValueError(f"quantized factors load in their saved dtype {saved}, not {wanted}")
+    with no_init_weights():
+        model = cls._from_config(config, dtype=saved)
+    quantize_modules(model, quantization["modules"])
+    model.tie_weights()  # a tied head is saved once, under the embedding's name
+    index = folder / "model.safetensors.index.json"
+    files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(files):
+        # copies: safetensors' tensors sit at arbitrary byte offsets, and torch's CPU int8 kernel crashes on them
+        state.update({k: v.clone() for k, v in load_file(str(folder / file)).items()})
+    result = model.load_state_dict(state, strict=False)
+    missing = sorted(set(result.missing_keys) - _tied_names(model))
+    for kind, found in (("missing key", missing), ("unexpected key", sorted(result.unexpected_keys))):
+        if found:
+            raise ValueError(f"the weights do not match config.json's svdllm quantization: {kind} {found[0]} "
+                             f"({len(found)} in all)")
+    model.tie_weights()
+    restore_rank_major(model)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +317,7 @@ def _unfold_values(attn: nn.Module, tap: _Tap) -> Callable[..., Any]:
             return None
         tap.fold = False
         x = args[0]
-        heads_u = u.weight.view(-1, attn.head_dim, u.in_features)  # (kv heads, d, r)
+        heads_u = float_weight(u).view(-1, attn.head_dim, u.in_features)  # (kv heads, d, r)
         y = torch.einsum("bskgr,kdr->bskgd", x.view(*x.shape[:2], heads_u.shape[0], -1, u.in_features), heads_u)
         if u.bias is not None:
             y = y + u.bias.view(heads_u.shape[0], 1, attn.head_dim)
@@ -351,7 +462,7 @@ def cache_bytes_per_token(model: nn.Module, latent: bool) -> int:
     (rank or kv_heads·head_dim) for keys and for values, plus, with ``latent``, cos and sin (2·head_dim) once per
     kind of layer.  A LatentCache holds exactly this."""
     attns = _attention_layers(model).values()
-    size = next(iter(attns)).v_proj.weight.element_size()
+    size = next(iter(attns)).v_proj.weight.dtype.itemsize
     if not latent:
         return size * sum(a.k_proj.out_features + a.v_proj.out_features for a in attns)
     rope = 2 * next(iter(attns)).head_dim * len(LatentCache(model).rope_stores)
