@@ -128,3 +128,26 @@ def test_dense_smollm2_is_above_chance_on_the_offline_tasks(tmp_path):
     res = json.loads(js.read_text())["lm_eval"]["results"]
     assert res["svdllm_cloze"]["acc,none"] > 0.1  # chance: about 0 (any word of the vocabulary)
     assert res["svdllm_next_sentence"]["acc_norm,none"] > 0.4  # chance: 0.25
+
+
+def test_a_rerun_does_not_score_the_dense_model_again(model_dir, text_file, tmp_path, monkeypatch):
+    import svdllm
+    import svdllm.zeroshot
+
+    tasks, out = tiny_task(tmp_path / "tasks"), tmp_path / "c"
+    argv = lambda limit: compress_args(model_dir, text_file, out, "--eval-tasks", "tiny_mc",  # noqa: E731
+                                       "--include-path", str(tasks), "--limit", limit)
+    scored = []
+    real = svdllm.zeroshot.zero_shot
+    monkeypatch.setattr(svdllm.zeroshot, "zero_shot", lambda *a, **k: scored.append(1) or real(*a, **k))
+    kept_file = tmp_path / ".c.svdllm-run" / "zero_shot_dense.json"
+    with monkeypatch.context() as m:
+        m.setattr(svdllm, "compress", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(argv("4")) == 130  # interrupted after the dense scores, before any block
+        assert len(scored) == 1 and kept_file.is_file()
+        assert main(argv("3")) == 130  # another --limit: scored afresh
+        assert len(scored) == 2
+    kept = json.loads(kept_file.read_text())["rows"]
+    assert main(argv("3")) == 0
+    assert len(scored) == 3  # the compressed model only
+    assert json.loads((out / "svdllm_report.json").read_text())["zero_shot"]["dense"] == kept

@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 EVAL_DEFAULT = "wiki-test,news"
 
@@ -360,13 +360,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from .onload import trim_heap
 
         trim_heap()  # the texts and their tokenisation leave ~50 MB of freed heap on SmolLM2
+    run = RunDir(run_path, fingerprint(model, cfg, windows, ev))
     zero_shot: dict[str, list] = {}
     if tasks:
         from .zeroshot import score_rows, zero_shot as run_tasks
 
         with timings.clock("zero-shot tasks, dense"):
-            zero_shot["dense"] = score_rows(run_tasks(model, tok, *tasks, limit=args.limit))
-    run = RunDir(run_path, fingerprint(model, cfg, windows, ev))
+            zero_shot["dense"] = _dense_scores(run, [args.eval_tasks, args.include_path, args.limit],
+                                               lambda: score_rows(run_tasks(model, tok, *tasks, limit=args.limit)))
     if run.done and distributed.is_writer():
         print(f"resuming {run_path} after {run.done} finished blocks", file=sys.stderr)
     with timings.clock("compress"):
@@ -417,6 +418,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
     run.remove()
     _print_summary(args, report, params_before, count_parameters(model), dict(timings), out)
     return 0
+
+
+def _dense_scores(run: Any, key: list, score: Callable[[], list]) -> list:
+    """The dense model's zero-shot rows, kept in the run folder so that a resumed run does not score them again."""
+    from .checkpoint import atomic_write_text
+
+    path, key = run.path / "zero_shot_dense.json", [run.fingerprint, *key]
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return [tuple(row) for row in kept["rows"]]
+    rows = score()
+    atomic_write_text(path, json.dumps({"key": key, "rows": rows}))
+    return rows
 
 
 def _quantize_options(bits: int, group_size: int, dense: str) -> Any:
