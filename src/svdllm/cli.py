@@ -447,13 +447,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from .data import check_spec
     from .generation import weight_bytes
-    from .io import check_out_dir, load_model, save
+    from .io import FormatError, check_out_dir, load_model, read_section, save
     from .quantize import quantize_model
 
     options = _quantize_options(args.bits, args.group_size, args.dense)
     out = check_out_dir(args.out, args.force)
-    from .io import FormatError, read_section
-
     try:
         if read_section(args.model).get("quantization"):
             raise ValueError(f"{args.model}: the model's weights are already quantized")
@@ -468,16 +466,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} is not compressed by svdllm: compress it first, or quantize its dense "
                              "linears with --dense '*'")
         model.config.svdllm = {"method": "none", "ratio": 0.0, "ranks": {}}
-    before_bytes = weight_bytes(model)
-    before = _perplexities(model, tok, evals, args, cache := {})
+    tokens: dict = {}
+    before_bytes, before = weight_bytes(model), _perplexities(model, tok, evals, args, tokens)
     section = quantize_model(model, options)
-    after = _perplexities(model, tok, evals, args, cache)
+    after_bytes, after = weight_bytes(model), _perplexities(model, tok, evals, args, tokens)
     groups = sorted({str(m["group_size"] or "row") for m in section["modules"].values()}) if args.bits < 8 else []
     print(f"\nsvdllm quantize {args.model}: {len(section['modules'])} linears to int{args.bits} with "
           f"{section['library']} {section['library_version']}" + (f", groups {', '.join(groups)}" if groups else ""))
     print(f"\n| | {args.dtype} | int{args.bits} | change |\n|---|---:|---:|---:|")
-    print(f"| weight bytes | {before_bytes:,} | {weight_bytes(model):,} | "
-          f"{100 * (weight_bytes(model) / before_bytes - 1):+.1f}% |")
+    print(f"| weight bytes | {before_bytes:,} | {after_bytes:,} | {100 * (after_bytes / before_bytes - 1):+.1f}% |")
     for k in before:
         print(f"| perplexity {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
     save(model, tok, out, force=args.force, perplexity=after or None)
