@@ -257,6 +257,14 @@ def _perplexities(model: Any, tok: Any, specs: list[str], args: argparse.Namespa
     return out
 
 
+def _window_perplexities(model: Any, windows: dict[str, Any], progress: bool) -> dict[str, float]:
+    """Perplexity on evaluation windows already cut (name → windows × seqlen token ids), as compress reports it."""
+    from .evaluate import evaluate_perplexity
+
+    return {name: evaluate_perplexity(model, None, w.flatten(), w.shape[1], None, progress=progress).perplexity
+            for name, w in windows.items()}
+
+
 def _memory_available() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -388,10 +396,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         with timings.clock("finetune"):
             model, stages = finetune(model, tok, ft, progress=not args.quiet)
         with timings.clock("evaluate finetuned"):
-            args.seqlen = args.eval_seqlen
-            after = report.perplexity["finetuned"] = _perplexities(model, tok, evals, args, {})
+            after = report.perplexity["finetuned"] = _window_perplexities(model, ev, not args.quiet)
     if quantize_options:
-        from .evaluate import evaluate_perplexity
         from .quantize import quantize_model
 
         with timings.clock("quantize"):
@@ -399,9 +405,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 param.data = param.data.to(getattr(torch, args.dtype))
             quantize_model(model, quantize_options)
         with timings.clock("evaluate quantized"):
-            after = report.perplexity["quantized"] = {
-                name: evaluate_perplexity(model, None, w.flatten(), w.shape[1], None).perplexity
-                for name, w in ev.items()}
+            after = report.perplexity["quantized"] = _window_perplexities(model, ev, not args.quiet)
     if tasks:
         with timings.clock("zero-shot tasks, compressed"):
             zero_shot["compressed"] = score_rows(run_tasks(model, tok, *tasks, limit=args.limit))

@@ -25,7 +25,7 @@ from . import __version__
 from .assets import resolve_model
 from .assets import sha256_file as _sha256
 from .checkpoint import atomic_save_file
-from .modeling_svdllm import svdllm_class
+from .modeling_svdllm import svdllm_class, tied_parameter_names
 
 FORMAT_VERSION = 2  # 2: quantized factors (written only for quantized models; others stay version 1)
 MODELING_FILE = "modeling_svdllm.py"
@@ -454,7 +454,7 @@ def load_skeleton(folder: str | os.PathLike) -> tuple[nn.Module, ShardSource]:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     prefix, _ = decoder_blocks(model)
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    tied = tied_parameter_names(model)
     rest = {n for n, t in [*model.named_parameters(), *model.named_buffers()]
             if t.is_meta and not n.startswith(prefix + ".") and n not in tied}
     missing = sorted(n for n in rest if n not in source.files)

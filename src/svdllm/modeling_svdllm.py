@@ -222,7 +222,8 @@ def quantize_modules(model: nn.Module, modules: dict[str, dict[str, Any]]) -> No
         module.weight_group_size = spec.get("group_size")
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names under which a parameter shared with an earlier name appears (a tied head): not saved, not missing."""
     return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
 
 
@@ -255,12 +256,11 @@ def load_quantized(cls: type, path: str | os.PathLike, config: Any, quantization
         # copies: safetensors' tensors sit at arbitrary byte offsets, and torch's CPU int8 kernel crashes on them
         state.update({k: v.clone() for k, v in load_file(str(folder / file)).items()})
     result = model.load_state_dict(state, strict=False)
-    missing = sorted(set(result.missing_keys) - _tied_names(model))
+    missing = sorted(set(result.missing_keys) - tied_parameter_names(model))
     for kind, found in (("missing key", missing), ("unexpected key", sorted(result.unexpected_keys))):
         if found:
             raise ValueError(f"the weights do not match config.json's svdllm quantization: {kind} {found[0]} "
                              f"({len(found)} in all)")
-    model.tie_weights()
     restore_rank_major(model)
     return model.eval()
 
@@ -418,23 +418,32 @@ class LatentCache(DynamicCache):
     ``generate(..., past_key_values=LatentCache(model))`` (``cache=`` from transformers 5)."""
 
     def __init__(self, model: nn.Module, fold_values: bool = True) -> None:
-        reason = latent_cache_unsupported(model)
-        if reason:
-            raise ValueError(f"latent cache: {reason}")
         super().__init__(config=model.config)
-        attns, taps, stores = _attention_layers(model), _taps(model), {}
-        for idx, layer in enumerate(self.layers):
-            attn = attns.get(idx)
-            if attn is None or type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-                continue
-            if not (latent_rank(attn.k_proj) or latent_rank(attn.v_proj)):
-                continue
-            kwargs = {"sliding_window": layer.sliding_window} if isinstance(layer, DynamicSlidingWindowLayer) else {}
-            kind = (type(layer), kwargs.get("sliding_window"))  # Gemma's local and global RoPE follow the window
+        taps, stores = _taps(model), {}
+        for idx, attn, kind in _latent_slots(model, self.layers):
+            layer_class, window = kind  # Gemma's local and global layers differ in RoPE as in window
+            kwargs = {} if window is None else {"sliding_window": window}
             if kind not in stores:
-                stores[kind] = _RopeStore(type(layer)(**kwargs))
-            self.layers[idx] = _latent_class(type(layer))(attn, taps[idx], stores[kind], fold_values, **kwargs)
+                stores[kind] = _RopeStore(layer_class(**kwargs))
+            self.layers[idx] = _latent_class(layer_class)(attn, taps[idx], stores[kind], fold_values, **kwargs)
         self.rope_stores = list(stores.values())
+
+
+def _latent_slots(model: nn.Module, layers: list[Any]) -> list[tuple[int, nn.Module, tuple[type, int | None]]]:
+    """(index, attention, kind) of each ordinary cache layer whose attention has a low-rank k or v, where kind is
+    (layer class, sliding window or None); raises ValueError with the reason if the model cannot use the latent
+    cache at all."""
+    reason = latent_cache_unsupported(model)
+    if reason:
+        raise ValueError(f"latent cache: {reason}")
+    attns, slots = _attention_layers(model), []
+    for idx, layer in enumerate(layers):
+        attn = attns.get(idx)
+        if attn is None or type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            continue
+        if latent_rank(attn.k_proj) or latent_rank(attn.v_proj):
+            slots.append((idx, attn, (type(layer), getattr(layer, "sliding_window", None))))
+    return slots
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -465,6 +474,7 @@ def cache_bytes_per_token(model: nn.Module, latent: bool) -> int:
     size = next(iter(attns)).v_proj.weight.dtype.itemsize
     if not latent:
         return size * sum(a.k_proj.out_features + a.v_proj.out_features for a in attns)
-    rope = 2 * next(iter(attns)).head_dim * len(LatentCache(model).rope_stores)
+    kinds = {kind for _, _, kind in _latent_slots(model, DynamicCache(config=model.config).layers)}
+    rope = 2 * next(iter(attns)).head_dim * len(kinds)
     return size * (rope + sum((latent_rank(a.k_proj) or a.k_proj.out_features)
                               + (latent_rank(a.v_proj) or a.v_proj.out_features) for a in attns))
