@@ -257,3 +257,22 @@ def test_bfloat16_int8_factor_of_any_width_runs():
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-2000:])
+
+
+def test_without_optimum_quanto_it_says_so_before_any_work(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import svdllm.io
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("optimum") else real_find_spec(name, *a))
+    monkeypatch.setattr(svdllm.io, "load_model", lambda *a, **k: pytest.fail("no model may be loaded"))
+    for argv in (["-q", "quantize", str(model_dir), "--bits", "8", "--dense", "*", "--out", str(tmp_path / "q")],
+                 ["-q", "compress", str(model_dir), "--quantize", "8", "--calib", str(text_file),
+                  "--out", str(tmp_path / "c")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("quantization needs optimum-quanto: pip install 'svdllm[quantize]'") and \
+            len(err.splitlines()) == 1, err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "c").exists()

@@ -439,10 +439,11 @@ def _dense_scores(run: Any, key: list, score: Callable[[], list]) -> list:
 
 
 def _quantize_options(bits: int, group_size: int, dense: str) -> Any:
-    from .quantize import QuantizeOptions
+    from .quantize import QuantizeOptions, require_library
 
     options = QuantizeOptions(bits=bits, group_size=group_size, dense=tuple(g for g in _globs(dense) if dense.strip()))
     options.validate()
+    require_library()  # before any model is loaded or compressed
     return options
 
 

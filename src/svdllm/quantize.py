@@ -71,11 +71,24 @@ def quantization_plan(model: nn.Module, options: QuantizeOptions) -> dict[str, d
     return plan
 
 
+def require_library() -> None:
+    """Raise one clear line if optimum-quanto is not installed (before any long work that ends in quantizing)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("optimum.quanto") is not None
+    except ModuleNotFoundError:  # no optimum package at all
+        found = False
+    if not found:
+        raise RuntimeError(f"quantization needs {LIBRARY}: pip install 'svdllm[quantize]'")
+
+
 def quantize_model(model: nn.Module, options: QuantizeOptions) -> dict[str, Any]:
     """Quantize ``model`` in place (weights in their current dtype) and record it in ``config.svdllm``; returns the
     recorded section.  A model already quantized is refused."""
     from importlib.metadata import version
 
+    require_library()
     from optimum.quanto import freeze
 
     options.validate()
