@@ -223,6 +223,7 @@ def test_compress_then_quantize_in_one_command(model_dir, text_file, tmp_path, c
             "--seqlen", "32", "--eval-seqlen", "32", "--max-tokens", "256", "--method", "svdllm-w", "--ratio", "0.3",
             "--quantize", "4", "--quantize-group-size", "32", "--dtype", "bfloat16", "--out", str(out)]
     assert main(args) == 0
+    assert "| dense | compressed, int4 factors | change |" in capsys.readouterr().out
     report = json.loads((out / "svdllm_report.json").read_text())
     assert set(report["perplexity"]) == {"dense", "compressed", "quantized"}
     assert load(out).config.svdllm["quantization"]["bits"] == 4

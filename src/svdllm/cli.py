@@ -524,7 +524,8 @@ def _print_summary(args: argparse.Namespace, report: Any, p0: int, p1: int, phas
     print(f"\nsvdllm compress {args.model}: method {args.method}, ratio {args.ratio}, "
           f"calibration {args.nsamples}×{args.seqlen} tokens of {args.calib}, seed {args.seed}")
     if before:
-        print(f"\n| perplexity ({args.eval_seqlen}-token windows, ≤{args.max_tokens} tokens) | dense | compressed | change |")
+        label = f"compressed, int{args.quantize} factors" if report.perplexity.get("quantized") else "compressed"
+        print(f"\n| perplexity ({args.eval_seqlen}-token windows, ≤{args.max_tokens} tokens) | dense | {label} | change |")
         print("|---|---:|---:|---:|")
         for k in before:
             print(f"| {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
