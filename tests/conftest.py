@@ -88,6 +88,14 @@ def tiny_model(arch: str, vocab: int, seed: int = 0, hidden: int = 64) -> transf
     return with_spectral_decay(model.eval(), seed)
 
 
+def record_of(model: torch.nn.Module):
+    """The saved-folder record of a model compressed in memory: its low-rank layers' ranks."""
+    from svdllm.record import SvdllmRecord
+    from svdllm.runtime import LowRankLinear
+
+    return SvdllmRecord(ranks={n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)})
+
+
 @pytest.fixture
 def make_model(tokenizer):
     return lambda arch="llama", seed=0, hidden=64: tiny_model(arch, len(tokenizer), seed, hidden)

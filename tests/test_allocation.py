@@ -9,8 +9,10 @@ import torch
 
 from conftest import ARCHS, tiny_model
 from svdllm import CompressionConfig, compress, make_plan
-from svdllm.importance import held_out_losses, interpolate, output_sensitivity, whitened_spectra
-from svdllm.ranks import allocate, max_useful_rank, per_type, uniform
+from svdllm.errors import OptionError
+from svdllm.importance import gradient_statistics, whitened_spectra
+from svdllm.ranks import allocate, max_useful_rank, uniform
+from svdllm.source import ModelSource
 
 
 def budget(ranks: dict[str, int], shapes: dict) -> int:
@@ -59,108 +61,82 @@ def test_greedy_keeps_the_largest_scores_per_parameter():
 
 def test_uniform_rule_is_todays_plan_and_bad_rules_are_refused():
     model = tiny_model("llama", 64)
-    cfg = CompressionConfig(method="svdllm-w", ratio=0.4)
-    compress(model, torch.randint(0, 64, (4, 32)), cfg, progress=False)
+    cfg = CompressionConfig(method="svdllm-w", ratio=0.4)  # auto: uniform for svdllm-w
+    result = compress(model, torch.randint(0, 64, (4, 32)), cfg, progress=False)
     plan = make_plan(tiny_model("llama", 64), 0.4)
-    assert model.config.svdllm["ranks"] == plan.ranks == uniform({n: tuple(plan.shapes[n]) for n in plan.ranks}, 0.4)
-    for bad in [dict(rank_rule="best"), dict(rank_rule="loss", rank_floor=1.5), dict(rank_rule="loss", rank_cap=0.5)]:
-        with pytest.raises(ValueError, match="--rank"):
+    assert result.record.ranks == plan.ranks == uniform({n: tuple(plan.shapes[n]) for n in plan.ranks}, 0.4)
+    assert result.record.rank_rule == "uniform"
+    for bad, field in [(dict(rank_rule="loss"), "rank_rule"), (dict(rank_rule="fisher", rank_floor=1.5), "rank_floor"),
+                       (dict(rank_rule="fisher", rank_cap=0.5), "rank_cap")]:
+        with pytest.raises(OptionError) as err:
             CompressionConfig(**bad).validate()
+        assert err.value.option == field
+
+
+def test_auto_means_fisher_for_svdllm_ec_in_memory():
+    windows = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    auto = compress(tiny_model("qwen2", 64), windows, CompressionConfig(ratio=0.4), progress=False)
+    fisher = compress(tiny_model("qwen2", 64), windows, CompressionConfig(ratio=0.4, rank_rule="fisher"),
+                      progress=False)
+    assert auto.record.rank_rule == "fisher" and auto.record.ranks == fisher.record.ranks
+    assert auto.record.ranks != make_plan(tiny_model("qwen2", 64), 0.4).ranks
 
 
 def test_spectra_give_the_whitened_loss_and_allocation_keeps_the_budget():
     model = tiny_model("qwen2", 64)
     windows = torch.randint(0, 64, (16, 32))
     plan = make_plan(model, 0.4)
-    spectra = whitened_spectra(model, windows, plan, torch.device("cpu"))
-    compress(model, windows, CompressionConfig(method="svdllm-w", ratio=0.4), progress=False)
-    for rec in model.svdllm_report.records:  # svdllm-w sees the dense stream: the same Grams
+    spectra = whitened_spectra(ModelSource(model), windows, plan)
+    result = compress(model, windows, CompressionConfig(method="svdllm-w", ratio=0.4), progress=False)
+    for rec in result.report.records:  # svdllm-w sees the dense stream: the same Grams
         s = spectra[rec["name"]]
         assert float(s[rec["rank"]:].sum() / s.sum()) == pytest.approx(rec["loss_whitened"], rel=1e-6, abs=1e-12)
-    for rule in ("loss", "fisher"):
-        m = tiny_model("qwen2", 64)
-        compress(m, windows, CompressionConfig(method="svdllm-ec", ratio=0.4, rank_rule=rule), progress=False)
-        ranks, shapes = m.config.svdllm["ranks"], {n: tuple(plan.shapes[n]) for n in plan.ranks}
-        assert ranks != plan.ranks and m.svdllm_report.plan["ranks"] == ranks
-        check_budget(ranks, shapes, 0.4, 0.5, 2.0)
+    m = tiny_model("qwen2", 64)
+    fisher = compress(m, windows, CompressionConfig(method="svdllm-ec", ratio=0.4, rank_rule="fisher"), progress=False)
+    ranks, shapes = fisher.record.ranks, {n: tuple(plan.shapes[n]) for n in plan.ranks}
+    assert ranks != plan.ranks and fisher.report.plan["ranks"] == ranks
+    check_budget(ranks, shapes, 0.4, 0.5, 2.0)
 
 
-def test_output_sensitivity_equals_autograd():
-    model = tiny_model("llama", 64)
-    ids = torch.randint(0, 64, (2, 16))
-    names = ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
-    got = output_sensitivity(model, ids, names, batch_size=2)
-    outs: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o)) for n in names]
-    emb = model.get_input_embeddings().register_forward_hook(lambda _m, _a, o: o.requires_grad_(True))
-    loss = model(input_ids=ids, labels=ids).loss
-    grads = torch.autograd.grad(loss, [outs[n] for n in names])
-    for h in [*hooks, emb]:
-        h.remove()
-    for n, g in zip(names, grads):
-        assert got[n] == pytest.approx(float(g.double().pow(2).sum()) / (ids.numel() * g.shape[-1]), rel=1e-9)
-        assert got[n] > 0
+def test_gradient_statistics_equal_autograd():
+    """Per window: E‖∂L/∂y‖²/m from the output gradients, and FWSVD's row sums of (∂L/∂W)², by plain autograd."""
+    model = tiny_model("gpt2", 64)  # Conv1D: its weight is (in, out)
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2))
+    names = ["transformer.h.0.attn.c_proj", "transformer.h.1.mlp.c_fc"]
+    got = gradient_statistics(model, ids, names, sensitivity=True, row_fisher=True)
+    sens = {n: 0.0 for n in names}
+    rows = {n: 0.0 for n in names}
+    for window in ids:
+        outs: dict[str, torch.Tensor] = {}
+        hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
+                 for n in names]
+        emb = model.get_input_embeddings().register_forward_hook(lambda _m, _a, o: o.requires_grad_(True))
+        loss = model(input_ids=window[None], labels=window[None]).loss
+        weights = [model.get_submodule(n).weight for n in names]
+        grads = torch.autograd.grad(loss, [outs[n] for n in names] + weights)
+        for h in [*hooks, emb]:
+            h.remove()
+        for j, n in enumerate(names):
+            sens[n] += float(grads[j].double().pow(2).sum()) / (16 * grads[j].shape[-1])
+            rows[n] = rows[n] + grads[len(names) + j].double().pow(2).sum(0)  # Conv1D rows are columns
+    for n in names:
+        assert got.sensitivity[n] == pytest.approx(sens[n] / 3, rel=1e-9) and got.sensitivity[n] > 0
+        assert torch.allclose(got.row_fisher[n], rows[n], rtol=1e-9, atol=0)
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
 
 
-def test_v2_per_type_rule_keeps_each_types_budget_and_favours_lossy_matrices():
-    shapes = {f"model.layers.{i}.{t}": s for i in range(6) for t, s in
-              [("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (16, 64)), ("mlp.down_proj", (64, 160))]}
-    rng = random.Random(3)
-    losses = {n: rng.lognormvariate(0, 2) for n in shapes}
-    for ratio in (0.2, 0.6):
-        uni = uniform(shapes, ratio)
-        for floor, cap in [(0.5, 2.0), (0.9, 1.1)]:
-            ranks = per_type(shapes, ratio, losses, floor, cap)
-            for t in ("q_proj", "k_proj", "down_proj"):
-                group = [n for n in shapes if n.endswith(t)]
-                assert 0 <= sum(uni[n] - ranks[n] for n in group) < len(group)  # the type's budget, floored
-                assert all(floor * uni[n] - 1 < ranks[n] <= cap * uni[n] for n in group)
-                assert all(ranks[n] <= max_useful_rank(*shapes[n]) for n in group)
-                by_loss = sorted(group, key=losses.get)
-                assert all(ranks[a] <= ranks[b] + 1 for a, b in zip(by_loss, by_loss[1:]))  # more loss, more rank
-            if (floor, cap) == (0.5, 2.0):
-                assert ranks != uni
-
-
-def test_held_out_loss_of_a_candidate_equals_the_compressed_models_loss():
-    model = tiny_model("llama", 64)
-    fit, held = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0)).split([6, 2])
-    plan = make_plan(model, 0.4)
-    more = {n: max_useful_rank(*plan.shapes[n]) for n in plan.ranks}  # uniform's factors are then a slice
-    losses = held_out_losses(model, fit, held, plan, {"uniform": plan.ranks, "more": more}, torch.device("cpu"))
-    ref = compress(tiny_model("llama", 64), fit, CompressionConfig(method="svdllm-w", ratio=0.4), progress=False)
-    with torch.no_grad():  # equal windows: the mean NLL over windows is the mean over tokens
-        assert losses["uniform"] == pytest.approx(float(ref(input_ids=held, labels=held).loss), rel=1e-5)
-    assert losses["more"] != losses["uniform"]
-    assert interpolate({"a": 10}, {"a": 21}, 0.5) == {"a": 15} and interpolate({"a": 3}, {"a": 1}, 1.0) == {"a": 1}
-
-
-def test_search_picks_the_best_held_out_candidate_within_the_budget():
-    model = tiny_model("llama", 64)
-    windows = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
-    compress(model, windows, CompressionConfig(method="svdllm-ec", ratio=0.4, rank_rule="search"), progress=False)
-    search = model.svdllm_report.rank_search
-    assert search["held_out_windows"] == 2 and set(search["loss_by_step"]) == {"0", "0.25", "0.5", "0.75", "1"}
-    assert search["chosen"] == min(search["loss_by_step"], key=search["loss_by_step"].get)
-    plan = make_plan(tiny_model("llama", 64), 0.4)
-    shapes = {n: tuple(plan.shapes[n]) for n in plan.ranks}
-    ranks = model.config.svdllm["ranks"]
-    assert budget(ranks, shapes) <= budget(plan.ranks, shapes)
-    assert budget(plan.ranks, shapes) - budget(ranks, shapes) < sum(sum(s) for s in shapes.values())
-    if search["chosen"] == "0":
-        assert ranks == plan.ranks
-
-
-@pytest.mark.parametrize("rule", ["fisher", "search"])
-def test_gradient_allocations_refuse_streaming(tmp_path, rule):
-    from svdllm.checkpoint import RunDir
-    from svdllm.io import ShardSource
+def test_gradient_rules_refuse_a_streamed_model(tmp_path):
+    from svdllm.source import open_streamed
 
     model = tiny_model("llama", 64)
     model.save_pretrained(tmp_path / "m")
-    with pytest.raises(ValueError, match="whole model in memory"):
-        compress(model, torch.randint(0, 64, (4, 32)), CompressionConfig(rank_rule=rule, offload="disk"),
-                 run_dir=RunDir(tmp_path / "run", "x"), source=ShardSource(tmp_path / "m"), progress=False)
+    windows = torch.randint(0, 64, (4, 32))
+    for cfg, field in [(CompressionConfig(rank_rule="fisher"), "rank_rule"), (CompressionConfig(method="fwsvd"), "method")]:
+        with pytest.raises(OptionError) as err:
+            compress(open_streamed(tmp_path / "m"), windows, cfg, progress=False)
+        assert err.value.option == field
+    auto = compress(open_streamed(tmp_path / "m"), windows, CompressionConfig(ratio=0.4), progress=False)
+    assert auto.record.rank_rule == "uniform"  # auto, streamed: said in the log, not silent
 
 
 def test_cli_fisher_ranks_are_saved_and_plotted(model_dir, text_file, tmp_path, capsys):

@@ -52,7 +52,7 @@ def test_compress_eval_info_generate(model_dir, text_file, tmp_path, capsys):
         (["--ratio", "1.5"], "must be in (0, 1)"),
         (["--ratio", "0"], "must be in (0, 1)"),
         (["--method", "magic"], "unknown method 'magic'"),
-        (["--beta", "2"], "--beta must be in [0, 1]"),
+        (["--beta", "2"], "--beta: must be in [0, 1]"),
     ],
 )
 def test_bad_options(model_dir, text_file, tmp_path, capsys, extra, message):
@@ -97,6 +97,7 @@ def test_existing_out_needs_force(model_dir, text_file, tmp_path, capsys):
     assert (out / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "svdllm.cli", "compress", str(tmp_path / "nope"), "--ratio", "0.2"],
                           capture_output=True, text=True, timeout=120)

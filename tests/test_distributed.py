@@ -47,6 +47,7 @@ def assert_same_model(dist_out: Path, single_out: Path, tol: float = 1e-5) -> No
     assert worst <= tol, f"largest relative difference {worst:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["svdllm-w", "svdllm-ec"])
 def test_two_gloo_processes_match_one(model_dir, text_file, tmp_path, method):
     single, two = tmp_path / "one", tmp_path / "two"
@@ -64,6 +65,7 @@ def test_two_gloo_processes_match_one(model_dir, text_file, tmp_path, method):
     assert not list(tmp_path.glob(".*svdllm-run"))  # the run folder is gone
 
 
+@pytest.mark.slow
 def test_too_few_windows_for_the_processes(model_dir, text_file, tmp_path):
     proc = torchrun(*compress_args(model_dir, text_file, tmp_path / "o", "--nsamples", "1"))
     assert proc.returncode != 0
@@ -78,16 +80,19 @@ def _free_port() -> int:
 
 DIES_AFTER_BLOCK_0 = """
 import os, sys
-from svdllm import onload
+from svdllm.checkpoint import RunDir
 from svdllm.cli import main
 if os.environ["RANK"] == "1":
-    def offload(self, i):
+    real = RunDir.commit
+    def commit(self, i, *a, **k):
+        real(self, i, *a, **k)
         os._exit(9)  # killed after block 0 is committed
-    onload.BlockHost.offload = offload
+    RunDir.commit = commit
 sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_a_dead_rank_fails_the_others_fast_and_the_run_resumes(model_dir, text_file, tmp_path):
     script = tmp_path / "dies.py"
     script.write_text(DIES_AFTER_BLOCK_0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCHS
+from conftest import ARCHS, record_of
 from svdllm import CompressionConfig, compress, sample_windows
 from svdllm.cli import main
 from svdllm.generation import fast_options
@@ -51,6 +51,7 @@ def test_sliding_window_models_keep_the_ordinary_path(make_model, caplog):
     assert fast_options(make_model("llama"))["cache_implementation"] == "static"
 
 
+@pytest.mark.slow
 def test_fast_path_with_inductor_and_cli(make_model, calib_tokens, tokenizer, tmp_path, capsys):
     from svdllm import save
 
@@ -60,7 +61,7 @@ def test_fast_path_with_inductor_and_cli(make_model, calib_tokens, tokenizer, tm
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, **kw, **fast_options(model)), model.generate(ids, **kw))
 
-    out = save(model, tokenizer, tmp_path / "c")
+    out = save(model, tokenizer, tmp_path / "c", record_of(model))
     assert main(["generate", str(out), "the river", "--max-new-tokens", "6"]) == 0
     eager = capsys.readouterr().out
     assert main(["generate", str(out), "the river", "--max-new-tokens", "6", "--fast"]) == 0
@@ -83,6 +84,7 @@ def test_bytes_read_per_token(make_model):
     assert bytes_read_per_token(gpt2) == weight_bytes(gpt2) - 4 * (wpe.shape[0] - 1) * wpe.shape[1]
 
 
+@pytest.mark.slow
 def test_bench_cli(model_dir, text_file, tmp_path, capsys):
     import json
 

@@ -10,21 +10,24 @@ from svdllm import CompressionConfig, compress, load, sample_windows, save
 from svdllm.cli import main
 from svdllm.data import tokenize
 from svdllm.finetune import FinetuneConfig, factor_state, finetune
-from svdllm.lowrank import LowRankLinear
+from svdllm.runtime import LowRankLinear
 
 
 @pytest.fixture
-def compressed(make_model, calib_tokens):
-    model = make_model("llama")
-    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(ratio=0.5, method="svdllm-w"),
-             progress=False)
-    return model
+def result(make_model, calib_tokens):
+    return compress(make_model("llama"), sample_windows(calib_tokens, 8, 32, 0),
+                    CompressionConfig(ratio=0.5, method="svdllm-w"), progress=False)
 
 
-def test_stages_touch_only_their_factor_and_merge_cleanly(compressed, calib_tokens, monkeypatch):
+@pytest.fixture
+def compressed(result):
+    return result.model
+
+
+def test_stages_touch_only_their_factor_and_merge_cleanly(result, compressed, calib_tokens, monkeypatch):
     import svdllm.finetune as ft
 
-    ranks = dict(compressed.config.svdllm["ranks"])
+    ranks = dict(result.record.ranks)
     n_params = sum(p.numel() for p in compressed.parameters())
     snapshots = []
     real_stage = ft._stage
@@ -98,8 +101,8 @@ def test_fp16_and_bad_order_refused(compressed, calib_tokens):
         finetune(compressed, None, FinetuneConfig(order="w-first"), tokens=calib_tokens)
 
 
-def test_cli_finetune_on_alpaca_jsonl(compressed, tokenizer, tmp_path, capsys):
-    src = save(compressed, tokenizer, tmp_path / "c")
+def test_cli_finetune_on_alpaca_jsonl(result, tokenizer, tmp_path, capsys):
+    src = save(result, tokenizer, tmp_path / "c")
     rows = [{"instruction": f"Name a {w}.", "input": "" if i % 2 else "a city", "output": f"The {w} river."}
             for i, w in enumerate(["king", "house", "song", "field", "river", "team"] * 30)]
     data = tmp_path / "alpaca.jsonl"
@@ -114,5 +117,5 @@ def test_cli_finetune_on_alpaca_jsonl(compressed, tokenizer, tmp_path, capsys):
     assert (out / "finetune_losses.png").stat().st_size > 1000
     reloaded = load(out)
     assert reloaded.config.svdllm["finetune"]["steps"] == 3
-    assert reloaded.config.svdllm["ranks"] == compressed.config.svdllm["ranks"]
+    assert reloaded.config.svdllm["ranks"] == result.record.ranks
     assert tokenize(tokenizer, data.read_text()).numel() > 0

@@ -13,8 +13,10 @@ import torch
 
 from conftest import ARCHS, payload_bytes
 from svdllm import CompressionConfig, compress, load, sample_windows, save
-from svdllm.io import FormatError, verify
-from svdllm.lowrank import LowRankLinear
+from svdllm.errors import FormatError, OptionError
+from svdllm.record import SvdllmRecord
+from svdllm.folder import verify
+from svdllm.runtime import LowRankLinear
 
 CFG = dict(ratio=0.4, method="svdllm-w")
 
@@ -22,13 +24,14 @@ CFG = dict(ratio=0.4, method="svdllm-w")
 @pytest.fixture(params=["llama", "gpt2"])
 def saved(request, make_model, tokenizer, calib_tokens, tmp_path):
     model = make_model(request.param)
-    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
-    out = save(model, tokenizer, tmp_path / "compressed")
-    return model, out
+    result = compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
+    out = save(result, tokenizer, tmp_path / "compressed")
+    return result, out
 
 
 def test_round_trip_gives_identical_logits_and_generation(saved, calib_tokens):
-    model, out = saved
+    result, out = saved
+    model = result.model
     loaded = load(out)
     ids = calib_tokens[:40][None]
     with torch.no_grad():
@@ -36,17 +39,20 @@ def test_round_trip_gives_identical_logits_and_generation(saved, calib_tokens):
     a = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
     b = loaded.generate(ids[:, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
-    assert loaded.config.svdllm["ranks"] == model.config.svdllm["ranks"]
+    assert loaded.config.svdllm["ranks"] == result.record.ranks
     factors = [m.svd_u.weight for m in loaded.modules() if isinstance(m, LowRankLinear)]
     assert factors and all(w.t().is_contiguous() and not w.is_contiguous() for w in factors)  # rank-major U
 
 
 def test_folder_holds_no_pickle_and_records_everything(saved):
-    model, out = saved
+    result, out = saved
+    model = result.model
     names = {p.name for p in out.iterdir()}
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) for n in names)
-    assert {"config.json", "model.safetensors.index.json", "modeling_svdllm.py", "README.md",
-            "svdllm_report.json"} <= names
+    assert {"config.json", "model.safetensors.index.json", "modeling_svdllm.py", "svdllm_lowrank.py", "README.md",
+            "svdllm_report.json", "svdllm_manifest.json"} <= names
+    assert "svdllm_quantized.py" not in names and "quanto" not in (out / "modeling_svdllm.py").read_text()
+    assert ("svdllm_latent_cache.py" in names) == (model.config.model_type == "llama")  # GPT-2: no latent cache
     assert sorted(n for n in names if n.endswith(".safetensors")) == [f"model-0000{i}-of-00003.safetensors"
                                                                       for i in (1, 2, 3)]  # a shard per block
     section = json.loads((out / "config.json").read_text())["svdllm"]
@@ -61,9 +67,9 @@ def test_folder_holds_no_pickle_and_records_everything(saved):
 
 def test_bfloat16_save_halves_the_size(make_model, tokenizer, calib_tokens, tmp_path):
     model = make_model("llama")
-    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
-    a = save(model, tokenizer, tmp_path / "f32")
-    b = save(model, tokenizer, tmp_path / "bf16", dtype="bfloat16")
+    result = compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
+    a = save(result, tokenizer, tmp_path / "f32")
+    b = save(result, tokenizer, tmp_path / "bf16", dtype="bfloat16")
     ratio = payload_bytes(b) / payload_bytes(a)
     assert 0.49 < ratio < 0.52
     loaded = load(b)
@@ -71,8 +77,10 @@ def test_bfloat16_save_halves_the_size(make_model, tokenizer, calib_tokens, tmp_
     assert next(model.parameters()).dtype == torch.float32  # saving did not cast the caller's model
 
 
+@pytest.mark.slow
 def test_plain_transformers_loads_without_svdllm(saved, calib_tokens, tmp_path):
-    model, out = saved
+    result, out = saved
+    model = result.model
     ids = calib_tokens[:40][None]
     with torch.no_grad():
         ref = model(ids).logits
@@ -148,32 +156,31 @@ def test_not_svdllm_and_future_versions_are_refused(saved, model_dir):
 
 
 def test_save_never_overwrites_unless_forced(saved, tokenizer):
-    model, out = saved
+    result, out = saved
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(FileExistsError, match="--force"):
-        save(model, tokenizer, out)
+    with pytest.raises(OptionError, match="not empty"):
+        save(result, tokenizer, out)
     assert sorted(p.name for p in out.iterdir()) == before
-    save(model, tokenizer, out, force=True)
+    save(result, tokenizer, out, force=True)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
 def test_failed_save_leaves_nothing(make_model, tokenizer, tmp_path, monkeypatch):
     model = make_model("llama")
-    model.config.svdllm = {"ranks": {}}
 
     def boom(*a, **k):
-        raise RuntimeError("disk full")
+        raise OSError(28, "No space left on device")
 
-    import svdllm.io
+    import svdllm.folder
 
-    monkeypatch.setattr(svdllm.io, "atomic_save_file", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
-        save(model, tokenizer, tmp_path / "x")
+    monkeypatch.setattr(svdllm.folder, "atomic_save_file", boom)
+    with pytest.raises(OSError, match="No space"):
+        save(model, tokenizer, tmp_path / "x", SvdllmRecord(ranks={}))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_saving_an_uncompressed_model_is_refused(make_model, tokenizer, tmp_path):
-    with pytest.raises(FormatError, match="compress it first"):
+    with pytest.raises(FormatError, match="save what compress returned"):
         save(make_model("llama"), tokenizer, tmp_path / "x")
     assert not Path(tmp_path / "x").exists()
 
@@ -185,8 +192,8 @@ def test_bfloat16_save_keeps_tied_embeddings_shared(tokenizer, calib_tokens, tmp
     model.config.tie_word_embeddings = True
     model.tie_weights()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
-    out = save(model, tokenizer, tmp_path / "tied", dtype="bfloat16")
+    result = compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
+    out = save(result, tokenizer, tmp_path / "tied", dtype="bfloat16")
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert payload_bytes(out) == n * 2  # one copy of the tied table
     loaded = load(out)
@@ -199,8 +206,8 @@ def test_round_trip_is_exact_for_every_family(arch, make_model, tokenizer, calib
     from transformers import AutoModelForCausalLM
 
     model = make_model(arch)
-    compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
-    out = save(model, tokenizer, tmp_path / arch)
+    result = compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(**CFG), progress=False)
+    out = save(result, tokenizer, tmp_path / arch)
     ids = calib_tokens[:40][None]
     plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     with torch.no_grad():

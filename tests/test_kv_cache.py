@@ -5,10 +5,10 @@ import pytest
 import torch
 import transformers
 
-from conftest import with_spectral_decay
+from conftest import record_of, with_spectral_decay
 from svdllm import CompressionConfig, compress, load, sample_windows, save
 from svdllm.cli import main
-from svdllm.modeling_svdllm import LatentCache, cache_argument, cache_bytes_per_token, latent_rank
+from svdllm.runtime import LatentCache, cache_argument, cache_bytes_per_token, latent_rank
 
 COMMON = dict(bos_token_id=0, eos_token_id=0, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -102,7 +102,7 @@ def test_unsupported_families_and_dense_projections_are_refused(make_model, toke
 
 def test_load_with_latent_cache_and_cli(make_model, tokenizer, calib_tokens, tmp_path, capsys):
     model = compressed("qwen2", len(tokenizer), calib_tokens)
-    out = save(model, tokenizer, tmp_path / "c")
+    out = save(model, tokenizer, tmp_path / "c", record_of(model))
     ids = calib_tokens[:8][None]
     loaded = load(out, latent_cache=True)
     res = loaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
@@ -120,9 +120,8 @@ def test_load_with_latent_cache_and_cli(make_model, tokenizer, calib_tokens, tmp
     dense, small = cache_bytes_per_token(loaded, False), cache_bytes_per_token(loaded, True)
     assert f"KV cache {small} bytes/token latent against {dense} dense" in latent.err
 
-    gpt2 = make_model("gpt2")
-    compress(gpt2, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(ratio=0.4, method="svdllm-w"),
-             progress=False)
+    gpt2 = compress(make_model("gpt2"), sample_windows(calib_tokens, 8, 32, 0),
+                    CompressionConfig(ratio=0.4, method="svdllm-w"), progress=False)
     assert main(["generate", str(save(gpt2, tokenizer, tmp_path / "g")), "the", "--max-new-tokens", "3",
                  "--latent-cache"]) == 0
     err = capsys.readouterr().err

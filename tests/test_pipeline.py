@@ -9,7 +9,8 @@ import torch
 from conftest import ARCHS
 from svdllm import CompressionConfig, compress, sample_windows
 from svdllm.architecture import block_linears, decoder_blocks, dense_weight
-from svdllm.lowrank import LowRankLinear, replace_module
+from svdllm.runtime import LowRankLinear, replace_module
+from svdllm.errors import OptionError
 from svdllm.methods import METHODS, options_for
 
 
@@ -49,15 +50,15 @@ def test_every_method_reaches_the_ratio(method, make_model, calib_tokens):
     ratio = 0.3
     model = make_model("mistral", hidden=256)  # ranks ≥ 100, so flooring k moves the count < 1%
     before = sum(p.numel() for p in model.parameters())
-    compress(model, windows_of(calib_tokens), CompressionConfig(ratio=ratio, method=method), progress=False)
-    rep = model.svdllm_report
+    result = compress(model, windows_of(calib_tokens), CompressionConfig(ratio=ratio, method=method), progress=False)
+    rep = result.report
     after = sum(p.numel() for p in model.parameters())
     assert rep.linear_params_after / rep.linear_params_before == pytest.approx(1 - ratio, rel=0.01)
     assert (before - after) / rep.linear_params_before == pytest.approx(ratio, abs=0.01)
     for r in rep.records:
         m = model.get_submodule(r["name"])
         assert isinstance(m, LowRankLinear) and m.rank == r["rank"]
-    assert model.config.svdllm["ranks"] == {r["name"]: r["rank"] for r in rep.records} == rep.plan["ranks"]
+    assert result.record.ranks == {r["name"]: r["rank"] for r in rep.records} == rep.plan["ranks"]
 
 
 def test_seed_fixes_the_factors(make_model, calib_tokens):
@@ -80,10 +81,10 @@ def test_dead_input_never_crashes(make_model, calib_tokens):
     for method in ("svdllm-w", "svdllm", "svdllm-ec", "asvd"):
         m = make_model("llama")
         m.load_state_dict(model.state_dict())
-        compress(m, windows_of(calib_tokens), CompressionConfig(ratio=0.4, method=method), progress=False)
+        result = compress(m, windows_of(calib_tokens), CompressionConfig(ratio=0.4, method=method), progress=False)
         assert torch.isfinite(m(calib_tokens[:32][None]).logits).all()
         if method.startswith("svdllm-w"):
-            assert any("q_proj" in r["name"] for r in m.svdllm_report.remedies)
+            assert any("q_proj" in r["name"] for r in result.report.remedies)
 
 
 def test_error_correction_lowers_output_error(make_model, calib_tokens):
@@ -111,6 +112,11 @@ def test_targets_and_skip_layers(make_model, calib_tokens):
     with pytest.raises(ValueError, match="matches no linear"):
         compress(make_model("llama"), windows_of(calib_tokens), CompressionConfig(targets=["*nothing*"]),
                  progress=False)
+    with pytest.raises(ValueError, match="block -3 does not exist"):
+        compress(make_model("llama"), windows_of(calib_tokens), CompressionConfig(skip_layers=[-3]), progress=False)
+    last = compress(make_model("llama"), windows_of(calib_tokens),
+                    CompressionConfig(ratio=0.4, method="svdllm-w", skip_layers=[-1]), progress=False)
+    assert last.record.ranks and all(n.startswith("model.layers.0.") for n in last.record.ranks)
     with pytest.raises(ValueError, match="block 2 does not exist"):
         compress(make_model("llama"), windows_of(calib_tokens), CompressionConfig(skip_layers=[2]), progress=False)
 
@@ -121,10 +127,13 @@ def test_short_calibration_text_is_an_error(calib_tokens):
 
 
 def test_method_options_are_validated_and_named():
-    with pytest.raises(ValueError, match="--beta must be in"):
+    with pytest.raises(OptionError, match="beta: must be in") as err:
         options_for("svdllm-ec", beta=2.0)
-    with pytest.raises(ValueError, match="--beta does not apply to --method svdllm-w .it applies to svdllm-ec"):
+    assert err.value.option == "beta"
+    with pytest.raises(OptionError, match="beta: does not apply to method svdllm-w .it applies to svdllm-ec"):
         options_for("svdllm-w", beta=0.5)
+    with pytest.raises(OptionError, match="beta"):
+        options_for("svdllm-ec", beta=float("nan"))
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         CompressionConfig(method="magic")
     assert options_for("svdllm-ec", beta=None).beta == 0.25  # None keeps the default
@@ -139,9 +148,10 @@ def test_shared_inputs_share_one_gram_under_gqa(make_model, calib_tokens):
     block = model.model.layers[0]
     linears = block_linears(block, "model.layers.0")
     cpu = torch.device("cpu")
-    stream = ActivationStream.capture(model, block, windows_of(calib_tokens, 2), 2, (DENSE,), TensorStore(cpu), cpu)
+    stream = ActivationStream.capture(model, model.model.layers, windows_of(calib_tokens, 2), 2, (DENSE,),
+                                      TensorStore(cpu), cpu)
     acc = GramAccumulator(frozenset({"gram"}), cpu)
-    stream.record(block, linears, acc)
+    stream.record(block, 0, linears, acc)
     groups = sorted(sorted(n.rsplit(".", 1)[1] for n in g) for g in acc.groups)
     assert groups == [["down_proj"], ["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"], ["o_proj"]]
     assert acc.for_linear("model.layers.0.self_attn.k_proj") is acc.for_linear("model.layers.0.self_attn.q_proj")
@@ -169,12 +179,25 @@ def all_linears(model: torch.nn.Module) -> dict:
     return {n: m for i, b in enumerate(blocks) for n, m in block_linears(b, f"{prefix}.{i}").items()}
 
 
+def fisher_rows(model: torch.nn.Module, windows: torch.Tensor, linears: dict) -> dict:
+    """FWSVD's row Fisher by plain autograd: Σ over windows of the squared weight gradient of that window's loss,
+    summed along each output row (Conv1D keeps W as (in, out))."""
+    out = {}
+    for window in windows:
+        ids = window[None]
+        grads = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, [m.weight for m in linears.values()])
+        for (name, m), g in zip(linears.items(), grads):
+            rows = (g.double() ** 2).sum(0 if type(m).__name__ == "Conv1D" else 1)
+            out[name] = out.get(name, 0) + rows
+    return out
+
+
 def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: str, ratio: float,
                        true_sequential: bool = False) -> dict:
     """The plainest loop: whole-model forwards with hooks, one block after another; returns name → (u, v).
     True-sequential: one linear after another in forward order, each fitted on the X′ of the
     model with the block's earlier linears already swapped."""
-    from svdllm.calibration import LayerStats, fisher_rows
+    from svdllm.calibration import LayerStats
     from svdllm.ranks import rank_for_ratio
 
     opts, meth = options_for(method), METHODS[method]
@@ -229,9 +252,10 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
 def test_block_loop_equals_the_reference_loop(method, arch, make_model, calib_tokens):
     windows = windows_of(calib_tokens)
     ref = reference_compress(make_model(arch), windows, method, 0.4)
-    model = compress(make_model(arch), windows, CompressionConfig(ratio=0.4, method=method, true_sequential=False),
-                     progress=False)
-    assert set(ref) == set(model.config.svdllm["ranks"])
+    result = compress(make_model(arch), windows, CompressionConfig(ratio=0.4, method=method, true_sequential=False, rank_rule="uniform"),
+                      progress=False)
+    model = result.model
+    assert set(ref) == set(result.record.ranks)
     for name, (u, v) in ref.items():
         got = model.get_submodule(name)
         assert (got.svd_u.weight - u).abs().max() <= 1e-6, name
@@ -243,10 +267,10 @@ def test_block_loop_equals_the_reference_loop(method, arch, make_model, calib_to
 def test_true_sequential_equals_its_reference_and_changes_the_late_groups(method, arch, make_model, calib_tokens):
     windows = windows_of(calib_tokens)
     ref = reference_compress(make_model(arch), windows, method, 0.4, true_sequential=True)
-    cfg = CompressionConfig(ratio=0.4, method=method, true_sequential=True)
-    model = compress(make_model(arch), windows, cfg, progress=False)
-    plain = compress(make_model(arch), windows, CompressionConfig(ratio=0.4, method=method, true_sequential=False),
-                     progress=False)
+    cfg = CompressionConfig(ratio=0.4, method=method, true_sequential=True, rank_rule="uniform")
+    model = compress(make_model(arch), windows, cfg, progress=False).model
+    plain = compress(make_model(arch), windows, CompressionConfig(ratio=0.4, method=method, true_sequential=False, rank_rule="uniform"),
+                     progress=False).model
     moved = set()
     for name, (u, v) in ref.items():
         got = model.get_submodule(name)

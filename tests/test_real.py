@@ -10,7 +10,7 @@ from svdllm import CompressionConfig, compress, evaluate_perplexity, load, load_
 from svdllm.architecture import count_parameters
 from svdllm.data import is_test_article, load_text, tokenize, wiki_articles
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 CALIB = dict(nsamples=8, seqlen=256, seed=0)
 
 
@@ -66,8 +66,8 @@ def test_bfloat16_checkpoint_at_ratio_04(real, tmp_path):
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(dense_dir)  # tied embeddings stay tied
     dense_size = sum(p.stat().st_size for p in dense_dir.glob("*.safetensors"))
     m = load_model("smollm2-135m")[0]
-    compress(m, None, CompressionConfig(ratio=0.4, method="svd"), progress=False)
-    out = save(m, tok, tmp_path / "c", dtype="bfloat16")
+    result = compress(m, None, CompressionConfig(ratio=0.4, method="svd"), progress=False)
+    out = save(result, tok, tmp_path / "c", dtype="bfloat16")
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     n = count_parameters(m)
     assert n * 2 <= size <= n * 2 * 1.02  # factors stored as factors, in bf16
@@ -84,12 +84,14 @@ def test_bfloat16_checkpoint_at_ratio_04(real, tmp_path):
 
 KILL_DRIVER = """
 import os, signal, sys
-import svdllm, svdllm.cli
-kill_after, real = int(sys.argv[1]), svdllm.compress
-def hook(i):
+import svdllm.cli
+from svdllm.checkpoint import RunDir
+kill_after, real = int(sys.argv[1]), RunDir.commit
+def commit(self, i, *a, **k):
+    real(self, i, *a, **k)
     if i == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
-svdllm.compress = lambda *a, **k: real(*a, **dict(k, on_block=hook))
+RunDir.commit = commit
 sys.exit(svdllm.cli.main(sys.argv[2:]))
 """
 
@@ -132,7 +134,6 @@ def test_int8_quantization_of_smollm2_costs_under_one_percent(real):
     m = load_model("smollm2-135m", dtype=torch.bfloat16)[0]
     before_bytes, base = weight_bytes(m), evaluate_perplexity(m, tok, test, 512, None).perplexity
     shapes = [mod.weight.shape for mod in m.model.layers.modules() if isinstance(mod, torch.nn.Linear)]
-    m.config.svdllm = {"ranks": {}}
     quantize_model(m, QuantizeOptions(bits=8, dense=("*",)))
     assert weight_bytes(m) == before_bytes - sum(o * i * 2 for o, i in shapes) + sum(o * i + o * 2 + 2 * 2
                                                                                      for o, i in shapes)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from svdllm import CompressionConfig, compress, load, sample_windows, save
-from svdllm.io import FormatError
-from svdllm.lowrank import LowRankLinear
+from svdllm.errors import FormatError
+from svdllm.runtime import LowRankLinear
 
 
 def windows(tokens: torch.Tensor) -> torch.Tensor:
@@ -19,8 +19,8 @@ def windows(tokens: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def saved(make_model, tokenizer, calib_tokens, tmp_path):
     model = make_model("llama")
-    compress(model, windows(calib_tokens), CompressionConfig(ratio=0.4, method="svdllm-w"), progress=False)
-    return model, save(model, tokenizer, tmp_path / "c")
+    result = compress(model, windows(calib_tokens), CompressionConfig(ratio=0.4, method="svdllm-w"), progress=False)
+    return model, save(result, tokenizer, tmp_path / "c")
 
 
 def edit_config(folder, change) -> None:
@@ -33,11 +33,11 @@ def test_two_passes_keep_both_passes_ranks(make_model, tokenizer, calib_tokens, 
     model = make_model("llama")
     compress(model, windows(calib_tokens), CompressionConfig(ratio=0.4, method="svdllm-w", skip_layers=[1]),
              progress=False)
-    compress(model, windows(calib_tokens), CompressionConfig(ratio=0.3, method="svdllm-w", skip_layers=[0]),
-             progress=False)
-    ranks = model.config.svdllm["ranks"]
+    second = compress(model, windows(calib_tokens), CompressionConfig(ratio=0.3, method="svdllm-w", skip_layers=[0]),
+                      progress=False)
+    ranks = second.record.ranks
     assert {n.split(".")[2] for n in ranks} == {"0", "1"} and len(ranks) == 14
-    out = save(model, tokenizer, tmp_path / "two")
+    out = save(second, tokenizer, tmp_path / "two")
     ids = calib_tokens[:40][None]
     with torch.no_grad():
         assert torch.equal(load(out)(ids).logits, model(ids).logits)
@@ -46,7 +46,7 @@ def test_two_passes_keep_both_passes_ranks(make_model, tokenizer, calib_tokens, 
 def test_a_tensor_the_model_does_not_use_is_refused(saved):
     from safetensors.torch import load_file, save_file
 
-    from svdllm.assets import sha256_file
+    from svdllm.files import sha256_file
 
     _, out = saved
     shard = out / "model-00003-of-00003.safetensors"
@@ -156,10 +156,10 @@ def test_report_and_loss_files_are_inside_the_atomic_save(make_model, tokenizer,
     """The folder appears with everything in it: a kill after the rename loses nothing."""
     import os
 
-    import svdllm.io
+    import svdllm.folder
 
     model = make_model("llama")
-    compress(model, windows(calib_tokens), CompressionConfig(ratio=0.4, method="svd"), progress=False)
+    result = compress(model, windows(calib_tokens), CompressionConfig(ratio=0.4, method="svd"), progress=False)
     seen = {}
     real = os.replace
 
@@ -168,8 +168,8 @@ def test_report_and_loss_files_are_inside_the_atomic_save(make_model, tokenizer,
             seen["files"] = sorted(p.name for p in Path(src).iterdir())
         return real(src, dst)
 
-    monkeypatch.setattr(svdllm.io.os, "replace", spy)
-    save(model, tokenizer, tmp_path / "c", write_extra=lambda d: (d / "finetune_losses.json").write_text("[]"))
+    monkeypatch.setattr(svdllm.folder.os, "replace", spy)
+    save(result, tokenizer, tmp_path / "c", write_extra=lambda d: (d / "finetune_losses.json").write_text("[]"))
     assert {"svdllm_report.json", "finetune_losses.json"} <= set(seen["files"])
 
 
@@ -178,14 +178,14 @@ def test_a_killed_save_leaves_nothing_for_long(make_model, tokenizer, calib_toke
     import sys
 
     model = make_model("llama")
-    compress(model, windows(calib_tokens), CompressionConfig(ratio=0.4, method="svd"), progress=False)
+    result = compress(model, windows(calib_tokens), CompressionConfig(ratio=0.4, method="svd"), progress=False)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has exited
     for stale in (f".c.tmp-{pid}-abc", f".c.old-{pid}"):
         (tmp_path / stale).mkdir()
         (tmp_path / stale / "model.safetensors").write_bytes(b"0" * 1000)
     (tmp_path / f".c.tmp-{os_getpid()}-live").mkdir()  # a live process's: kept
-    save(model, tokenizer, tmp_path / "c")
+    save(result, tokenizer, tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", f".c.tmp-{os_getpid()}-live"])
 
 
@@ -195,16 +195,17 @@ def os_getpid() -> int:
     return os.getpid()
 
 
+@pytest.mark.slow
 def test_sigterm_during_compress_cleans_up(model_dir, text_file, tmp_path):
     import subprocess
     import sys
 
-    driver = ("import os, signal, sys, svdllm, svdllm.cli, svdllm.io\n"
-              "real = svdllm.io._write_shards\n"
+    driver = ("import os, signal, sys, svdllm, svdllm.cli, svdllm.folder\n"
+              "real = svdllm.folder._write_shards\n"
               "def hook(tmp, *a):\n"
               "    real(tmp, *a)\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "svdllm.io._write_shards = hook\n"
+              "svdllm.folder._write_shards = hook\n"
               "sys.exit(svdllm.cli.main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", driver, *cli_args(model_dir, text_file, tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
@@ -230,7 +231,7 @@ def test_bad_jsonl_rows(model_dir, tmp_path, capsys, rows, message):
 
 @pytest.mark.parametrize("extra, message", [
     (["--skip-layers", "1-0"], "is empty"), (["--skip-layers", "0-1"], "leaves none of the 2 blocks"),
-    (["--max-tokens", "-5"], "must be at least 1"), (["--beta", "0.5"], "--beta does not apply to --method svd"),
+    (["--max-tokens", "-5"], "must be at least 1"), (["--beta", "0.5"], "--beta: does not apply to method svd"),
 ])
 def test_bad_options_are_one_line(model_dir, text_file, tmp_path, capsys, extra, message):
     from svdllm.cli import main
@@ -309,6 +310,7 @@ def fuzz_cases(section: dict) -> list[tuple[str, object]]:
     return cases
 
 
+@pytest.mark.slow
 def test_fuzzed_configs_give_a_format_error_or_the_same_model(saved, tmp_path):
     """Every mutation of a saved config either loads the very same model or fails with a one-line FormatError."""
     import shutil

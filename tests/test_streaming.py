@@ -7,11 +7,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 import svdllm
+from svdllm.checkpoint import RunDir
 from svdllm.cli import main
 
 
@@ -19,15 +21,23 @@ class Crash(Exception):
     pass
 
 
-def crash_after(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
-    """Make the CLI's compress raise right after block ``block`` is checkpointed (a kill at that moment)."""
-    real = svdllm.compress
+def on_commit(monkeypatch: pytest.MonkeyPatch, after: Callable[[int], None]) -> None:
+    """Call ``after(i)`` once block i's checkpoint is committed (a kill at that moment, or a spy)."""
+    real = RunDir.commit
 
-    def hook(i: int) -> None:
+    def commit(self, i, *args, **kwargs):
+        real(self, i, *args, **kwargs)
+        after(i)
+
+    monkeypatch.setattr(RunDir, "commit", commit)
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    def crash(i: int) -> None:
         if i == block:
             raise Crash(f"killed after block {i}")
 
-    monkeypatch.setattr(svdllm, "compress", lambda *a, **k: real(*a, **dict(k, on_block=hook)))
+    on_commit(monkeypatch, crash)
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -57,10 +67,18 @@ def tiny_model_with_layers(vocab: int, layers: int, hidden: int = 64):
     return with_spectral_decay(transformers.AutoModelForCausalLM.from_config(cfg).eval())
 
 
+def options(model: Path, text: Path, out: Path, **extra) -> svdllm.CompressOptions:
+    method = extra.pop("method", "svdllm-ec")
+    config = svdllm.CompressionConfig(method=method, ratio=extra.pop("ratio", 0.4), rank_rule="uniform")
+    return svdllm.CompressOptions(model=str(model), compression=config, calib=str(text), eval=(str(text),),
+                                  nsamples=8, seqlen=32, eval_seqlen=32, max_tokens=512, out=str(out),
+                                  progress=False, **extra)  # uniform: streaming cannot allocate by Fisher yet
+
+
 def args(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
     return ["-q", "compress", str(model), "--calib", str(text), "--eval", str(text), "--nsamples", "8",
             "--seqlen", "32", "--eval-seqlen", "32", "--max-tokens", "512", "--ratio", "0.4", "--ranks", "uniform",
-            "--out", str(out), *extra]  # uniform: auto would allocate in memory but not when streaming
+            "--out", str(out), *extra]
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
@@ -69,34 +87,50 @@ def state(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", ["svdllm-ec", "svdllm-w"])
 def test_low_memory_equals_in_memory(sharded_dir, text_file, tmp_path, method):
-    assert main(args(sharded_dir, text_file, tmp_path / "mem", "--method", method)) == 0
-    assert main(args(sharded_dir, text_file, tmp_path / "disk", "--method", method, "--low-memory")) == 0
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "mem", method=method, low_memory=False))
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "disk", method=method, low_memory=True))
     a, b = state(tmp_path / "mem"), state(tmp_path / "disk")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp_path / d / "svdllm_report.json").read_text()) for d in ("mem", "disk"))
     assert ra["perplexity"] == rb["perplexity"] and ra["records"] == rb["records"]
     assert len(list((tmp_path / "disk").glob("model-*-of-*.safetensors"))) == 5  # a shard per block + the rest
-    assert not list(tmp_path.glob(".*svdllm-run"))  # a finished run removes its checkpoint
+    assert not list(tmp_path.glob(".*svdllm-run")) and not list(tmp_path.glob(".*svdllm-lock"))  # all cleaned up
     assert [p.name for p in text_file.parent.iterdir()] == [text_file.name]  # nothing written beside the data
 
 
+def test_streaming_needs_no_run_folder(sharded_dir, text_file, tmp_path):
+    """The library streams without a checkpoint: finished blocks go to the source's own files."""
+    from transformers import AutoModelForCausalLM
+
+    from svdllm.source import open_streamed
+
+    windows = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    cfg = svdllm.CompressionConfig(method="svdllm-w", ratio=0.4)
+    streamed = svdllm.compress(open_streamed(sharded_dir), windows, cfg, progress=False)
+    in_memory = svdllm.compress(AutoModelForCausalLM.from_pretrained(sharded_dir), windows, cfg, progress=False)
+    svdllm.save(streamed, None, tmp_path / "s")
+    svdllm.save(in_memory, None, tmp_path / "m")
+    assert digests(tmp_path / "s") == digests(tmp_path / "m")
+    spill = streamed.source.spill_dir
+    streamed.source.close()
+    assert spill is not None and not spill.exists()
+
+
 @pytest.mark.parametrize("low_memory", [False, True])
-def test_killed_run_resumes_to_identical_shards(sharded_dir, text_file, tmp_path, monkeypatch, low_memory, capsys):
-    extra = ["--low-memory"] if low_memory else []
-    assert main(args(sharded_dir, text_file, tmp_path / "whole", *extra)) == 0
+def test_killed_run_resumes_to_identical_shards(sharded_dir, text_file, tmp_path, monkeypatch, low_memory, caplog):
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "whole", low_memory=low_memory))
     with monkeypatch.context() as m:
         crash_after(m, 1)
         with pytest.raises(Crash):
-            main(args(sharded_dir, text_file, tmp_path / "resumed", *extra))
+            svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "resumed", low_memory=low_memory))
     run = tmp_path / ".resumed.svdllm-run"
     assert json.loads((run / "state.json").read_text())["next_block"] == 2 and not (tmp_path / "resumed").exists()
-    calls = []
-    real = svdllm.compress
-    monkeypatch.setattr(svdllm, "compress", lambda *a, **k: real(*a, **dict(k, on_block=calls.append)))
-    assert main(args(sharded_dir, text_file, tmp_path / "resumed", "--resume", *extra)) == 0
+    calls: list[int] = []
+    on_commit(monkeypatch, calls.append)
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "resumed", low_memory=low_memory, resume=True))
     assert calls == [2, 3]  # only the blocks left were computed
-    assert "resuming" in capsys.readouterr().err
+    assert "resuming" in caplog.text
     assert digests(tmp_path / "resumed") == digests(tmp_path / "whole")
     whole, resumed = (json.loads((tmp_path / d / "svdllm_report.json").read_text()) for d in ("whole", "resumed"))
     assert whole["records"] == resumed["records"] and whole["perplexity"] == resumed["perplexity"]
@@ -117,20 +151,18 @@ def test_checkpoint_of_another_run_is_refused(sharded_dir, text_file, tmp_path, 
 
 
 def test_low_memory_holds_one_block_at_a_time(sharded_dir, text_file, tmp_path, monkeypatch):
-    from svdllm.architecture import decoder_blocks
+    from svdllm.source import StreamedSource
 
     seen = []
-    real = svdllm.compress
+    real = StreamedSource.onload
 
-    def spy(model, *a, **k):
-        _, blocks = decoder_blocks(model)
-        live = lambda: sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks)  # noqa: E731
-        seen.append(live())
-        return real(model, *a, **dict(k, on_block=lambda i: seen.append(live())))
+    def onload(self, i):
+        seen.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in self.blocks))
+        return real(self, i)
 
-    monkeypatch.setattr(svdllm, "compress", spy)
-    assert main(args(sharded_dir, text_file, tmp_path / "o", "--low-memory")) == 0
-    assert seen == [0, 0, 0, 0, 0]  # before the loop and after each block: every block back on meta
+    monkeypatch.setattr(StreamedSource, "onload", onload)
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "o", low_memory=True))
+    assert seen == [0, 0, 0, 0]  # before each block is read, every other block is back on meta
 
 
 DRIVER = textwrap.dedent("""
@@ -162,6 +194,7 @@ def peak_rss_over_baseline(warm: Path, run: list[str]) -> int:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_over_base"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_low_memory_peak_rss_grows_with_blocks_not_with_the_model(tmp_path, tokenizer, text_file):
     """Peak RSS over a warmed-up baseline, streaming 6 and 24 blocks of one width: the 18 extra blocks cost

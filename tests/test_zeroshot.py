@@ -46,6 +46,7 @@ def tiny_task(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_compress_eval_and_lm_evals_own_cli_agree(model_dir, text_file, tmp_path, capsys):
     tasks, out = tiny_task(tmp_path / "tasks"), tmp_path / "c"
     zs = ["--include-path", str(tasks), "--limit", "6"]
@@ -75,11 +76,12 @@ def test_compress_eval_and_lm_evals_own_cli_agree(model_dir, text_file, tmp_path
         theirs["acc_norm,none"] == pytest.approx(ours["acc_norm,none"])
 
 
+@pytest.mark.slow
 def test_bootstrapped_metrics_never_fork(model_dir, tmp_path, monkeypatch):
     """lm-eval bootstraps a perplexity's stderr in a forked pool, which can deadlock beside torch's threads."""
     import multiprocessing
 
-    from svdllm.io import load_model
+    from svdllm.source import load_model
     from svdllm.zeroshot import resolve_tasks, zero_shot
 
     folder = tiny_task(tmp_path / "tasks")
@@ -112,6 +114,7 @@ def test_zero_shot_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch)
     assert "pip install 'svdllm[eval]'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_hub_task_offline_is_one_line(model_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"))
     proc = subprocess.run([sys.executable, "-m", "svdllm", "eval", str(model_dir), "--data", "", "--tasks", "arc_easy",
@@ -122,6 +125,7 @@ def test_a_hub_task_offline_is_one_line(model_dir, tmp_path):
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_dense_smollm2_is_above_chance_on_the_offline_tasks(tmp_path):
     js = tmp_path / "zs.json"
     assert main(["-q", "eval", "smollm2-135m", "--data", "", "--tasks", "offline", "--limit", "20", "--json", str(js)]) == 0
@@ -132,6 +136,7 @@ def test_dense_smollm2_is_above_chance_on_the_offline_tasks(tmp_path):
 
 def test_a_rerun_does_not_score_the_dense_model_again(model_dir, text_file, tmp_path, monkeypatch):
     import svdllm
+    import svdllm.workflow
     import svdllm.zeroshot
 
     tasks, out = tiny_task(tmp_path / "tasks"), tmp_path / "c"
@@ -142,7 +147,7 @@ def test_a_rerun_does_not_score_the_dense_model_again(model_dir, text_file, tmp_
     monkeypatch.setattr(svdllm.zeroshot, "zero_shot", lambda *a, **k: scored.append(1) or real(*a, **k))
     kept_file = tmp_path / ".c.svdllm-run" / "zero_shot_dense.json"
     with monkeypatch.context() as m:
-        m.setattr(svdllm, "compress", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        m.setattr(svdllm.workflow, "compress", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         assert main(argv("4")) == 130  # interrupted after the dense scores, before any block
         assert len(scored) == 1 and kept_file.is_file()
         assert main(argv("3")) == 130  # another --limit: scored afresh

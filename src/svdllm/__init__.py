@@ -1,13 +1,24 @@
-"""svdllm: compress Hugging Face LLMs with SVD-LLM and beyond."""
+"""svdllm: compress Hugging Face LLMs with SVD-LLM and beyond.
+
+    import svdllm
+    result = svdllm.run_compression(svdllm.CompressOptions(model="smollm2-135m", ratio=0.4, out="out/smol-40"))
+    model = svdllm.load("out/smol-40")
+"""
 from __future__ import annotations
 
-__version__ = "0.6.0"
+from ._version import __version__
+from .calibration import eval_windows, sample_windows
+from .errors import DataError, FormatError, OptionError, SvdllmError
+from .evaluate import evaluate_perplexity
+from .folder import load, read_record, save, verify
+from .pipeline import CompressionConfig, CompressionReport, CompressionResult, compress
+from .plan import CompressionPlan, make_plan
+from .record import SvdllmRecord
+from .source import ModelSource, StreamedSource, load_model, open_source
+from .workflow import CompressOptions, CompressOutcome, run_compression
 
-from .calibration import eval_windows, sample_windows  # noqa: E402
-from .evaluate import evaluate_perplexity  # noqa: E402
-from .io import load, load_model, save  # noqa: E402
-from .pipeline import CompressionConfig, CompressionReport, compress  # noqa: E402
-from .plan import CompressionPlan, make_plan  # noqa: E402
-
-__all__ = ["CompressionConfig", "CompressionPlan", "CompressionReport", "compress", "eval_windows",
-           "evaluate_perplexity", "load", "load_model", "make_plan", "sample_windows", "save", "__version__"]
+__all__ = ["CompressOptions", "CompressOutcome", "CompressionConfig", "CompressionPlan", "CompressionReport",
+           "CompressionResult", "DataError", "FormatError", "ModelSource", "OptionError", "StreamedSource",
+           "SvdllmError", "SvdllmRecord", "compress", "eval_windows", "evaluate_perplexity", "load", "load_model",
+           "make_plan", "open_source", "read_record", "run_compression", "sample_windows", "save", "verify",
+           "__version__"]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .modeling_svdllm import LowRankLinear
+from .errors import FormatError
+from .runtime import LowRankLinear
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -28,7 +29,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
+        raise FormatError(f"cannot find the decoder blocks of {type(model).__name__}")
     return best
 
 

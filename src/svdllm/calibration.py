@@ -3,7 +3,7 @@
 ``ActivationStream`` is the one owner of the hidden states that flow between
 decoder blocks (the dense stream X, the compressed stream X′, evaluation
 windows) and of where they are kept: on the compute device, in CPU memory, or
-in safetensors files on disk.  ``GramAccumulator`` owns one block's statistics.
+in safetensors files on disk.  ``GramAccumulator`` owns one block's statistics.  (Gradient statistics: ``importance``.)
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from . import distributed
+from .errors import DataError, OptionError
 
 DENSE, COMPRESSED = "dense", "compressed"
 
@@ -27,10 +28,8 @@ DENSE, COMPRESSED = "dense", "compressed"
 def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens, reproducible from ``seed``."""
     if tokens.numel() < seqlen + 1:
-        raise ValueError(
-            f"calibration text has {tokens.numel()} tokens, shorter than one window of {seqlen}; "
-            "give more text or a smaller --seqlen"
-        )
+        raise DataError(f"calibration text has {tokens.numel()} tokens, shorter than one window of {seqlen}; "
+                        "give more text or a shorter window (seqlen)")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=gen)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
@@ -39,12 +38,12 @@ def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Ten
 def eval_windows(tokens: Tensor, seqlen: int, max_tokens: int | None = None) -> Tensor:
     """Non-overlapping windows of ``seqlen`` tokens from the start of ``tokens`` (at most ``max_tokens``)."""
     if seqlen < 2:
-        raise ValueError(f"the evaluation window must be at least 2 tokens, got {seqlen}")
+        raise OptionError("eval_seqlen", f"must be at least 2 tokens, got {seqlen}")
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     n = tokens.numel() // seqlen
     if n == 0:
-        raise ValueError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seqlen}")
+        raise DataError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seqlen}")
     return tokens[: n * seqlen].view(n, seqlen)
 
 
@@ -61,7 +60,7 @@ class LayerStats:
 
     gram = XᵀX of the dense stream, comp_gram = X′ᵀX′ of the compressed stream,
     cross = XᵀX′; abs_sum = Σ|x| per input dim; fisher = per output-row Fisher
-    information of the weight.
+    information of the weight (from ``importance.gradient_statistics``).
     """
 
     tokens: int = 0
@@ -117,7 +116,7 @@ class GramAccumulator:
     """
 
     def __init__(self, needs: frozenset[str], device: torch.device, fisher: dict[str, Tensor] | None = None) -> None:
-        self.needs, self.device, self.fisher = needs, device, fisher or {}  # fisher: whole-model, computed before
+        self.needs, self.device, self.fisher = needs, device, fisher or {}  # fisher rows: from the gradient pass
         self.groups: list[list[str]] = []
         self.stats: dict[str, LayerStats] = {}
 
@@ -160,40 +159,6 @@ class GramAccumulator:
             if name in group:
                 return self.stats[group[0]]
         return LayerStats()
-
-
-def fisher_rows(model: nn.Module, samples: Tensor, linears: dict[str, nn.Module]) -> dict[str, Tensor]:
-    """FWSVD's row importance: Σ over windows of the squared LM-loss gradient, summed per output row.
-
-    One window per backward pass, so memory is one forward/backward of the model.
-    """
-    device = next(model.parameters()).device
-    params = {name: m.weight for name, m in linears.items()}
-    conv = {name for name, m in linears.items() if type(m).__name__ == "Conv1D"}
-    fisher = {name: torch.zeros(p.shape[1] if name in conv else p.shape[0], dtype=torch.float64)
-              for name, p in params.items()}
-    was_training = model.training
-    model.eval()
-    req = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            for window in samples:
-                model.zero_grad(set_to_none=True)
-                ids = window[None].to(device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-                for name, p in params.items():
-                    g2 = p.grad.detach().double() ** 2
-                    fisher[name] += (g2.sum(0) if name in conv else g2.sum(1)).cpu()
-    finally:
-        model.zero_grad(set_to_none=True)
-        for n, p in model.named_parameters():
-            p.requires_grad_(req[n])
-        model.train(was_training)
-    return fisher
 
 
 # ---------------------------------------------------------------- the activation stream
@@ -272,6 +237,27 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _shared(contexts: list[BlockContext]) -> list[BlockContext]:
+    """The same context object for blocks passed the very same tensors (one per kind of layer, in practice)."""
+    out: list[BlockContext] = []
+    for ctx in contexts:
+        twin = next((o for o in out if _same(o, ctx)), None)
+        out.append(twin or ctx)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, BlockContext):
+        return isinstance(b, BlockContext) and _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
 def block_device(block: nn.Module) -> torch.device:
     return next(block.parameters()).device
 
@@ -280,11 +266,12 @@ class ActivationStream:
     """Hidden states of a set of windows at one block boundary, in named lanes.
 
     Every lane starts as the first block's input.  The dense lane runs through
-    dense blocks (X), the compressed lane through compressed blocks (X′).  The
-    contexts (masks, positions) are the same for every block and every lane.
+    dense blocks (X), the compressed lane through compressed blocks (X′).  Each
+    block has its own context (mask, rotary table: Gemma's sliding and full
+    layers differ), the same for every lane; ``i`` names the block a call runs.
     """
 
-    def __init__(self, contexts: list[BlockContext], lanes: tuple[str, ...], store: TensorStore,
+    def __init__(self, contexts: list[list[BlockContext]], lanes: tuple[str, ...], store: TensorStore,
                  name: str = "calib") -> None:
         self.contexts, self.lanes, self.store, self.name = contexts, lanes, store, name
         self.tuple_output = False  # whether the blocks return (hidden, ...) rather than hidden
@@ -300,22 +287,31 @@ class ActivationStream:
 
     @classmethod
     @torch.no_grad()
-    def capture(cls, model: nn.Module, first_block: nn.Module, windows: Tensor, batch_size: int,
+    def capture(cls, model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int,
                 lanes: tuple[str, ...], store: TensorStore, device: torch.device, name: str = "calib"
                 ) -> "ActivationStream":
-        """Run the model up to its first block for each batch of windows and keep what the block receives."""
-        contexts: list[BlockContext] = []
+        """Run the model over each batch of windows with every block stood in for by a recorder: keep what the first
+        block receives and what each block is passed besides (its own mask and rotary table).  The blocks' weights
+        are never touched (they may be on the meta device); the run stops at the last block."""
+        contexts: list[list[BlockContext]] = []
+        keep = torch.device("cpu") if store.folder else store.device
+        seen: list[BlockContext] = []
         hidden: list[Tensor] = []
 
-        def grab(_: nn.Module, args: tuple, kwargs: dict) -> None:
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "cache")}
-            h, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-            hidden.append(h.detach())
-            keep = torch.device("cpu") if store.folder else store.device
-            contexts.append(BlockContext(_to(rest, keep), _to(kwargs, keep)))
-            raise _Stop
+        def stand_in(i: int) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "cache")}
+                h, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+                if i == 0:
+                    hidden.append(h.detach())
+                seen.append(BlockContext(_to(rest, keep), _to(kwargs, keep)))
+                if i == len(blocks) - 1:
+                    raise _Stop
+                return h
+            return forward
 
-        handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+        for i, block in enumerate(blocks):
+            block.forward = stand_in(i)
         stream = cls(contexts, lanes, store, name)
         try:
             for j, batch in enumerate(windows.split(batch_size)):
@@ -323,18 +319,21 @@ class ActivationStream:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _Stop:
                     pass
+                contexts.append(_shared(seen))
+                seen.clear()
                 for lane in lanes:
                     store.put(stream._key(lane, j), hidden[j])
                 hidden[j] = torch.empty(0)  # the store holds it now
         finally:
-            handle.remove()
+            for block in blocks:
+                del block.forward
         return stream
 
     @torch.no_grad()
-    def _run(self, block: nn.Module, j: int, h: Tensor) -> Tensor | None:
-        """Block output for batch j, or None when a recording hook stopped the block early."""
+    def _run(self, block: nn.Module, i: int, j: int, h: Tensor) -> Tensor | None:
+        """Block i's output for batch j, or None when a recording hook stopped the block early."""
         device = block_device(block)
-        ctx = self.contexts[j]
+        ctx = self.contexts[j][i]
         try:
             out = block(h, *_to(ctx.args, device), **_to(ctx.kwargs, device))
         except _Stop:
@@ -342,21 +341,21 @@ class ActivationStream:
         self.tuple_output = isinstance(out, (tuple, list))
         return out[0] if self.tuple_output else out
 
-    def propagate(self, block: nn.Module, lane: str) -> None:
-        """Replace ``lane`` by its image through ``block``."""
+    def propagate(self, block: nn.Module, i: int, lane: str) -> None:
+        """Replace ``lane`` by its image through block ``i``."""
         device = block_device(block)
         for j in range(len(self)):
-            self.store.put(self._key(lane, j), self._run(block, j, self.hidden(lane, j, device)))
+            self.store.put(self._key(lane, j), self._run(block, i, j, self.hidden(lane, j, device)))
 
-    def input_order(self, block: nn.Module, linears: dict[str, nn.Module]) -> list[list[str]]:
+    def input_order(self, block: nn.Module, i: int, linears: dict[str, nn.Module]) -> list[list[str]]:
         """The linears of ``block`` in groups sharing an input, in the order the forward reaches them
         (q/k/v, o, gate/up, down), from the dense lane's first batch."""
         with InputRecorder(linears) as recorder:
-            self._run(block, 0, self.hidden(DENSE, 0, block_device(block)))
+            self._run(block, i, 0, self.hidden(DENSE, 0, block_device(block)))
             return shared_input_groups(recorder.seen)
 
     @torch.no_grad()
-    def record(self, block: nn.Module, linears: dict[str, nn.Module], acc: GramAccumulator,
+    def record(self, block: nn.Module, i: int, linears: dict[str, nn.Module], acc: GramAccumulator,
                dense_view: Callable[[], AbstractContextManager] = nullcontext, keep_output: bool = True) -> None:
         """Statistics of the inputs of ``linears``: the dense lane through the dense block (``dense_view`` puts
         back the dense modules of linears already compressed) and, if kept, the compressed lane through the
@@ -367,11 +366,11 @@ class ActivationStream:
             for j in range(len(self)):
                 recorder.stop_when_complete = not keep_output
                 with dense_view():
-                    out = self._run(block, j, self.hidden(DENSE, j, device))
+                    out = self._run(block, i, j, self.hidden(DENSE, j, device))
                 dense_in, comp_in = recorder.take(), None
                 if COMPRESSED in self.lanes and linears:
                     recorder.stop_when_complete = True
-                    self._run(block, j, self.hidden(COMPRESSED, j, device))
+                    self._run(block, i, j, self.hidden(COMPRESSED, j, device))
                     comp_in = recorder.take()
                 if linears:
                     acc.add_batch(dense_in, comp_in)
@@ -379,11 +378,11 @@ class ActivationStream:
                     assert out is not None
                     self.store.put(self._key("next", j), out)
 
-    def advance(self, block: nn.Module) -> None:
+    def advance(self, block: nn.Module, i: int) -> None:
         """After ``record`` and the swap: the compressed lane through the compressed block, the dense lane to
         the outputs ``record`` kept."""
         if COMPRESSED in self.lanes:
-            self.propagate(block, COMPRESSED)
+            self.propagate(block, i, COMPRESSED)
         for j in range(len(self)):
             self.store.move(self._key("next", j), self._key(DENSE, j))
 

@@ -1,39 +1,64 @@
-"""A run's checkpoint folder: finished blocks, the activation streams at the last block boundary, the report so far.
+"""A run's checkpoint folder and its lock: finished blocks, the activation streams at the last block boundary, the
+report so far.
 
-After each block the folder holds everything a later run needs to continue
-from the next block and end with bit-identical factors.  ``state.json`` is
-written last and atomically: it is the commit point.
+After each block the folder holds everything a later run needs to continue from the next block and end with
+bit-identical factors.  ``state.json`` is written last and atomically: it is the commit point.  A run holds an
+exclusive lock on its output for its whole length, so two runs never share a run folder or an output.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
-
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import distributed
+from .errors import RunFolderError
+from .files import atomic_write_text
+
+if TYPE_CHECKING:
+    from .source import ModelSource
 
 STATE = "state.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class OutputLock:
+    """An exclusive lock beside an output folder (``.NAME.svdllm-lock``), held until ``release``; a second run for
+    the same output is refused in one line naming the process that holds it."""
 
+    def __init__(self, out: Path) -> None:
+        self.path = out.parent / f".{out.name}.svdllm-lock"
+        self.fh: Any = None
+        if not distributed.is_writer():
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunFolderError(f"{out} is being written by process {holder}; wait for it, or choose another "
+                                 "output") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self.fh = fh
 
-def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    def release(self) -> None:
+        if self.fh is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
 
 
 class RunDir:
-    def __init__(self, path: str | os.PathLike, fingerprint: str) -> None:
+    def __init__(self, path: str | os.PathLike, fingerprint: str, world_size: int = 1) -> None:
         self.path, self.fingerprint = Path(path), fingerprint
         self.state: dict[str, Any] = {}
         state_file = self.path / STATE
@@ -41,10 +66,15 @@ class RunDir:
             try:
                 self.state = json.loads(state_file.read_text())
             except json.JSONDecodeError:
-                raise ValueError(f"checkpoint {self.path} is damaged (state.json is not JSON); remove it") from None
+                raise RunFolderError(f"checkpoint {self.path} is damaged (state.json is not JSON); remove it") from None
+            saved_world = self.state.get("world_size", 1)
+            if saved_world != world_size:
+                raise RunFolderError(f"checkpoint {self.path} was written by {saved_world} processes; resume it with "
+                                     f"{saved_world}, not {world_size}, or remove it to start afresh")
             if self.state.get("fingerprint") != fingerprint:
-                raise ValueError(f"checkpoint {self.path} belongs to another run (different model, data or options); "
-                                 "rerun that command, or remove the folder to start afresh")
+                raise RunFolderError(f"checkpoint {self.path} belongs to another run (different model weights, data "
+                                     "or options); rerun that command, or remove the folder to start afresh")
+        self.world_size = world_size
         self.path.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -61,27 +91,23 @@ class RunDir:
     def block_file(self, i: int) -> Path:
         return self.path / f"block-{i:05d}.safetensors"
 
-    def load_block(self, i: int) -> dict[str, Tensor]:
-        return load_file(str(self.block_file(i)))
-
     def streams_folder(self, boundary: int) -> Path:
         """The activation streams at the input of block ``boundary``."""
         return self.path / f"streams-{boundary:05d}"
 
-    def commit(self, i: int, block_state: dict[str, Tensor], save_streams: Callable[[Path], None],
-               extra: dict[str, Any]) -> None:
+    def commit(self, i: int, source: "ModelSource", save_streams: Callable[[Path], None], extra: dict[str, Any]) -> None:
         """Block i is finished: its tensors, the streams after it (``save_streams(folder)``), then the state that
         names them; the streams of the boundary before go once the state no longer points there.  With several
         processes rank 0 writes the block and the state, and every rank its own streams in between."""
         folder, writer = self.streams_folder(i + 1), distributed.is_writer()
         if writer:
-            atomic_save_file(block_state, self.block_file(i), {"format": "pt"})
+            source.persist(i, self.block_file(i))
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
         distributed.barrier()
         save_streams(folder)
         distributed.barrier()
-        self.state = {"fingerprint": self.fingerprint, "next_block": i + 1, **extra}
+        self.state = {"fingerprint": self.fingerprint, "world_size": self.world_size, "next_block": i + 1, **extra}
         if writer:
             atomic_write_text(self.path / STATE, json.dumps(self.state))
             shutil.rmtree(self.streams_folder(i), ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Command line: a thin layer over the library. Every user error is one line and exit code 2."""
+"""Command line: flags in, options out.  Every decision is the library's (``svdllm.workflow``); this module maps
+flags to options, prints what the library returns, and maps the options named in errors back to flags."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 EVAL_DEFAULT = "wiki-test,news"
 
@@ -24,25 +25,6 @@ def _ratio(text: str) -> float:
     return value
 
 
-def parse_layers(spec: str, n_blocks: int) -> list[int]:
-    """'0,3-5' → [0, 3, 4, 5]; negative indices count from the end."""
-    out: set[int] = set()
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
-        try:
-            idx = range(int(lo), int(hi) + 1) if sep else [int(lo)]
-        except ValueError:
-            raise ValueError(f"--skip-layers: bad layer list {spec!r} (use e.g. '0,29' or '0-2')") from None
-        if not idx:
-            raise ValueError(f"--skip-layers: the range {part!r} is empty (write the lower block first)")
-        for i in idx:
-            j = i + n_blocks if i < 0 else i
-            if not 0 <= j < n_blocks:
-                raise ValueError(f"--skip-layers: layer {i} out of range for {n_blocks} blocks")
-            out.add(j)
-    return sorted(out)
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -53,8 +35,37 @@ def _positive(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _layers(text: str) -> list[int]:
+    """'0,3-5' → [0, 3, 4, 5]; '-1' is the last block (the library resolves negative indices)."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+        try:
+            idx = list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r} (use e.g. '0,29' or '0-2')") from None
+        if not idx:
+            raise argparse.ArgumentTypeError(f"the range {part!r} is empty (write the lower block first)")
+        out += [i for i in idx if i not in out]
+    return out
+
+
 def _globs(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()] or ["*"]
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _specs(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
 def _zero_shot_options(p: argparse.ArgumentParser, flag: str) -> None:
@@ -81,7 +92,7 @@ def _finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}order", default=d.order, choices=["u-first", "v-first"])
     g.add_argument(f"--{prefix}lora-r", type=int, default=d.lora_r)
     g.add_argument(f"--{prefix}lora-alpha", type=int, default=d.lora_alpha)
-    g.add_argument(f"--{prefix}lr", type=float, default=d.lr)
+    g.add_argument(f"--{prefix}lr", type=_number, default=d.lr)
     g.add_argument(f"--{prefix}steps", type=int, default=d.steps, help="optimizer steps per stage")
     g.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size)
     g.add_argument(f"--{prefix}seqlen" if prefix else "--seqlen", type=int, default=d.seqlen)
@@ -95,25 +106,9 @@ def _finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def _finetune_config(args: argparse.Namespace, prefix: str = "", data: str | None = None) -> Any:
     from .finetune import FinetuneConfig
 
-    a = vars(args)
-    key = prefix.replace("-", "_")
-    return FinetuneConfig(
-        data=data or args.data, order=a[f"{key}order"], lora_r=a[f"{key}lora_r"], lora_alpha=a[f"{key}lora_alpha"],
-        lr=a[f"{key}lr"], steps=a[f"{key}steps"], batch_size=a[f"{key}batch_size"], seqlen=a[f"{key}seqlen"],
-        seed=args.seed, dtype=a[f"{key}dtype"], keep_best=a[f"{key}keep_best"],
-    )
-
-
-def _write_loss_curve(results: list, out: Path) -> None:
-    from dataclasses import asdict
-
-    from .finetune import plot_losses
-
-    (out / "finetune_losses.json").write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    try:
-        plot_losses(results, str(out / "finetune_losses.png"))
-    except ImportError:
-        logging.getLogger("svdllm").warning("no loss plot: pip install 'svdllm[plot]' (matplotlib) for one")
+    a, key = vars(args), prefix.replace("-", "_")
+    return FinetuneConfig(data=data or args.data, seed=args.seed, **{f: a[f"{key}{f}"] for f in (
+        "order", "lora_r", "lora_alpha", "lr", "steps", "batch_size", "seqlen", "dtype", "keep_best")})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="svdllm", description="Compress LLMs with SVD-LLM and friends.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or SVDLLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model, report perplexity, save it")
@@ -137,24 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--norm-cap", type=float, default=None,
                    help="svdllm-ec: halve β for a matrix while ||W'|| > cap·||W|| (default 1.5; 0 turns it off)")
     m.add_argument("--damp", type=float, default=None, help="svdllm-w, svdllm: whitening ridge (default 0: only when needed)")
-    m.add_argument("--asvd-alpha", type=float, default=None, help="asvd: activation exponent (default 0.5)")
-    c.add_argument("--ranks", default="auto", choices=["auto", "uniform", "loss", "v2", "fisher", "search"],
+    m.add_argument("--asvd-alpha", type=_number, default=None, help="asvd: activation exponent (default 0.5)")
+    c.add_argument("--ranks", default="auto", choices=["auto", "uniform", "fisher"],
                    help="rank per matrix: uniform (the paper), or allocated under the same parameter budget from the "
-                        "whitened spectra (loss), SVD-LLM V2's per-type rule (v2), the spectra weighted by the loss's "
-                        "sensitivity to each output (fisher), or the best of uniform-to-fisher interpolations on "
-                        "held-out calibration windows (search); auto (default): fisher for svdllm-ec with the model "
-                        "in memory, else uniform")
+                        "whitened spectra weighted by the loss's sensitivity to each output (fisher); auto (default): "
+                        "fisher for svdllm-ec with the model in memory, else uniform")
     c.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="svdllm, svdllm-ec: fit q/k/v, then o, then gate/up, then down, each on the inputs the "
                         "already compressed ones produce (default; --no-true-sequential fits a block's linears at once)")
     c.add_argument("--rank-floor", type=float, default=0.5, help="allocated ranks stay ≥ floor × uniform (default 0.5)")
     c.add_argument("--rank-cap", type=float, default=2.0, help="allocated ranks stay ≤ cap × uniform (default 2)")
     c.add_argument("--targets", default="*", help="globs over module names, e.g. '*mlp*'")
-    c.add_argument("--skip-layers", default="", help="blocks to leave dense, e.g. '0,29' or '0-2'")
+    c.add_argument("--skip-layers", type=_layers, default=[], help="blocks to leave dense, e.g. '0,29' or '0-2'")
     c.add_argument("--batch-size", type=int, default=4, help="windows per forward")
-    c.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
-                   help="where activations wait between blocks (default: on the device; --low-memory uses disk)")
-    c.add_argument("--low-memory", action="store_true",
+    c.add_argument("--offload", default="auto", choices=["auto", "none", "cpu", "disk"],
+                   help="where activations wait between blocks: none (on the device), cpu, disk; auto (default): on "
+                        "the device, or on disk with --low-memory")
+    c.add_argument("--low-memory", action="store_true", default=None,
                    help="never hold the whole model: read one block at a time from the safetensors shards "
                         "(automatic when the weights exceed half the available memory)")
     c.add_argument("--dist-timeout", type=_positive, default=1800,
@@ -234,295 +229,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available here")
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _perplexities(model: Any, tok: Any, specs: list[str], args: argparse.Namespace, cache: dict) -> dict[str, float]:
-    from .data import load_text, tokenize
-    from .evaluate import evaluate_perplexity
-
-    out = {}
-    for spec in specs:
-        if spec not in cache:
-            cache[spec] = tokenize(tok, load_text(spec))
-        res = evaluate_perplexity(model, tok, cache[spec], args.seqlen, args.max_tokens, progress=not args.quiet)
-        out[spec] = res.perplexity
-    return out
-
-
-def _window_perplexities(model: Any, windows: dict[str, Any], progress: bool) -> dict[str, float]:
-    """Perplexity on evaluation windows already cut (name → windows × seqlen token ids), as compress reports it."""
-    from .evaluate import evaluate_perplexity
-
-    return {name: evaluate_perplexity(model, None, w.flatten(), w.shape[1], None, progress=progress).perplexity
-            for name, w in windows.items()}
-
-
-def _memory_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def _wants_low_memory(args: argparse.Namespace) -> bool:
-    """--low-memory, or a local safetensors folder whose float32 weights exceed half the available memory."""
-    if args.low_memory:
-        return True
-    from .assets import resolve_model
-    from .io import FormatError, ShardSource
-
-    where, gguf = resolve_model(args.model)
-    if gguf or not isinstance(where, Path):
-        return False
-    try:
-        # bf16 shards become float32; the processes torchrun started on this machine each hold a copy
-        need = ShardSource(where).nbytes * 2 * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except FormatError:
-        return False
-    if need > _memory_available() // 2:
-        logging.getLogger("svdllm").warning("the weights (%.1f GiB as float32) exceed half the available memory: "
-                                            "streaming blocks from disk (--low-memory)", need / 2**30)
-        return True
-    return False
-
-
-def _rank_rule(choice: str, opts: Any, low_memory: bool) -> str:
-    """``auto``: Fisher-weighted allocation for svdllm-ec with the model in memory (it beat uniform ranks at 0.2, 0.4
-    and 0.6 on both evaluation sets; svdllm-w lost at 0.6), otherwise the paper's uniform ranks."""
-    from .methods import ErrorCorrectedOptions
-
-    if choice != "auto":
-        return choice
-    return "fisher" if isinstance(opts, ErrorCorrectedOptions) and not low_memory else "uniform"
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoTokenizer
-
-    from . import CompressionConfig, compress, distributed, eval_windows, sample_windows
-    from .architecture import count_parameters
-    from .assets import resolve_model
-    from .checkpoint import RunDir
-    from .data import check_spec, load_text, tokenize
-    from .io import check_out_dir, load_model, load_skeleton, save, save_streamed
     from .methods import options_for
-    from .pipeline import Timings, fingerprint
+    from .pipeline import CompressionConfig
+    from .quantize import QuantizeOptions
+    from .workflow import CompressOptions, run_compression
 
-    opts = options_for(args.method, beta=args.beta, norm_cap=args.norm_cap, damp=args.damp, asvd_alpha=args.asvd_alpha)
-    if args.nsamples < 1 or args.seqlen < 2 or args.eval_seqlen < 2:
-        raise ValueError("--nsamples must be positive and --seqlen, --eval-seqlen at least 2")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.model).stem if args.model.endswith(".gguf") else Path(args.model).name)
-    out = check_out_dir(args.out or f"out/{name}-{args.method}-{args.ratio:g}", args.force)
-    run_path = out.parent / f".{out.name}.svdllm-run"
-    if args.resume and not (run_path / "state.json").is_file():
-        raise FileNotFoundError(f"--resume: no interrupted run to continue for --out {out}")
-    evals = [s for s in args.eval.split(",") if s.strip()]
-    for spec in [args.calib, *evals]:
-        check_spec(spec)
-    low_memory = _wants_low_memory(args)
-    tasks = _tasks(args.eval_tasks, args.include_path)
-    if tasks and (low_memory or distributed.launched()):
-        raise ValueError("--eval-tasks needs the whole model in one process: compress, then run "
-                         f"`svdllm eval OUT --tasks {args.eval_tasks}` on the saved folder")
-    if low_memory and args.finetune:
-        raise ValueError("--finetune needs the whole model in memory; drop --low-memory or fine-tune afterwards")
-    if low_memory and args.quantize:
-        raise ValueError("--quantize needs the whole model in memory: compress, then run `svdllm quantize OUT`")
-    quantize_options = _quantize_options(args.quantize, args.quantize_group_size, "") if args.quantize else None
-    if distributed.launched() and args.finetune:
-        raise ValueError("--finetune runs in one process: compress under torchrun, then run `svdllm finetune`")
-    timings = Timings()
-    device = distributed.init_from_env(_device(args.device), args.dist_timeout)
-    with timings.clock("load model"):
-        if low_memory:
-            from .onload import return_freed_memory
+    method = options_for(args.method, beta=args.beta, norm_cap=args.norm_cap, damp=args.damp,
+                         asvd_alpha=args.asvd_alpha)
+    config = CompressionConfig(method=method, ratio=args.ratio, targets=_globs(args.targets) or ["*"],
+                               skip_layers=args.skip_layers, rank_rule=args.ranks, rank_floor=args.rank_floor,
+                               rank_cap=args.rank_cap, batch_size=args.batch_size, device=args.device,
+                               offload=args.offload, true_sequential=args.true_sequential)
+    options = CompressOptions(
+        model=args.model, compression=config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, eval=_specs(args.eval), eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens,
+        eval_tasks=args.eval_tasks, include_path=args.include_path, limit=args.limit, low_memory=args.low_memory,
+        resume=args.resume, dist_timeout=args.dist_timeout, dtype=args.dtype, out=args.out, force=args.force,
+        finetune=_finetune_config(args, "ft-", data=args.calib) if args.finetune else None,
+        quantize=QuantizeOptions(args.quantize, args.quantize_group_size) if args.quantize else None,
+        progress=not args.quiet)
+    outcome = run_compression(options)
+    from . import distributed
 
-            return_freed_memory()  # before the tokenizer and texts: what they free goes back to the OS
-            where, _ = resolve_model(args.model)
-            (model, source), tok = load_skeleton(where), AutoTokenizer.from_pretrained(where)
-        else:
-            (model, tok), source = load_model(args.model), None
-    params_before = count_parameters(model)
-    cfg = CompressionConfig(method=opts, ratio=args.ratio, targets=_globs(args.targets), batch_size=args.batch_size,
-                            rank_rule=_rank_rule(args.ranks, opts, low_memory), rank_floor=args.rank_floor,
-                            rank_cap=args.rank_cap, true_sequential=args.true_sequential,
-                            skip_layers=parse_layers(args.skip_layers, model.config.get_text_config().num_hidden_layers),
-                            device=device, offload="disk" if low_memory else args.offload)
-    cfg.validate()
-    with timings.clock("load text"):
-        windows = sample_windows(tokenize(tok, load_text(args.calib)), args.nsamples, args.seqlen, args.seed)
-        ev = {s: eval_windows(tokenize(tok, load_text(s)), args.eval_seqlen, args.max_tokens) for s in evals}
-    if low_memory:
-        from .onload import trim_heap
-
-        trim_heap()  # the texts and their tokenisation leave ~50 MB of freed heap on SmolLM2
-    run = RunDir(run_path, fingerprint(model, cfg, windows, ev))
-    zero_shot: dict[str, list] = {}
-    if tasks:
-        from .zeroshot import score_rows, zero_shot as run_tasks
-
-        with timings.clock("zero-shot tasks, dense"):
-            zero_shot["dense"] = _dense_scores(run, [args.eval_tasks, args.include_path, args.limit],
-                                               lambda: score_rows(run_tasks(model, tok, *tasks, limit=args.limit)))
-    if run.done and distributed.is_writer():
-        print(f"resuming {run_path} after {run.done} finished blocks", file=sys.stderr)
-    with timings.clock("compress"):
-        compress(model, windows, cfg, eval_windows=ev, run_dir=run, source=source, progress=not args.quiet)
-    if not distributed.is_writer():
-        return 0  # rank 0 writes the model, the report and the summary
-    report = model.svdllm_report
-    if report.calibration:
-        model.config.svdllm["calibration"].update(data=args.calib, seed=args.seed)
-        report.calibration.update(data=args.calib, seed=args.seed)
-    after = report.perplexity.get("compressed", {})
-    stages: list = []
-    if args.finetune:
-        from .finetune import finetune
-
-        ft = _finetune_config(args, "ft-", data=args.calib)
-        model.to(device)
-        with timings.clock("finetune"):
-            model, stages = finetune(model, tok, ft, progress=not args.quiet)
-        with timings.clock("evaluate finetuned"):
-            after = report.perplexity["finetuned"] = _window_perplexities(model, ev, not args.quiet)
-    if quantize_options:
-        from .quantize import quantize_model
-
-        with timings.clock("quantize"):
-            for param in model.parameters():  # buffers (RoPE frequencies) keep float32, as a load gives them
-                param.data = param.data.to(getattr(torch, args.dtype))
-            quantize_model(model, quantize_options)
-        with timings.clock("evaluate quantized"):
-            after = report.perplexity["quantized"] = _window_perplexities(model, ev, not args.quiet)
-    if tasks:
-        with timings.clock("zero-shot tasks, compressed"):
-            zero_shot["compressed"] = score_rows(run_tasks(model, tok, *tasks, limit=args.limit))
-        report.zero_shot = {**zero_shot, "limit": args.limit}
-        model.config.svdllm["zero_shot"] = {f"{t} {m}": v for t, m, v, _ in zero_shot["compressed"]}
-    report.timings = Timings({**timings, **{f"compress: {k}": v for k, v in report.timings.items()}})
-    with timings.clock("save"):
-        if low_memory:
-            blocks = [run.block_file(i) for i in range(report.plan["n_blocks"])]
-            save_streamed(model, tok, out, blocks, dtype=args.dtype, force=args.force, perplexity=after)
-        else:
-            save(model, tok, out, dtype=args.dtype, force=args.force, perplexity=after,
-                 write_extra=(lambda folder: _write_loss_curve(stages, folder)) if stages else None)
-    run.remove()
-    _print_summary(args, report, params_before, count_parameters(model), dict(timings), out)
+    if distributed.is_writer():
+        _print_summary(args, outcome)
     return 0
 
 
-def _dense_scores(run: Any, key: list, score: Callable[[], list]) -> list:
-    """The dense model's zero-shot rows, kept in the run folder so that a resumed run does not score them again."""
-    from .checkpoint import atomic_write_text
-
-    path, key = run.path / "zero_shot_dense.json", [run.fingerprint, *key]
-    if path.is_file():
-        kept = json.loads(path.read_text())
-        if kept.get("key") == key:
-            return [tuple(row) for row in kept["rows"]]
-    rows = score()
-    atomic_write_text(path, json.dumps({"key": key, "rows": rows}))
-    return rows
-
-
-def _quantize_options(bits: int, group_size: int, dense: str) -> Any:
-    from .quantize import QuantizeOptions, require_library
-
-    options = QuantizeOptions(bits=bits, group_size=group_size, dense=tuple(g for g in _globs(dense) if dense.strip()))
-    options.validate()
-    require_library()  # before any model is loaded or compressed
-    return options
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data import check_spec
-    from .generation import weight_bytes
-    from .io import FormatError, check_out_dir, load_model, read_section, save
-    from .quantize import quantize_model
-
-    options = _quantize_options(args.bits, args.group_size, args.dense)
-    out = check_out_dir(args.out, args.force)
-    try:
-        if read_section(args.model).get("quantization"):
-            raise ValueError(f"{args.model}: the model's weights are already quantized")
-    except FormatError:
-        pass  # not an svdllm folder: a dense model, or a name load_model resolves
-    evals = [s for s in args.eval.split(",") if s.strip()]
-    for spec in evals:
-        check_spec(spec)
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=_device(args.device))
-    if getattr(model.config, "svdllm", None) is None:
-        if not options.dense:
-            raise ValueError(f"{args.model} is not compressed by svdllm: compress it first, or quantize its dense "
-                             "linears with --dense '*'")
-        model.config.svdllm = {"method": "none", "ratio": 0.0, "ranks": {}}
-    tokens: dict = {}
-    before_bytes, before = weight_bytes(model), _perplexities(model, tok, evals, args, tokens)
-    section = quantize_model(model, options)
-    after_bytes, after = weight_bytes(model), _perplexities(model, tok, evals, args, tokens)
-    groups = sorted({str(m["group_size"] or "row") for m in section["modules"].values()}) if args.bits < 8 else []
-    print(f"\nsvdllm quantize {args.model}: {len(section['modules'])} linears to int{args.bits} with "
-          f"{section['library']} {section['library_version']}" + (f", groups {', '.join(groups)}" if groups else ""))
-    print(f"\n| | {args.dtype} | int{args.bits} | change |\n|---|---:|---:|---:|")
-    print(f"| weight bytes | {before_bytes:,} | {after_bytes:,} | {100 * (after_bytes / before_bytes - 1):+.1f}% |")
-    for k in before:
-        print(f"| perplexity {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
-    save(model, tok, out, force=args.force, perplexity=after or None)
-    print(f"\nsaved to {out}")
-    return 0
-
-
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import check_spec
-    from .finetune import finetune
-    from .io import check_out_dir, load_model, read_section, save
-
-    ft = _finetune_config(args)
-    ft.validate()
-    out = check_out_dir(args.out, args.force)
-    if read_section(args.model).get("quantization"):
-        raise ValueError(f"{args.model} has quantized weights: fine-tune before quantizing (compress --finetune "
-                         "--quantize does both in that order)")
-    evals = [s for s in args.eval.split(",") if s.strip()]
-    for spec in [ft.data, *evals]:
-        check_spec(spec)
-    model, tok = load_model(args.model, device=_device(args.device))
-    args.seqlen = args.eval_seqlen
-    before = _perplexities(model, tok, evals, args, {}) if evals else {}
-    model, stages = finetune(model, tok, ft, progress=not args.quiet)
-    for r in stages:
-        flag = "" if r.kept else " (reverted by --keep-best)"
-        print(f"LoRA on {r.stage}: validation perplexity {r.val_before:.3f} -> {r.val_after:.3f}{flag}; "
-              f"training loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}")
-    after = _perplexities(model, tok, evals, args, {}) if evals else {}
-    for k in after:
-        print(f"{k}: perplexity {before[k]:.3f} -> {after[k]:.3f}")
-    save(model, tok, out, force=args.force, perplexity=after, write_extra=lambda folder: _write_loss_curve(stages, folder))
-    print(f"saved to {out}")
-    return 0
-
-
-def _print_summary(args: argparse.Namespace, report: Any, p0: int, p1: int, phases: dict[str, float],
-                   out: Path) -> None:
+def _print_summary(args: argparse.Namespace, outcome: Any) -> None:
+    report, p0, p1 = outcome.report, outcome.params_before, outcome.params_after
     before, after = report.perplexity.get("dense", {}), report.perplexity.get("quantized") or \
         report.perplexity.get("finetuned") or report.perplexity.get("compressed", {})
-    print(f"\nsvdllm compress {args.model}: method {args.method}, ratio {args.ratio}, "
-          f"calibration {args.nsamples}×{args.seqlen} tokens of {args.calib}, seed {args.seed}")
+    print(f"\nsvdllm compress {args.model}: method {args.method}, ratio {args.ratio}, {report.plan.get('n_blocks')} "
+          f"blocks, {outcome.record.rank_rule} ranks, calibration {args.nsamples}×{args.seqlen} tokens of {args.calib}, "
+          f"seed {args.seed}")
     if before:
         label = f"compressed, int{args.quantize} factors" if report.perplexity.get("quantized") else "compressed"
         print(f"\n| perplexity ({args.eval_seqlen}-token windows, ≤{args.max_tokens} tokens) | dense | {label} | change |")
@@ -543,21 +284,119 @@ def _print_summary(args: argparse.Namespace, report: Any, p0: int, p1: int, phas
         print(f"| {k.replace('compress: ', '&nbsp;&nbsp;')} | {v:.1f} |")
     if report.remedies:
         print(f"\n{len(report.remedies)} singular statistics repaired (see svdllm_report.json)")
+    print(f"\nsaved to {outcome.out}")
+
+
+def _perplexities(model: Any, tok: Any, specs: tuple[str, ...], seqlen: int, max_tokens: int, quiet: bool,
+                  cache: dict) -> dict[str, float]:
+    from .data import load_text, tokenize
+    from .evaluate import evaluate_perplexity
+
+    out = {}
+    for spec in specs:
+        if spec not in cache:
+            cache[spec] = tokenize(tok, load_text(spec))
+        out[spec] = evaluate_perplexity(model, tok, cache[spec], seqlen, max_tokens, progress=not quiet).perplexity
+    return out
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .data import check_spec
+    from .finetune import finetune, record_part
+    from .folder import check_out_dir, read_record, save
+    from .source import load_model
+    from .workflow import default_device, write_loss_curve
+
+    ft = _finetune_config(args)
+    ft.validate()
+    out = check_out_dir(args.out, args.force)
+    record = read_record(args.model)
+    if record.quantization:
+        raise ValueError(f"{args.model} has quantized weights: fine-tune before quantizing (compress --finetune "
+                         "--quantize does both in that order)")
+    evals = _specs(args.eval)
+    for spec in [ft.data, *evals]:
+        check_spec(spec)
+    model, tok = load_model(args.model, device=default_device(args.device))
+    before = _perplexities(model, tok, evals, args.eval_seqlen, args.max_tokens, args.quiet, {})
+    model, stages = finetune(model, tok, ft, progress=not args.quiet)
+    for r in stages:
+        flag = "" if r.kept else " (reverted by --keep-best)"
+        print(f"LoRA on {r.stage}: validation perplexity {r.val_before:.3f} -> {r.val_after:.3f}{flag}; "
+              f"training loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}")
+    after = _perplexities(model, tok, evals, args.eval_seqlen, args.max_tokens, args.quiet, {})
+    for k in after:
+        print(f"{k}: perplexity {before[k]:.3f} -> {after[k]:.3f}")
+    record = record.with_parts(finetune=record_part(ft, stages), perplexity=after or None)
+    save(model, tok, out, record, force=args.force, write_extra=lambda folder: write_loss_curve(stages, folder))
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import check_spec
+    from .errors import FormatError
+    from .folder import check_out_dir, read_record, save
+    from .generation import weight_bytes
+    from .quantize import QuantizeOptions, quantize_model, require_library
+    from .record import SvdllmRecord
+    from .source import load_model
+    from .workflow import default_device
+
+    options = QuantizeOptions(bits=args.bits, group_size=args.group_size, dense=tuple(_globs(args.dense)))
+    options.validate()
+    require_library()  # before any model is loaded
+    out = check_out_dir(args.out, args.force)
+    try:
+        record = read_record(args.model)
+    except FormatError:  # not an svdllm folder: a dense model, or a name load_model resolves
+        if not options.dense:
+            raise ValueError(f"{args.model} is not compressed by svdllm: compress it first, or quantize its dense "
+                             "linears with --dense '*'") from None
+        record = SvdllmRecord(ranks={})
+    if record.quantization:
+        raise ValueError(f"{args.model}: the model's weights are already quantized")
+    evals = _specs(args.eval)
+    for spec in evals:
+        check_spec(spec)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=default_device(args.device))
+    tokens: dict = {}
+    before_bytes = weight_bytes(model)
+    before = _perplexities(model, tok, evals, args.seqlen, args.max_tokens, args.quiet, tokens)
+    part = quantize_model(model, options, record)
+    after_bytes = weight_bytes(model)
+    after = _perplexities(model, tok, evals, args.seqlen, args.max_tokens, args.quiet, tokens)
+    groups = sorted({str(m["group_size"] or "row") for m in part["modules"].values()}) if args.bits < 8 else []
+    print(f"\nsvdllm quantize {args.model}: {len(part['modules'])} linears to int{args.bits} with "
+          f"{part['library']} {part['library_version']}" + (f", groups {', '.join(groups)}" if groups else ""))
+    print(f"\n| | {args.dtype} | int{args.bits} | change |\n|---|---:|---:|---:|")
+    print(f"| weight bytes | {before_bytes:,} | {after_bytes:,} | {100 * (after_bytes / before_bytes - 1):+.1f}% |")
+    for k in before:
+        print(f"| perplexity {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
+    save(model, tok, out, record.with_parts(quantization=part, perplexity=after or record.perplexity),
+         force=args.force)
     print(f"\nsaved to {out}")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .architecture import count_parameters
     from .generation import weight_bytes
-    from .io import load_model
     from .data import check_spec
+    from .folder import check_new_file
+    from .source import load_model
+    from .workflow import default_device
 
-    specs = [s for s in args.data.split(",") if s.strip()]
+    specs = _specs(args.data)
     for spec in specs:
         check_spec(spec)
+    if args.json:
+        check_new_file(args.json, "json")
     tasks = _tasks(args.tasks, args.include_path)
-    model, tok = load_model(args.model, device=_device(args.device))
-    ppl = _perplexities(model, tok, specs, args, {})
+    model, tok = load_model(args.model, device=default_device(args.device))
+    ppl = _perplexities(model, tok, specs, args.seqlen, args.max_tokens, args.quiet, {})
     result: dict[str, Any] = {"model": args.model, "perplexity": ppl, "parameters": count_parameters(model),
                               "seqlen": args.seqlen, "max_tokens": args.max_tokens}
     for k, v in ppl.items():
@@ -571,7 +410,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["lm_eval"] = zero_shot(model, tok, *tasks, limit=args.limit)
         print("\n" + markdown({"value": score_rows(result["lm_eval"])}))
     if args.json:
-        from .checkpoint import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=str) + "\n")
     return 0
@@ -581,7 +420,7 @@ def _tasks(spec: str, include_path: str | None) -> tuple[list[str], Any] | None:
     """lm-eval task names and manager for ``--tasks``/``--eval-tasks``, checked before any model is loaded."""
     if not spec.strip():
         if include_path:
-            raise ValueError("--include-path needs --tasks (or --eval-tasks) naming the tasks to run")
+            raise ValueError("--include-path needs --tasks naming the tasks to run")
         return None
     from .zeroshot import resolve_tasks
 
@@ -591,14 +430,19 @@ def _tasks(spec: str, include_path: str | None) -> tuple[list[str], Any] | None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .io import load_model
-    from .modeling_svdllm import LatentCache, cache_argument, cache_bytes_per_token
+    from .runtime import LatentCache, cache_argument, cache_bytes_per_token
+    from .source import load_model
+    from .workflow import default_device
 
     if args.fast and args.latent_cache:
         raise ValueError("--fast and --latent-cache do not combine: the latent cache grows, the static cache is fixed")
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, device=_device(args.device))
+    model, tok = load_model(args.model, device=default_device(args.device))
     ids = tok(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
+    if ids["input_ids"].shape[1] == 0:
+        raise ValueError("the prompt has no tokens")
     extra: dict[str, Any] = {}
     if args.fast:
         from .generation import fast_options
@@ -622,15 +466,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .data import load_text, tokenize
     from .generation import bytes_read_per_token, decode_speed, weight_bytes
-    from .io import load_model
+    from .folder import check_new_file
+    from .source import load_model
+    from .workflow import default_device
 
     if args.new_tokens < 1 or args.repeats < 1:
         raise ValueError("--new-tokens and --repeats must be at least 1")
-    if args.json and Path(args.json).exists():
-        raise FileExistsError(f"--json {args.json} exists; give a new file name")
+    if args.json:
+        check_new_file(args.json, "json")
     models, tok = {}, None
     for spec in [args.model] + ([args.dense] if args.dense else []):
-        models[spec], tok = load_model(spec, device=_device(args.device))
+        models[spec], tok = load_model(spec, device=default_device(args.device))
     prompt = tokenize(tok, load_text("wiki-test"))[:16]
     paths = {"eager": decode_speed(models, prompt, args.new_tokens, args.repeats, fast=False)}
     if args.fast:
@@ -651,21 +497,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                                    f"({100 * c[f'{p}_tok_s'] / d[f'{p}_tok_s'] / limit:.0f}% of the "
                                                    f"{limit:.2f}x bytes limit)" for p in paths))
     if args.json:
-        from .checkpoint import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .io import verify
+    from dataclasses import asdict
 
-    if args.plot and Path(args.plot).exists():
-        raise FileExistsError(f"--plot {args.plot} exists; give a new file name")
-    section = verify(args.model)
-    ranks, shapes = section.pop("ranks"), section.pop("dense_shapes")
-    shards, tensor_bytes = section.pop("shards", {}), section.pop("tensor_bytes")
-    quantization = section.pop("quantization", None) or {}
+    from .folder import check_new_file, verify
+
+    if args.plot:
+        check_new_file(args.plot, "plot")
+    checked = verify(args.model)
+    section, shapes, tensor_bytes = asdict(checked.record), checked.dense_shapes, checked.tensor_bytes
+    ranks, shards = section.pop("ranks"), section.pop("shards")
+    quantization = dict(section.pop("quantization", None) or {})
     quantized = quantization.pop("modules", {})
     print(json.dumps(section, indent=2))
     print(f"shards: {', '.join(shards)} (sha256 verified)")
@@ -720,32 +568,71 @@ def _plot_kept(kept: dict[str, float], path: Path, title: str) -> None:
 
 COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "quantize": cmd_quantize, "eval": cmd_eval,
             "generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}
+# an option named in an error → its flag, where the flag is not --OPTION-NAME
+FLAGS = {
+    "compress": {"rank_rule": "--ranks", "eval_tasks": "--eval-tasks", "quantize.bits": "--quantize",
+                 "quantize.group_size": "--quantize-group-size", "low_memory": "--low-memory", "method": "--method",
+                 **{f"finetune.{f}": f"--ft-{f.replace('_', '-')}" for f in ("order", "lora_r", "lora_alpha", "lr",
+                                                                            "steps", "batch_size", "seqlen", "dtype")}},
+    "finetune": {f"finetune.{f}": f"--{f.replace('_', '-')}" for f in ("order", "lora_r", "lora_alpha", "lr", "steps",
+                                                                       "batch_size", "seqlen", "dtype", "data")},
+    "quantize": {"quantize.bits": "--bits", "quantize.group_size": "--group-size", "quantize.dense": "--dense"},
+    "eval": {"eval_tasks": "--tasks", "eval_seqlen": "--seqlen"},
+}
+
+
+def flag_for(command: str, option: str) -> str:
+    """The flag of ``command`` that sets ``option`` (a library field name)."""
+    return FLAGS.get(command, {}).get(option) or "--" + option.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _one_line(command: str, exc: BaseException) -> str:
+    from . import distributed
+    from .errors import OptionError
+
+    text = f"{flag_for(command, exc.option)}: {exc.detail}" if isinstance(exc, OptionError) else str(exc).strip()
+    text = re.sub(r"`([a-z_.]+)`", lambda m: flag_for(command, m.group(1)), text)
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    if distributed.active() and not isinstance(exc, distributed.PeerLost):
+        msg = f"rank {distributed.world()[0]}: {msg}"
+    return f"svdllm {command}: error: {msg}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    import errno
+
+    import torch
+
+    from . import distributed
+    from .errors import SvdllmError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("SVDLLM_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.WARNING, format="svdllm: %(message)s")
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from .io import FormatError
 
     def interrupt(*_: Any) -> None:
         raise KeyboardInterrupt  # a SIGTERM cleans up like Ctrl-C: no half-written folder is left
 
     signal.signal(signal.SIGTERM, interrupt)
-    from . import distributed
-
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FormatError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if distributed.active() and not isinstance(exc, distributed.PeerLost):
-            msg = f"rank {distributed.world()[0]}: {msg}"
-        print(f"svdllm {args.command}: error: {msg}", file=sys.stderr)
+    except (SvdllmError, ValueError, FileNotFoundError, FileExistsError, PermissionError, torch.OutOfMemoryError,
+            OSError) as exc:
+        user = not isinstance(exc, OSError) or isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError)) \
+            or exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if debug or not user:
+            raise
+        hint = " (the disk is full: nothing half-written was kept; free space and rerun)" \
+            if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else \
+            " (out of memory: try --low-memory, a smaller --batch-size or a smaller window)" \
+            if isinstance(exc, torch.OutOfMemoryError) else ""
+        print(_one_line(args.command, exc) + hint, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("svdllm: interrupted", file=sys.stderr)

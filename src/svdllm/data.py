@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import assets
+from .errors import DataError
 
 NAMED = ("wiki-train", "wiki-test", "news")
 HUB_DATASETS = {  # name → (path, config, split, field)
@@ -95,7 +96,7 @@ def _read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
 
 
 def _jsonl_text(path: Path) -> str:
@@ -106,17 +107,17 @@ def _jsonl_text(path: Path) -> str:
         try:
             row: dict[str, Any] = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+            raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{i}: a JSONL row must be an object with a 'text' or 'instruction' field")
+            raise DataError(f"{path}:{i}: a JSONL row must be an object with a 'text' or 'instruction' field")
         if "text" in row:
             if not isinstance(row["text"], str):
-                raise ValueError(f"{path}:{i}: 'text' must be a string, got {type(row['text']).__name__}")
+                raise DataError(f"{path}:{i}: 'text' must be a string, got {type(row['text']).__name__}")
             docs.append(row["text"])
         elif "instruction" in row:
             docs.append(format_instruction(row))
         else:
-            raise ValueError(f"{path}:{i}: a JSONL row needs a 'text' or 'instruction' field")
+            raise DataError(f"{path}:{i}: a JSONL row needs a 'text' or 'instruction' field")
     return "\n\n".join(docs)
 
 
@@ -158,12 +159,12 @@ def _hub_text(name: str) -> str:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
-        raise RuntimeError(f"data {name!r} needs the `datasets` package: pip install 'svdllm[datasets]'") from None
+        raise DataError(f"data {name!r} needs the `datasets` package: pip install 'svdllm[datasets]'") from None
     path, conf, split, field = HUB_DATASETS[name]
     try:
         ds = datasets.load_dataset(path, conf, split=split)
     except Exception as exc:  # offline, or the hub refused
-        raise RuntimeError(f"cannot load dataset {name!r} from the hub ({type(exc).__name__}); use a local file") from None
+        raise DataError(f"cannot load dataset {name!r} from the hub ({type(exc).__name__}); use a local file") from None
     rows = ds[field] if name != "c4" else ds.select(range(min(len(ds), 2000)))[field]
     return "\n\n".join(rows)
 
@@ -204,7 +205,7 @@ def tokenize(tokenizer: Any, text: str) -> Tensor:
     gets the whole text at once.
     """
     if not text.strip():
-        raise ValueError("the text is empty")
+        raise DataError("the text is empty")
     cuts = _boundaries(text, CHUNK_CHARS)
     seamless = all(_encode(tokenizer, text[c - 2000 : c + 2000]) ==
                    _encode(tokenizer, text[c - 2000 : c]) + _encode(tokenizer, text[c : c + 2000])

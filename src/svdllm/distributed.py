@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import DataError, SvdllmError
+
 DEFAULT_TIMEOUT_S = 1800  # the longest one rank may wait for another (a whole block's decompositions)
 
 
-class PeerLost(RuntimeError):
+class PeerLost(SvdllmError):
     """A collective failed: another process died, or did not answer within the timeout."""
 
 
@@ -33,7 +35,7 @@ def _collective(what: str) -> Iterator[None]:
     except RuntimeError as exc:  # gloo raises plain RuntimeErrors, NCCL DistBackendError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeerLost(f"rank {world()[0]}: another process of the run failed or did not answer within "
-                       f"--dist-timeout ({what}: {first[:200]})") from exc
+                       f"the timeout (dist_timeout) ({what}: {first[:200]})") from exc
 
 
 def world() -> tuple[int, int]:
@@ -89,8 +91,8 @@ def shard(windows: Tensor) -> Tensor:
     if size == 1:
         return windows
     if windows.shape[0] < size:
-        raise ValueError(f"{windows.shape[0]} windows cannot be shared by {size} processes: "
-                         f"give at least {size} (--nsamples, or more evaluation text)")
+        raise DataError(f"{windows.shape[0]} windows cannot be shared by {size} processes: give at least {size} "
+                        "(more calibration samples, or more evaluation text)")
     return windows.tensor_split(size)[rank]
 
 

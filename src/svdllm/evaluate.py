@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .calibration import ActivationStream, eval_windows
+from .errors import DataError
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(DataError):
+    """A window whose loss is inf or nan: named, never dropped."""
 
 
 @dataclass

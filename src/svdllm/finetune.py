@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .evaluate import evaluate_perplexity
-from .modeling_svdllm import LowRankLinear, restore_rank_major
+from .errors import DataError, OptionError
+from .runtime import LowRankLinear, restore_rank_major
 
 log = logging.getLogger("svdllm")
 STAGE_TARGET = {"u": "svd_u", "v": "svd_v"}
@@ -32,14 +33,19 @@ class FinetuneConfig:
     keep_best: bool = False
 
     def validate(self) -> None:
+        """Errors name the field as ``finetune.FIELD``."""
         if self.order not in ("u-first", "v-first"):
-            raise ValueError(f"--order must be u-first or v-first, got {self.order!r}")
+            raise OptionError("finetune.order", f"must be u-first or v-first, got {self.order!r}")
         if self.dtype == "float16":
-            raise ValueError("float16 training is not supported (it collapses); use bfloat16 or float32")
+            raise OptionError("finetune.dtype", "float16 training is not supported (it collapses); use bfloat16 or "
+                              "float32")
         if self.dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if min(self.lora_r, self.steps, self.batch_size, self.seqlen) < 1 or self.lr <= 0:
-            raise ValueError("--lora-r, --steps, --batch-size, --seqlen and --lr must be positive")
+            raise OptionError("finetune.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+        for name in ("lora_r", "lora_alpha", "steps", "batch_size", "seqlen"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"finetune.{name}", f"must be positive, got {getattr(self, name)}")
+        if not self.lr > 0 or self.lr == float("inf"):  # also refuses nan
+            raise OptionError("finetune.lr", f"must be a positive number, got {self.lr}")
 
 
 @dataclass
@@ -55,7 +61,7 @@ def _split(tokens: Tensor, cfg: FinetuneConfig) -> tuple[Tensor, Tensor]:
     val = min(cfg.val_tokens, tokens.numel() // 5)
     train, held = tokens[:-val], tokens[-val:]
     if train.numel() < cfg.seqlen + 1 or held.numel() < cfg.seqlen:
-        raise ValueError(f"fine-tuning text has {tokens.numel()} tokens: too short for --seqlen {cfg.seqlen}")
+        raise DataError(f"fine-tuning text has {tokens.numel()} tokens: too short for windows of {cfg.seqlen}")
     return train, held
 
 
@@ -83,7 +89,8 @@ def _stage(model: nn.Module, which: str, train: Tensor, cfg: FinetuneConfig, gen
         batch = torch.stack([train[s : s + cfg.seqlen] for s in starts.tolist()]).to(device)
         loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
         if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite training loss at step {len(losses)} of stage W{which}; lower --lr")
+            raise DataError(f"non-finite training loss at step {len(losses)} of stage W{which}; lower the learning "
+                            "rate (finetune.lr)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -97,10 +104,11 @@ def _stage(model: nn.Module, which: str, train: Tensor, cfg: FinetuneConfig, gen
 
 def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, tokens: Tensor | None = None,
              progress: bool = True) -> tuple[nn.Module, list[StageResult]]:
-    """Run both LoRA stages on a compressed model; returns the merged model (same ranks) and per-stage results."""
+    """Run both LoRA stages on a compressed model; returns the merged model (same ranks) and per-stage results
+    (``record_part`` turns them into the saved record's ``finetune`` part)."""
     cfg.validate()
     if not any(isinstance(m, LowRankLinear) for m in model.modules()):
-        raise ValueError("the model has no low-rank layers: compress it first")
+        raise DataError("the model has no low-rank layers: compress it first")
     device = next(model.parameters()).device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype or "") or (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -122,7 +130,7 @@ def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, tokens: Tens
         kept = True
         if after > before:
             log.warning("!! LoRA on W%s made validation perplexity WORSE: %.3f -> %.3f%s", which, before, after,
-                        " (reverting: --keep-best)" if cfg.keep_best else "")
+                        " (reverting: keep_best)" if cfg.keep_best else "")
             if cfg.keep_best:
                 with torch.no_grad():
                     for n, p in model.named_parameters():
@@ -132,11 +140,12 @@ def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, tokens: Tens
         results.append(StageResult(f"W{which}", losses, before, after, kept))
     for p in model.parameters():
         p.requires_grad_(True)
-    section = dict(getattr(model.config, "svdllm", None) or {})
-    section["finetune"] = dict(asdict(cfg), stages=[{k: v for k, v in asdict(r).items() if k != "losses"}
-                                                     for r in results])
-    model.config.svdllm = section
     return model, results
+
+
+def record_part(cfg: FinetuneConfig, results: list[StageResult]) -> dict[str, Any]:
+    """The saved record's ``finetune``: the options and each stage's validation perplexities."""
+    return dict(asdict(cfg), stages=[{k: v for k, v in asdict(r).items() if k != "losses"} for r in results])
 
 
 def plot_losses(results: list[StageResult], path: str) -> None:
@@ -159,4 +168,4 @@ def plot_losses(results: list[StageResult], path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["FinetuneConfig", "StageResult", "finetune", "plot_losses"]
+__all__ = ["FinetuneConfig", "StageResult", "finetune", "plot_losses", "record_part"]

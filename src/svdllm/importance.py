@@ -1,41 +1,46 @@
-"""What rank allocation needs to know: each linear's whitened truncation spectrum and how much the language-model
-loss cares about that linear's output.
+"""What rank allocation and FWSVD read: each linear's whitened truncation spectrum, and gradient statistics.
 
-Dropping component i of a whitened matrix costs exactly σᵢ² of ‖(W − W′)X‖²; a
-perturbation δy of a linear's output costs the loss about ½·δyᵀFδy, with F the
-Fisher information of that output.  With F taken isotropic (its mean diagonal
-f = E‖∂L/∂y‖²/m), component i of matrix l costs about f_l·σ²_{l,i}: the score
-``allocate`` ranks components by.
+Dropping component i of a whitened matrix costs exactly σᵢ² of ‖(W − W′)X‖²; a perturbation δy of a linear's
+output costs the loss about ½·δyᵀFδy, with F the Fisher information of that output.  With F taken isotropic (its
+mean diagonal f = E‖∂L/∂y‖²/m), component i of matrix l costs about f_l·σ²_{l,i}: the score ``allocate`` ranks
+components by.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .architecture import decoder_blocks, dense_weight
+from .architecture import dense_weight
 from .calibration import DENSE, ActivationStream, GramAccumulator, TensorStore
-from .evaluate import all_reduce_result, stream_perplexity
-from .modeling_svdllm import LowRankLinear, swapped
-from .onload import BlockHost
+from .errors import DataError
+from .source import ModelSource
 from .plan import CompressionPlan
-from .whitening import repaired_cholesky, whiten
-
-if TYPE_CHECKING:
-    from .io import ShardSource
+from .whitening import repaired_cholesky
 
 
-def output_sensitivity(model: nn.Module, windows: Tensor, names: list[str], batch_size: int = 1) -> dict[str, float]:
-    """E‖∂L/∂y‖² / m for each named linear's output y (m features), over the tokens of ``windows``.
+@dataclass
+class GradientStats:
+    """Sums over the calibration windows, one backward pass each (the loss of one window, as FWSVD defines it)."""
 
-    Gradients flow to the activations only (no weight gradients are kept): one
-    forward and backward of the whole model per batch.
-    """
+    sensitivity: dict[str, float] = field(default_factory=dict)  # E‖∂L/∂y‖² / m per linear output y
+    row_fisher: dict[str, Tensor] = field(default_factory=dict)  # Σ (∂L/∂W)² summed over each output row (FWSVD)
+
+
+def gradient_statistics(model: nn.Module, windows: Tensor, names: list[str], sensitivity: bool = True,
+                        row_fisher: bool = False) -> GradientStats:
+    """The one backward loop: for each window, the LM loss's gradient with respect to each named linear's output
+    (``sensitivity``) and, if asked, to its weight (``row_fisher``).  A non-finite loss or gradient is an error
+    naming the window."""
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    modules = {n: model.get_submodule(n) for n in names}
     sums = torch.zeros(len(names), dtype=torch.float64)
     width = torch.zeros(len(names), dtype=torch.float64)
+    conv = {n for n, m in modules.items() if type(m).__name__ == "Conv1D"}
+    rows = {n: torch.zeros(m.weight.shape[1] if n in conv else m.weight.shape[0], dtype=torch.float64)
+            for n, m in modules.items()} if row_fisher else {}
 
     def watch(j: int):
         def hook(_: nn.Module, __: tuple, out: Tensor) -> None:
@@ -44,86 +49,59 @@ def output_sensitivity(model: nn.Module, windows: Tensor, names: list[str], batc
                 out.register_hook(lambda g: sums.__setitem__(j, sums[j] + g.detach().double().pow(2).sum().cpu()))
         return hook
 
-    handles = [model.get_submodule(n).register_forward_hook(watch(j)) for j, n in enumerate(names)]
+    handles = [m.register_forward_hook(watch(j)) for j, m in enumerate(modules.values())] if sensitivity else []
     handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    wants_grad = {id(m.weight) for m in modules.values()} if row_fisher else set()
+    required = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training, tokens = model.training, torch.zeros(1, dtype=torch.float64)
     model.eval()
     try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wants_grad)
         with torch.enable_grad():
-            for batch in windows.split(batch_size):
-                ids = batch.to(device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for w, window in enumerate(windows):
+                model.zero_grad(set_to_none=True)
+                ids = window[None].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise DataError(f"non-finite loss in calibration window {w}; the model overflows on it")
+                loss.backward()
                 tokens += ids.numel()
+                for n, acc in rows.items():
+                    g2 = modules[n].weight.grad.detach().double() ** 2
+                    acc += (g2.sum(0) if n in conv else g2.sum(1)).cpu()
+        if not torch.isfinite(sums).all() or not all(torch.isfinite(r).all() for r in rows.values()):
+            raise DataError("a non-finite gradient in the calibration windows; try float32")
     finally:
         for h in handles:
             h.remove()
+        model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(required[n])
         model.train(was_training)
-    distributed.all_reduce_([sums, tokens])
-    return {n: float(sums[j] / (tokens * width[j])) for j, n in enumerate(names)}
-
-
-def _dense_grams(host: BlockHost, stream: ActivationStream, plan: CompressionPlan
-                 ) -> Iterator[tuple[nn.Module, dict[str, nn.Module], GramAccumulator]]:
-    """Each block in turn, onloaded, with the linears the plan factorises and the Grams of their dense inputs;
-    the stream moves past the block when the caller is done with it."""
-    for i in range(plan.n_blocks):
-        block = host.onload(i)
-        linears = {n: host.model.get_submodule(n) for n in plan.block(i) if n in plan.ranks}
-        acc = GramAccumulator(frozenset({"gram"}), host.device)
-        stream.record(block, linears, acc)
-        acc.all_reduce()
-        yield block, linears, acc
-        acc.stats.clear()  # the caller's loop variable still holds it through the next block
-        stream.advance(block)
-        host.offload(i)
+    distributed.all_reduce_([sums, tokens, *rows.values()])
+    return GradientStats({n: float(sums[j] / (tokens * width[j])) for j, n in enumerate(names)} if sensitivity else {},
+                         rows)
 
 
 @torch.no_grad()
-def whitened_spectra(model: nn.Module, windows: Tensor, plan: CompressionPlan, device: torch.device,
-                     batch_size: int = 4, source: "ShardSource | None" = None) -> dict[str, Tensor]:
+def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan,
+                     batch_size: int = 4) -> dict[str, Tensor]:
     """σ² of W·chol(XXᵀ) for every linear the plan factorises, from one dense pass, one block at a time."""
-    prefix, blocks = decoder_blocks(model)
-    host, store = BlockHost(model, prefix, blocks, device, source), TensorStore(device)
-    with host.outside_blocks():
-        stream = ActivationStream.capture(model, blocks[0], windows, batch_size, (DENSE,), store, device, "spectra")
+    store = TensorStore(source.device)
+    with source.outside_blocks():
+        stream = ActivationStream.capture(source.model, source.blocks, windows, batch_size, (DENSE,), store,
+                                          source.device, "spectra")
     out: dict[str, Tensor] = {}
-    for _, linears, acc in _dense_grams(host, stream, plan):
+    for i, block in source.walk():
+        linears = {n: source.model.get_submodule(n) for n in plan.block(i) if n in plan.ranks}
+        acc = GramAccumulator(frozenset({"gram"}), source.device)
+        stream.record(block, i, linears, acc)
+        acc.all_reduce()
         for name, module in linears.items():
             s, _, _ = repaired_cholesky(acc.for_linear(name).gram)
             out[name] = torch.linalg.svdvals(dense_weight(module)[0].double() @ s).pow(2).cpu()
+        del acc
+        stream.advance(block, i)
     store.close()
     return out
-
-
-def interpolate(a: dict[str, int], b: dict[str, int], t: float) -> dict[str, int]:
-    """⌊(1−t)·a + t·b⌋ per matrix: between two allocations, within their budgets (less under one rank each)."""
-    return {n: max(1, int((1 - t) * a[n] + t * b[n] + 1e-9)) for n in a}
-
-
-@torch.no_grad()
-def held_out_losses(model: nn.Module, windows: Tensor, held_out: Tensor, plan: CompressionPlan,
-                    candidates: dict[str, dict[str, int]], device: torch.device, batch_size: int = 4) -> dict[str, float]:
-    """Mean next-token NLL on ``held_out`` of the model truncated by SVD-LLM(W) at each candidate's ranks.
-
-    One streamed pass: the dense lane of ``windows`` gives each block's Grams, each matrix is whitened
-    once at the largest rank a candidate asks for, and each candidate's lane of ``held_out`` runs through
-    the block built from its slice of those factors (a rank change is a slice).
-    """
-    prefix, blocks = decoder_blocks(model)
-    host, store, lanes = BlockHost(model, prefix, blocks, device), TensorStore(device), tuple(candidates)
-    with host.outside_blocks():
-        fit = ActivationStream.capture(model, blocks[0], windows, batch_size, (DENSE,), store, device, "fit")
-        held = ActivationStream.capture(model, blocks[0], held_out, batch_size, lanes, store, device, "held")
-    for block, linears, acc in _dense_grams(host, fit, plan):
-        top = {n: whiten(dense_weight(m)[0], acc.for_linear(n).gram, max(c[n] for c in candidates.values()))
-               for n, m in linears.items()}
-        for lane, ranks in candidates.items():
-            with swapped(model, {n: LowRankLinear.from_factors(m, top[n].u[:, : ranks[n]], top[n].v[: ranks[n]])
-                                 for n, m in linears.items()}):
-                held.propagate(block, lane)
-        del top
-    with host.outside_blocks():
-        losses = {lane: all_reduce_result(stream_perplexity(model, blocks, held, lane, held_out, batch_size,
-                                                            device)).nll for lane in lanes}
-    store.close()
-    return losses

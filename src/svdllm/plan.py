@@ -2,7 +2,7 @@
 
 A plan is plain data (it round-trips through JSON): the report, the saved
 config and a resume checkpoint all record it, and rank allocation only has to
-produce one.
+replace its ``{name: rank}``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 from torch import nn
 
 from .architecture import block_linears, decoder_blocks, linear_shape
-from .ranks import RANK_RULES, worth_factorising
+from .errors import OptionError
+from .ranks import uniform, worth_factorising
 
 
 @dataclass
@@ -37,32 +38,35 @@ class CompressionPlan:
         return cls(**data)
 
 
-def make_plan(model: nn.Module, ratio: float, targets: list[str] | None = None, skip_layers: list[int] | None = None,
-              rule: str = "uniform") -> CompressionPlan:
-    """Plan for every decoder-block linear matching a glob of ``targets`` outside ``skip_layers``.
+def matches(name: str, local: str, patterns: list[str]) -> bool:
+    """The one matching rule for linears: a glob matches the full module name or the name inside its block."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(local, p) for p in patterns)
 
-    Works on a model whose weights are on the meta device: only shapes are read.
+
+def make_plan(model: nn.Module, ratio: float, targets: list[str] | None = None,
+              skip_layers: list[int] | None = None) -> CompressionPlan:
+    """The paper's uniform plan for every decoder-block linear matching a glob of ``targets`` outside ``skip_layers``
+    (negative indices count from the end).  Works on a model whose weights are on the meta device: only shapes are
+    read.
     """
     prefix, blocks = decoder_blocks(model)
-    skip = set(skip_layers or [])
-    bad = sorted(i for i in skip if not 0 <= i < len(blocks))
+    n = len(blocks)
+    bad = sorted(i for i in skip_layers or [] if not -n <= i < n)
     if bad:
-        raise ValueError(f"--skip-layers: block {bad[0]} does not exist (the model has {len(blocks)} blocks, 0-{len(blocks) - 1})")
-    if len(skip) == len(blocks):
-        raise ValueError(f"--skip-layers leaves none of the {len(blocks)} blocks to compress")
+        raise OptionError("skip_layers", f"block {bad[0]} does not exist (the model has {n} blocks, 0-{n - 1})")
+    skip = {i % n for i in skip_layers or []}
+    if len(skip) == n:
+        raise OptionError("skip_layers", f"leaves none of the {n} blocks to compress")
     patterns = targets or ["*"]
     shapes: dict[str, list[int]] = {}
     for i, block in enumerate(blocks):
         if i in skip:
             continue
         for name, module in block_linears(block, f"{prefix}.{i}").items():
-            local = name[len(prefix) + len(str(i)) + 2:]
-            if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(local, p) for p in patterns):
+            if matches(name, name[len(prefix) + len(str(i)) + 2:], patterns):
                 shapes[name] = list(linear_shape(module))
     if not shapes:
-        raise ValueError(f"--targets {','.join(patterns)!r} matches no linear layer of the decoder blocks")
-    if rule not in RANK_RULES:
-        raise ValueError(f"unknown rank rule {rule!r}; choose from {', '.join(RANK_RULES)}")
-    ranks = RANK_RULES[rule]({n: (m, k) for n, (m, k) in shapes.items()}, ratio)
+        raise OptionError("targets", f"{','.join(patterns)!r} matches no linear layer of the decoder blocks")
+    ranks = uniform({n: (m, k) for n, (m, k) in shapes.items()}, ratio)
     kept = {n: "rank too high to save parameters" for n, k in ranks.items() if not worth_factorising(*shapes[n], k)}
     return CompressionPlan(prefix, len(blocks), shapes, {n: k for n, k in ranks.items() if n not in kept}, kept)

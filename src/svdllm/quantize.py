@@ -9,7 +9,6 @@ packages here, and its safetensors support is a prototype.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,7 +16,10 @@ import torch
 from torch import nn
 
 from .architecture import block_linears, decoder_blocks
-from .modeling_svdllm import LowRankLinear, quantize_modules
+from .errors import OptionError, SvdllmError
+from .plan import matches
+from .record import SvdllmRecord
+from .runtime import LowRankLinear, quantize_modules
 
 LIBRARY = "optimum-quanto"
 WEIGHT_TYPES = {8: "qint8", 4: "qint4", 2: "qint2"}
@@ -32,9 +34,9 @@ class QuantizeOptions:
 
     def validate(self) -> None:
         if self.bits not in WEIGHT_TYPES:
-            raise ValueError(f"--bits must be 8, 4 or 2, got {self.bits}")
+            raise OptionError("quantize.bits", f"must be 8, 4 or 2, got {self.bits}")
         if self.group_size < 32 or self.group_size % 16:
-            raise ValueError(f"--group-size must be a multiple of 16, at least 32; got {self.group_size}")
+            raise OptionError("quantize.group_size", f"must be a multiple of 16, at least 32; got {self.group_size}")
 
 
 def group_size_for(out_features: int, in_features: int, group_size: int, dtype: torch.dtype, bits: int = 4
@@ -54,14 +56,24 @@ def quantization_plan(model: nn.Module, options: QuantizeOptions) -> dict[str, d
     linears of the decoder blocks that match ``options.dense``."""
     prefix, blocks = decoder_blocks(model)
     names = [f"{n}.{f}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for f in ("svd_u", "svd_v")]
+    hits = dict.fromkeys(options.dense, 0)
     for i, block in enumerate(blocks):
         for name, module in block_linears(block, f"{prefix}.{i}").items():
-            if any(fnmatch.fnmatchcase(name, g) for g in options.dense):
+            local = name[len(prefix) + len(str(i)) + 2:]
+            found = [g for g in options.dense if matches(name, local, [g])]
+            for g in found:
+                hits[g] += 1
+            if found:
                 if not isinstance(module, nn.Linear):
-                    raise ValueError(f"{name} is a {type(module).__name__}: optimum-quanto quantizes nn.Linear only")
+                    raise OptionError("quantize.dense", f"{name} is a {type(module).__name__}: optimum-quanto "
+                                      "quantizes nn.Linear only")
                 names.append(name)
+    unmatched = [g for g, n in hits.items() if not n]
+    if unmatched:
+        raise OptionError("quantize.dense", f"{unmatched[0]!r} matches no dense linear of the decoder blocks")
     if not names:
-        raise ValueError("nothing to quantize: the model has no low-rank factors and --dense matched no linear")
+        raise OptionError("quantize.dense", "nothing to quantize: the model has no low-rank factors; name dense "
+                          "linears to quantize (e.g. '*')")
     plan = {}
     for name in names:
         weight = model.get_submodule(name).weight
@@ -80,31 +92,27 @@ def require_library() -> None:
     except ModuleNotFoundError:  # no optimum package at all
         found = False
     if not found:
-        raise RuntimeError(f"quantization needs {LIBRARY}: pip install 'svdllm[quantize]'")
+        raise SvdllmError(f"quantization needs {LIBRARY}: pip install 'svdllm[quantize]'")
 
 
-def quantize_model(model: nn.Module, options: QuantizeOptions) -> dict[str, Any]:
-    """Quantize ``model`` in place (weights in their current dtype) and record it in ``config.svdllm``; returns the
-    recorded section.  A model already quantized is refused."""
+def quantize_model(model: nn.Module, options: QuantizeOptions, record: SvdllmRecord | None = None) -> dict[str, Any]:
+    """Quantize ``model`` in place (weights in their current dtype); returns the saved record's ``quantization``
+    part.  A model whose ``record`` says it is already quantized is refused."""
     from importlib.metadata import version
 
     require_library()
     from optimum.quanto import freeze
 
     options.validate()
-    section = getattr(model.config, "svdllm", None)
-    if not isinstance(section, dict):
-        raise ValueError("only svdllm models are quantized here: compress the model first")
-    if section.get("quantization"):
-        raise ValueError("the model's weights are already quantized")
+    if record is not None and record.quantization:
+        raise OptionError("quantize", "the model's weights are already quantized")
     plan = quantization_plan(model, options)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) != 1:
-        raise ValueError(f"the model mixes floating dtypes {sorted(map(str, dtypes))}: cast it to one first")
+        raise OptionError("quantize", f"the model mixes floating dtypes {sorted(map(str, dtypes))}: cast it to one "
+                          "first")
     quantize_modules(model, plan)
     freeze(model)
-    section["quantization"] = {"library": LIBRARY, "library_version": version(LIBRARY), "bits": options.bits,
-                               "group_size": options.group_size if options.bits < 8 else None,
-                               "dtype": str(dtypes.pop()).removeprefix("torch."), "options_version": options.VERSION,
-                               "modules": plan}
-    return section["quantization"]
+    return {"library": LIBRARY, "library_version": version(LIBRARY), "bits": options.bits,
+            "group_size": options.group_size if options.bits < 8 else None,
+            "dtype": str(dtypes.pop()).removeprefix("torch."), "options_version": options.VERSION, "modules": plan}

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
-from typing import Callable
 
-RankRule = Callable[[dict[str, tuple[int, int]], float], dict[str, int]]
+from .errors import OptionError
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:
     """k = ⌊(1−r)·m·n/(m+n)⌋: the factors u (m×k) and v (k×n) keep (1−r) of m·n."""
     if not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+        raise OptionError("ratio", f"must be in (0, 1), got {ratio}")
     return max(1, math.floor((1.0 - ratio) * m * n / (m + n)))
 
 
@@ -58,41 +56,3 @@ def allocate(shapes: dict[str, tuple[int, int]], ratio: float, scores: dict[str,
         if ranks[n] < hi[n]:
             heapq.heappush(heap, (-scores[n][ranks[n]] / sum(shapes[n]), n))
     return ranks
-
-
-def per_type(shapes: dict[str, tuple[int, int]], ratio: float, losses: dict[str, float], floor: float = 0.5,
-             cap: float = 2.0) -> dict[str, int]:
-    """SVD-LLM V2's heterogeneous ratios, within each type (the same module path in every block: all q_proj, ...).
-
-    ``losses[name]`` is the matrix's truncation loss at its uniform rank.  Matrix i of a type group G gets
-    the ratio R·|G|·wᵢ/Σ_G w with wᵢ = 1/ln(e·Lᵢ/min_G L): the V2 paper's 1/log L, with L in units of the
-    group's smallest loss (raw 1/log L changes with the number of calibration tokens and fails for L ≤ 1).
-    As ranks: kᵢ ∝ 1 − ratioᵢ, clipped to [floor, cap] × the uniform rank and below the dense break-even,
-    the group's rank sum kept; a type's matrices share a shape, so the parameter budget is the uniform one
-    less under one rank per matrix.
-    """
-    uni = uniform(shapes, ratio)
-    groups: dict[str, list[str]] = {}
-    for name in shapes:
-        groups.setdefault(re.sub(r"\.\d+\.", ".#.", name), []).append(name)
-    ranks: dict[str, int] = {}
-    for names in groups.values():
-        low = min(max(losses[n], 1e-300) for n in names)
-        w = {n: 1.0 / math.log(math.e * max(losses[n], 1e-300) / low) for n in names}
-        mean_w = sum(w.values()) / len(names)
-        want = {n: uni[n] * (1 - ratio * w[n] / mean_w) / (1 - ratio) for n in names}
-        lo = {n: max(1.0, floor * uni[n]) for n in names}
-        hi = {n: float(max(lo[n], min(cap * uni[n], max_useful_rank(*shapes[n])))) for n in names}
-        total, got = sum(uni[n] for n in names), {n: min(max(want[n], lo[n]), hi[n]) for n in names}
-        for _ in range(4 * len(names)):  # rescale the matrices that can still move to keep the group's rank sum
-            gap = total - sum(got.values())
-            free = [n for n in names if (got[n] < hi[n] if gap > 0 else got[n] > lo[n])]
-            if abs(gap) < 1e-9 or not free:
-                break
-            scale = 1 + gap / sum(got[n] for n in free)
-            got = {n: min(max(got[n] * scale, lo[n]), hi[n]) if n in free else got[n] for n in names}
-        ranks.update({n: max(1, math.floor(got[n] + 1e-9)) for n in names})
-    return ranks
-
-
-RANK_RULES: dict[str, RankRule] = {"uniform": uniform}

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import assets
-from .checkpoint import atomic_write_text
+from .errors import OptionError, SvdllmError
+from .files import atomic_write_text
 
 if TYPE_CHECKING:
     from torch import nn
@@ -140,12 +141,12 @@ def _lm_eval() -> Any:
     try:
         import lm_eval  # type: ignore[import-not-found]
     except ImportError:
-        raise RuntimeError("zero-shot tasks need lm-evaluation-harness: pip install 'svdllm[eval]'") from None
+        raise SvdllmError("zero-shot tasks need lm-evaluation-harness: pip install 'svdllm[eval]'") from None
     return lm_eval
 
 
 def resolve_tasks(spec: str, include_path: str | None = None) -> tuple[list[str], Any]:
-    """Task names from ``--tasks`` (``paper`` is the paper's seven, ``offline`` ours) and lm-eval's TaskManager
+    """Task names from ``spec`` (``paper`` is the paper's seven, ``offline`` ours) and lm-eval's TaskManager
     with our folder (and ``include_path``) included; an unknown name is an error naming the fix."""
     _lm_eval()
     from lm_eval.tasks import TaskManager  # type: ignore[import-not-found]
@@ -154,16 +155,16 @@ def resolve_tasks(spec: str, include_path: str | None = None) -> tuple[list[str]
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         names += list(PAPER_TASKS) if part == "paper" else list(OFFLINE_TASKS) if part == "offline" else [part]
     if not names:
-        raise ValueError("--tasks is empty")
+        raise OptionError("eval_tasks", "names no task")
     if include_path and not Path(include_path).expanduser().is_dir():
-        raise FileNotFoundError(f"--include-path {include_path}: no such folder")
+        raise OptionError("include_path", f"{include_path}: no such folder")
     paths = [str(offline_tasks_dir())] if set(names) & set(OFFLINE_TASKS) else []
     paths += [str(Path(include_path).expanduser())] if include_path else []
     manager = TaskManager(include_path=paths or None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown lm-eval task {unknown[0]!r}: see `lm-eval ls tasks`, or give its YAML folder "
-                         f"with --include-path (offline: {', '.join(OFFLINE_TASKS)})")
+        raise OptionError("eval_tasks", f"unknown lm-eval task {unknown[0]!r}: see `lm-eval ls tasks`, or give its "
+                          f"YAML folder as `include_path` (offline: {', '.join(OFFLINE_TASKS)})")
     return names, manager
 
 
@@ -184,8 +185,9 @@ def zero_shot(model: "nn.Module", tokenizer: Any, tasks: list[str], manager: Any
                                        log_samples=False, bootstrap_iters=1000)
     except Exception as exc:  # a task whose data lives on the hub, with no network
         if any(w in f"{type(exc).__name__} {exc}" for w in ("Offline", "Connection", "hub", "resolve", "Couldn't reach")):
-            raise RuntimeError(f"a task's data needs the Hugging Face hub, which is not reachable ({type(exc).__name__});"
-                               f" use the offline tasks ({', '.join(OFFLINE_TASKS)}) or a local --include-path") from None
+            raise SvdllmError(f"a task's data needs the Hugging Face hub, which is not reachable "
+                              f"({type(exc).__name__}); use the offline tasks ({', '.join(OFFLINE_TASKS)}) or local "
+                              "task YAMLs (include_path)") from None
         raise
     finally:
         if multiproc is None:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from torch import Tensor
 
+from ..errors import OptionError
 from ..whitening import Factorization
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ class MethodOptions:
     version: ClassVar[int] = 1
 
     def validate(self) -> None:
-        """Raise ValueError naming the CLI option when a value is out of range."""
+        """Raise OptionError naming the field when a value is out of range."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, **asdict(self)}
@@ -65,20 +66,19 @@ def method_of(options: MethodOptions) -> Method:
     try:
         return _BY_OPTIONS[type(options)]
     except KeyError:
-        raise ValueError(f"no method is registered for {type(options).__name__}") from None
+        raise OptionError("method", f"no method is registered for {type(options).__name__}") from None
 
 
 def options_for(name: str, **values: Any) -> MethodOptions:
     """Options of the method called ``name``; values left as None keep their defaults."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        raise OptionError("method", f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     cls = METHODS[name].options
     known = {f.name for f in fields(cls)}
     given = {k: v for k, v in values.items() if v is not None}
     for key in given.keys() - known:
         owners = [m for m, meth in METHODS.items() if key in {f.name for f in fields(meth.options)}]
-        raise ValueError(f"--{key.replace('_', '-')} does not apply to --method {name} "
-                         f"(it applies to {', '.join(owners) or 'no method'})")
+        raise OptionError(key, f"does not apply to method {name} (it applies to {', '.join(owners) or 'no method'})")
     opts = cls(**given)
     opts.validate()
     return opts

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from ..errors import OptionError
 from ..whitening import Factorization, scaled_svd
 from .base import MethodOptions, register
 
@@ -31,8 +32,8 @@ class ASVDOptions(MethodOptions):
     asvd_alpha: float = 0.5  # exponent of the mean |x| column scaling
 
     def validate(self) -> None:
-        if self.asvd_alpha < 0:
-            raise ValueError(f"--asvd-alpha must be non-negative, got {self.asvd_alpha}")
+        if not self.asvd_alpha >= 0:  # also refuses nan
+            raise OptionError("asvd_alpha", f"must be non-negative, got {self.asvd_alpha}")
 
 
 @register(SVDOptions, frozenset(), "plain truncated SVD of W")

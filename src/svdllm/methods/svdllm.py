@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from ..errors import OptionError
 from ..whitening import Factorization, relative_error, update_left, whiten, whiten_towards
 from .base import MethodOptions, register
 
@@ -19,8 +20,8 @@ class WhiteningOptions(MethodOptions):
     damp: float = 0.0  # whitening ridge added before Cholesky, relative to the mean diagonal (0: only when needed)
 
     def validate(self) -> None:
-        if self.damp < 0:
-            raise ValueError(f"--damp must be non-negative, got {self.damp}")
+        if not self.damp >= 0:
+            raise OptionError("damp", f"must be non-negative, got {self.damp}")
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,12 @@ class ErrorCorrectedOptions(MethodOptions):
     ec_damp: float = 1e-4  # ridge on X′X′ᵀ, relative to its mean diagonal
 
     def validate(self) -> None:
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"--beta must be in [0, 1], got {self.beta}")
-        if self.norm_cap < 0:
-            raise ValueError(f"--norm-cap must be positive (or 0 for off), got {self.norm_cap}")
-        if self.ec_damp < 0:
-            raise ValueError(f"--ec-damp must be non-negative, got {self.ec_damp}")
+        if not 0.0 <= self.beta <= 1.0:  # also refuses nan
+            raise OptionError("beta", f"must be in [0, 1], got {self.beta}")
+        if not self.norm_cap >= 0:
+            raise OptionError("norm_cap", f"must be positive (or 0 for off), got {self.norm_cap}")
+        if not self.ec_damp >= 0:
+            raise OptionError("ec_damp", f"must be non-negative, got {self.ec_damp}")
 
 
 def _whitening_record(weight: Tensor, f: Factorization, gram: Tensor) -> dict[str, Any]:

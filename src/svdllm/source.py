@@ -1,0 +1,396 @@
+"""Model sources: where a model's decoder blocks live, chosen once.
+
+``ModelSource`` holds a model in memory: each block visits the compute device only while it is processed.
+``StreamedSource`` never holds the model: it is a skeleton with meta weights (accelerate's
+``init_empty_weights``), block i is read from the safetensors shards when a pass reaches it, and a finished
+block is written to a file of its own and freed.  Every pass over the blocks (the compression loop, the
+allocation pass, the evaluation at the end) goes through the same methods, so no other module asks which
+kind of source it has.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .architecture import decoder_blocks
+from .errors import FormatError, OptionError
+from .files import atomic_save_file
+from .runtime import apply_ranks, restore_rank_major, tied_parameter_names
+
+log = logging.getLogger("svdllm")
+
+
+# ---------------------------------------------------------------- memory given back to the OS
+
+
+def _glibc() -> Any:
+    """The C library when it is glibc (mallopt, malloc_trim), else None."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Have glibc serve large allocations by mmap, so that a freed block goes back to the OS.
+
+    glibc raises its mmap threshold each time a large chunk is freed, after which block-sized tensors come from
+    the heap and fragment it: streaming 12 blocks grew RSS by about one block per block.  A fixed threshold keeps
+    it flat.  A no-op where glibc is not the allocator.
+    """
+    if (libc := _glibc()) is not None:
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD: glibc's initial 128 KiB, held fixed
+
+
+def trim_heap() -> None:
+    """Give the free pages inside glibc's heaps back to the OS (a block's forwards leave many small freed chunks:
+    ~4.5 MiB per block on SmolLM2 without this)."""
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
+
+
+# ---------------------------------------------------------------- sources
+
+
+class ModelSource:
+    """A model held in memory (on the CPU, say); ``onload`` moves one block to the compute device at a time."""
+
+    streamed = False
+    gradients = True  # a whole-model backward can run (streamed sources: not until gradients stream block by block)
+    default_offload = "none"  # where activations wait between blocks unless the options say: on the device
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
+        self.model = model.eval()
+        self.prefix, self.blocks = decoder_blocks(model)
+        self.home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        self.device = torch.device(device) if device else self.home
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    # -- the parts outside the blocks
+    @contextmanager
+    def outside_blocks(self) -> Iterator[None]:
+        """The embeddings, rotary tables, final norm and head on the compute device for the length of the block."""
+        self._move_outside(self.device)
+        try:
+            yield
+        finally:
+            self._move_outside(self.home)
+
+    def _move_outside(self, device: torch.device) -> None:
+        head = self.prefix + "."
+        for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            if not name.startswith(head) and t.device != device and t.device.type != "meta":
+                t.data = t.data.to(device)  # tied tensors stay tied: the Parameter is kept
+
+    def park_outside(self) -> None:
+        """Free the parts outside the blocks while the blocks are processed (streamed sources only)."""
+
+    def keep_finished_in(self, folder: Path) -> None:
+        """Where finished blocks are written when they leave memory (streamed sources: the run folder's block files,
+        so that a checkpoint costs no second write)."""
+
+    # -- the blocks
+    def onload(self, i: int) -> nn.Module:
+        return self.blocks[i].to(self.device)
+
+    def release(self, i: int) -> None:
+        """Block i is no longer needed on the device, unchanged."""
+        self.blocks[i].to(self.home)
+
+    def finish(self, i: int) -> None:
+        """Block i is compressed: it goes back where finished blocks are kept."""
+        self.release(i)
+        trim_heap()
+
+    def walk(self, start: int = 0, finish: bool = False,
+             then: Callable[[int], None] | None = None) -> Iterator[tuple[int, nn.Module]]:
+        """The one block loop: each block from ``start`` on the device in turn; after the caller's step it is
+        released unchanged, or (``finish``) kept as the compressed block, and ``then(i)`` runs (a checkpoint)."""
+        for i in range(start, len(self.blocks)):
+            block = self.onload(i)
+            yield i, block
+            if finish:
+                self.finish(i)
+            else:
+                self.release(i)
+            if then is not None:
+                then(i)
+
+    def block_tensors(self, i: int) -> dict[str, Tensor]:
+        """Finished block i's tensors under their model names, on the CPU, contiguous (U's rank-major is a view)."""
+        return {f"{self.prefix}.{i}.{k}": v.detach().cpu().contiguous() for k, v in self.blocks[i].state_dict().items()}
+
+    def persist(self, i: int, path: Path) -> None:
+        """Write finished block i to ``path`` (a checkpoint)."""
+        atomic_save_file(self.block_tensors(i), path, {"format": "pt"})
+
+    def restore(self, i: int, ranks: dict[str, int], path: Path) -> None:
+        """Block i as a checkpoint left it: low-rank at ``ranks``, its tensors from ``path``."""
+        apply_ranks(self.model, ranks)
+        head = f"{self.prefix}.{i}."
+        state = {k[len(head):]: v for k, v in load_file(str(path)).items()}
+        self.blocks[i].load_state_dict(state, strict=True)
+        restore_rank_major(self.blocks[i])
+
+    def digest_update(self, h: Any) -> None:
+        """Feed every tensor of the model into the hash ``h`` (what a resume must match)."""
+        for name, t in self.model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    def close(self) -> None:
+        pass
+
+
+class Shards:
+    """The tensors of a safetensors model folder, read a few at a time (``safe_open``)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            with safe_open(str(self.folder / "model.safetensors"), framework="pt") as fh:
+                self.files = dict.fromkeys(fh.keys(), "model.safetensors")
+        else:
+            raise FormatError(f"{self.folder} has no safetensors weights (model.safetensors or its index)")
+
+    @property
+    def nbytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
+
+    def load(self, module: nn.Module, keys: dict[str, str], device: torch.device) -> None:
+        """Set each tensor ``name`` of ``module`` to the shards' tensor ``keys[name]`` (cast to its dtype)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        dtypes = {n: t.dtype for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        by_file: dict[str, list[str]] = {}
+        for name, key in keys.items():
+            if key not in self.files:
+                raise FormatError(f"{self.folder}: the shards have no tensor {key}")
+            by_file.setdefault(self.files[key], []).append(name)
+        for file, names in by_file.items():
+            with safe_open(str(self.folder / file), framework="pt") as fh:
+                for name in names:
+                    set_module_tensor_to_device(module, name, device, value=fh.get_tensor(keys[name]).to(dtypes[name]))
+
+    def digest_update(self, h: Any) -> None:
+        for file in sorted(set(self.files.values())):
+            with open(self.folder / file, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+
+
+class StreamedSource(ModelSource):
+    """A float32 skeleton whose decoder blocks are read from the shards one at a time and written, once finished,
+    to a file each in ``spill_dir`` (a temporary folder unless the run names one)."""
+
+    streamed = True
+    gradients = False
+    default_offload = "disk"
+
+    def __init__(self, model: nn.Module, shards: Shards, device: str | torch.device | None = None) -> None:
+        super().__init__(model, device)
+        self.shards = shards
+        self.spill_dir: Path | None = None
+        self._own_spill: Path | None = None
+        self.finished: dict[int, Path] = {}
+        return_freed_memory()
+
+    @contextmanager
+    def outside_blocks(self) -> Iterator[None]:
+        head = self.prefix + "."
+        parked = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(head)]
+        if parked:  # a tied head is not in the shards: tie_weights restores it
+            self.shards.load(self.model, {n: n for n in parked if n in self.shards.files}, self.home)
+            self.model.tie_weights()
+        with super().outside_blocks():
+            yield
+
+    def park_outside(self) -> None:
+        """The embeddings and head are often the largest tensors of a model: freed while the blocks are processed,
+        read again by ``outside_blocks``."""
+        head = self.prefix + "."
+        for name, p in self.model.named_parameters(remove_duplicate=False):  # a tied head too: no reference stays
+            if not name.startswith(head):
+                owner, _, attr = name.rpartition(".")
+                self.model.get_submodule(owner)._parameters[attr] = nn.Parameter(p.to("meta"), p.requires_grad)
+
+    def onload(self, i: int) -> nn.Module:
+        block = self.blocks[i]
+        names = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+        self.shards.load(block, {n: f"{self.prefix}.{i}.{n}" for n in names}, self.home)
+        return block.to(self.device)
+
+    def release(self, i: int) -> None:
+        self.blocks[i].to("meta")
+        trim_heap()
+
+    def keep_finished_in(self, folder: Path) -> None:
+        self.spill_dir = folder
+
+    def _spill(self) -> Path:
+        if self.spill_dir is None:
+            self.spill_dir = self._own_spill = Path(tempfile.mkdtemp(prefix="svdllm-blocks-"))
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        return self.spill_dir
+
+    def finish(self, i: int) -> None:
+        path = self._spill() / f"block-{i:05d}.safetensors"
+        atomic_save_file(super().block_tensors(i), path, {"format": "pt"})
+        self.finished[i] = path
+        self.release(i)
+
+    def block_tensors(self, i: int) -> dict[str, Tensor]:
+        if i not in self.finished:
+            raise RuntimeError(f"block {i} was never finished")
+        return load_file(str(self.finished[i]))
+
+    def persist(self, i: int, path: Path) -> None:
+        if self.finished[i].resolve() == path.resolve():
+            return
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            os.link(self.finished[i], tmp)
+        except OSError:
+            shutil.copyfile(self.finished[i], tmp)
+        os.replace(tmp, path)
+
+    def restore(self, i: int, ranks: dict[str, int], path: Path) -> None:
+        apply_ranks(self.model, ranks)  # the skeleton's block takes the finished block's shapes (on meta)
+        self.finished[i] = path
+
+    def digest_update(self, h: Any) -> None:
+        self.shards.digest_update(h)
+
+    def close(self) -> None:
+        if self._own_spill is not None:
+            shutil.rmtree(self._own_spill, ignore_errors=True)
+            self._own_spill = self.spill_dir = None
+
+
+# ---------------------------------------------------------------- opening a model
+
+
+def _tied_heads(model: nn.Module) -> set[str]:
+    """Parameter names that are tied to the input embeddings when the config says so."""
+    out = model.get_output_embeddings()
+    if out is None or not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return set()
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p is out.weight}
+
+
+def open_streamed(folder: str | os.PathLike, device: str | torch.device | None = None) -> StreamedSource:
+    """A plain Hugging Face folder as a float32 skeleton: everything outside the blocks is read now, each block
+    when a pass reaches it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shards = Shards(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "svdllm", None):
+        raise FormatError(f"{folder} is already compressed by svdllm; streaming reads dense models only")
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    prefix, _ = decoder_blocks(model)
+    tied = tied_parameter_names(model)
+    rest = {n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and not n.startswith(prefix + ".") and n not in tied}
+    missing = sorted(n for n in rest if n not in shards.files)
+    if missing and missing != [n for n in missing if n in _tied_heads(model)]:
+        raise FormatError(f"{folder}: the shards have no tensor {missing[0]}")
+    shards.load(model, {n: n for n in rest - set(missing)}, torch.device("cpu"))
+    model.tie_weights()
+    return StreamedSource(model.eval(), shards, device)
+
+
+def load_model(spec: str, dtype: Any = None, device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) in memory for a named model, a local folder (svdllm or plain), a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import resolve_model
+    from .folder import is_svdllm_folder, load
+
+    where, gguf = resolve_model(spec)
+    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    if isinstance(where, Path) and is_svdllm_folder(where):
+        return load(where, dtype=dtype, device=device), AutoTokenizer.from_pretrained(where)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        safe = {} if gguf else {"use_safetensors": True}  # never unpickle
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs, **safe)
+    except OSError as exc:
+        if isinstance(where, str):
+            raise FileNotFoundError(f"model not found: {spec} (no local path, and the hub is unreachable or has no "
+                                    "such id)") from None
+        raise FormatError(f"cannot load model from {spec}: {str(exc).splitlines()[0]}") from None
+    if device:
+        model.to(device)
+    return model.eval(), tok
+
+
+def memory_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def should_stream(spec: str, low_memory: bool | None) -> bool:
+    """``low_memory`` if given; else (None: automatic) whether a local safetensors folder's float32 weights exceed
+    half the available memory (each process torchrun started on this machine holding a copy)."""
+    if low_memory is not None:
+        return low_memory
+    from .assets import resolve_model
+
+    where, gguf = resolve_model(spec)
+    if gguf or not isinstance(where, Path):
+        return False
+    try:
+        need = Shards(where).nbytes * 2 * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # bf16 shards → float32
+    except FormatError:
+        return False
+    if need > memory_available() // 2:
+        log.warning("the weights (%.1f GiB as float32) exceed half the available memory: streaming blocks from disk",
+                    need / 2**30)
+        return True
+    return False
+
+
+def open_source(spec: str, low_memory: bool | None = None, device: str | None = None) -> tuple[ModelSource, Any]:
+    """The model ``spec`` as a source, in memory or streamed from its shards (``low_memory``; None: automatic),
+    and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .assets import resolve_model
+
+    if not should_stream(spec, low_memory):
+        model, tok = load_model(spec)
+        return ModelSource(model, device), tok
+    where, gguf = resolve_model(spec)
+    if gguf:
+        raise OptionError("low_memory", f"{spec} is a GGUF file; streaming reads safetensors folders only "
+                          "(convert it, or compress it in memory)")
+    if not isinstance(where, Path):
+        raise OptionError("low_memory", f"{spec} is not a local folder; streaming reads local safetensors folders")
+    return open_streamed(where, device), AutoTokenizer.from_pretrained(where)
