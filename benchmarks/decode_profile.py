@@ -80,7 +80,7 @@ def main() -> None:
     base, tok = load_model(args.dense)
     models = {"dense": base}
     for r in [float(x) for x in args.ratios.split(",")]:
-        models[f"ratio {r:g}"] = compress(copy.deepcopy(base), None, CompressionConfig(ratio=r, method="svd"), progress=False)
+        models[f"ratio {r:g}"] = compress(copy.deepcopy(base), None, CompressionConfig(ratio=r, method="svd"), progress=False).model
     res = {name: {**profile_decode(m, args.steps, args.fast), "bytes_per_token": bytes_read_per_token(m)} for name, m in models.items()}
     d = res["dense"]
     rows = []

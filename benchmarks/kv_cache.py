@@ -29,7 +29,7 @@ from common import markdown_table, peak_rss, peak_rss_reset, write_json  # noqa:
 
 from svdllm import load_model  # noqa: E402
 from svdllm.data import load_text, tokenize  # noqa: E402
-from svdllm.modeling_svdllm import LatentCache, cache_argument, cache_bytes_per_token  # noqa: E402
+from svdllm.runtime import LatentCache, cache_argument, cache_bytes_per_token  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kv_cache"
 DENSE = "smollm2-135m"

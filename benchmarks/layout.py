@@ -22,7 +22,7 @@ from decode_profile import decode_steps  # noqa: E402
 
 from svdllm import CompressionConfig, compress  # noqa: E402
 from svdllm import load_model  # noqa: E402
-from svdllm.lowrank import LowRankLinear  # noqa: E402
+from svdllm.runtime import LowRankLinear  # noqa: E402
 
 RATIOS = (0.2, 0.4, 0.6)
 
@@ -43,7 +43,7 @@ def main() -> None:
     base, tok = load_model("smollm2-135m")
     models = [base.eval()]
     for r in RATIOS:
-        rank_major = compress(copy.deepcopy(base), None, CompressionConfig(ratio=r, method="svd"), progress=False).eval()
+        rank_major = compress(copy.deepcopy(base), None, CompressionConfig(ratio=r, method="svd"), progress=False).model.eval()
         models += [rank_major, row_major_copy(rank_major)]
     for m in models:  # warm-up
         decode_tok_s(m, 8)

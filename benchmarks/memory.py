@@ -68,9 +68,9 @@ def random_llama(folder: Path) -> Path:
 
 
 def weight_bytes(folder: Path) -> int:
-    from svdllm.io import ShardSource
+    from svdllm.source import Shards
 
-    return ShardSource(folder).nbytes
+    return Shards(folder).nbytes
 
 
 def run(model_dir: Path, mode: str, options: list[str], out: Path) -> dict[str, Any]:

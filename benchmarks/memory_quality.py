@@ -50,8 +50,6 @@ def measure(spec: str, bits: int | None, dense: bool, args: argparse.Namespace, 
             ) -> dict[str, Any]:
     model, _ = load_model(spec, dtype=torch.bfloat16)
     if bits:
-        if dense:
-            model.config.svdllm = {"method": "none", "ratio": 0.0, "ranks": {}}
         quantize_model(model, QuantizeOptions(bits=bits, group_size=args.group_size, dense=("*",) if dense else ()))
     t0 = time.perf_counter()
     ppl = {name: evaluate_perplexity(model, None, t, args.seqlen, args.max_tokens).perplexity

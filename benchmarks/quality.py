@@ -3,7 +3,7 @@
     python benchmarks/quality.py --methods svd,fwsvd,asvd,svdllm-w,svdllm,svdllm-ec --ratios 0.2,0.4,0.6,0.8
 
 A method may carry a β for svdllm-ec as ``svdllm-ec@0.5`` (``svdllm-ec@0.75!``: no norm guard), and a rank
-rule as ``svdllm-ec+fisher`` (``+loss``, ``+v2``, ``+search``; ``+fisher:0.8:1.5`` sets the floor and cap),
+rule as ``svdllm-ec+fisher`` or ``+uniform`` (``+fisher:0.8:1.5`` sets the floor and cap),
 and ``/ts`` at the end for the true-sequential order inside a block (``svdllm-ec+fisher/ts``).
 Writes results.json (updated after every run, so partial results survive),
 table.md and perplexity.png to --out.  Calibration windows, evaluation tokens
@@ -34,7 +34,7 @@ def parse_rule(spec: str) -> dict:
     fields)."""
     spec, ts = spec.removesuffix("/ts"), spec.endswith("/ts")
     _, plus, rule = spec.partition("+")
-    out: dict = {"true_sequential": True} if ts else {}
+    out: dict = {"rank_rule": "uniform", **({"true_sequential": True} if ts else {})}  # no rule named: uniform
     if not plus:
         return out
     name, *bounds = rule.split(":")
@@ -158,15 +158,14 @@ def main() -> None:
             model = copy.deepcopy(base)
             with PeakRSS() as rss:
                 t0 = time.perf_counter()
-                compress(model, windows, cfg, progress=False)
+                report = compress(model, windows, cfg, progress=False).report
                 seconds = time.perf_counter() - t0
             ppl = {e: evaluate_perplexity(model, tok, ids, args.seqlen, None).perplexity for e, ids in evals.items()}
             run = {"method": spec, "ratio": ratio, "perplexity": ppl, "compress_seconds": seconds,
-                   "phases": model.svdllm_report.timings, "peak_rss_gib": rss.peak / 2**30,
-                   "remedies": len(model.svdllm_report.remedies),
-                   "beta_reduced": sum(1 for r in model.svdllm_report.records if "beta_requested" in r),
-                   "max_norm_ratio": max((r.get("norm_ratio", 0.0) for r in model.svdllm_report.records), default=0.0),
-                   "rank_search": model.svdllm_report.rank_search}
+                   "phases": report.timings, "peak_rss_gib": rss.peak / 2**30,
+                   "remedies": len(report.remedies),
+                   "beta_reduced": sum(1 for r in report.records if "beta_requested" in r),
+                   "max_norm_ratio": max((r.get("norm_ratio", 0.0) for r in report.records), default=0.0)}
             results["runs"].append(run)
             print(spec, ratio, {k: round(v, 2) for k, v in ppl.items()}, f"{seconds:.0f}s", flush=True)
             del model

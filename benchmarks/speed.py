@@ -259,8 +259,8 @@ def main() -> None:
     else:
         # ranks, hence speed, depend on the ratio only: plain SVD builds the models fast
         for r in [float(x) for x in args.ratios.split(",")]:
-            m = compress(copy.deepcopy(base), None, CompressionConfig(ratio=r, method="svd"), progress=False)
-            models[f"ratio {r:g}"] = (m, r, str(save(m, tok, Path(tmp.name) / f"ratio-{r:g}")))
+            result = compress(copy.deepcopy(base), None, CompressionConfig(ratio=r, method="svd"), progress=False)
+            models[f"ratio {r:g}"] = (result.model, r, str(save(result, tok, Path(tmp.name) / f"ratio-{r:g}")))
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in models}
     for name, (m, *_) in models.items():  # warm-up; the fast path compiles here, for the measured shapes
         measure(m, ids, argparse.Namespace(**{**vars(args), "prefill": [32]}))

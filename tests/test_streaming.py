@@ -68,11 +68,11 @@ def tiny_model_with_layers(vocab: int, layers: int, hidden: int = 64):
 
 
 def options(model: Path, text: Path, out: Path, **extra) -> svdllm.CompressOptions:
-    method = extra.pop("method", "svdllm-ec")
-    config = svdllm.CompressionConfig(method=method, ratio=extra.pop("ratio", 0.4), rank_rule="uniform")
+    """The defaults (svdllm-ec, Fisher ranks from the streamed reverse pass, true-sequential) on a small calibration."""
+    config = svdllm.CompressionConfig(method=extra.pop("method", "svdllm-ec"), ratio=extra.pop("ratio", 0.4))
     return svdllm.CompressOptions(model=str(model), compression=config, calib=str(text), eval=(str(text),),
                                   nsamples=8, seqlen=32, eval_seqlen=32, max_tokens=512, out=str(out),
-                                  progress=False, **extra)  # uniform: streaming cannot allocate by Fisher yet
+                                  progress=False, **extra)
 
 
 def args(model: Path, text: Path, out: Path, *extra: str) -> list[str]:
@@ -94,6 +94,9 @@ def test_low_memory_equals_in_memory(sharded_dir, text_file, tmp_path, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp_path / d / "svdllm_report.json").read_text()) for d in ("mem", "disk"))
     assert ra["perplexity"] == rb["perplexity"] and ra["records"] == rb["records"]
+    assert ra["plan"]["ranks"] == rb["plan"]["ranks"]
+    rule = svdllm.read_record(tmp_path / "disk").rank_rule
+    assert rule == ("fisher" if method == "svdllm-ec" else "uniform")
     assert len(list((tmp_path / "disk").glob("model-*-of-*.safetensors"))) == 5  # a shard per block + the rest
     assert not list(tmp_path.glob(".*svdllm-run")) and not list(tmp_path.glob(".*svdllm-lock"))  # all cleaned up
     assert [p.name for p in text_file.parent.iterdir()] == [text_file.name]  # nothing written beside the data
@@ -126,8 +129,12 @@ def test_killed_run_resumes_to_identical_shards(sharded_dir, text_file, tmp_path
             svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "resumed", low_memory=low_memory))
     run = tmp_path / ".resumed.svdllm-run"
     assert json.loads((run / "state.json").read_text())["next_block"] == 2 and not (tmp_path / "resumed").exists()
+    assert (run / "gradients.safetensors").is_file()  # the Fisher statistics are kept with the checkpoint
     calls: list[int] = []
     on_commit(monkeypatch, calls.append)
+    from svdllm import pipeline
+
+    monkeypatch.setattr(pipeline, "gradient_statistics", lambda *a, **k: pytest.fail("recomputed"))
     svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "resumed", low_memory=low_memory, resume=True))
     assert calls == [2, 3]  # only the blocks left were computed
     assert "resuming" in caplog.text
@@ -162,7 +169,9 @@ def test_low_memory_holds_one_block_at_a_time(sharded_dir, text_file, tmp_path, 
 
     monkeypatch.setattr(StreamedSource, "onload", onload)
     svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "o", low_memory=True))
-    assert seen == [0, 0, 0, 0]  # before each block is read, every other block is back on meta
+    # the forward and reverse gradient passes, the spectra pass and the compression pass: 4 × 4 blocks read, and
+    # before each, every other block back on meta
+    assert seen == [0] * 16
 
 
 DRIVER = textwrap.dedent("""

@@ -156,3 +156,25 @@ def test_a_rerun_does_not_score_the_dense_model_again(model_dir, text_file, tmp_
     assert main(argv("3")) == 0
     assert len(scored) == 3  # the compressed model only
     assert json.loads((out / "svdllm_report.json").read_text())["zero_shot"]["dense"] == kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, message", [
+    (("doc_to_text: context", "doc_to_text: \"{{nowhere}}\""), "cannot be built"),
+    (("doc_to_text: context", "doc_to_text: !function nothing.here"), "--include-path"),
+    (("  - metric: acc_norm", "  - metric: no_such_metric"), "cannot be built"),
+    (("metric_list:", "metric_list: [unclosed"), "--include-path"),
+])
+def test_a_malformed_task_is_refused_before_any_model_work(model_dir, text_file, tmp_path, capsys, monkeypatch,
+                                                            change, message):
+    import svdllm.source
+
+    tasks = tiny_task(tmp_path / "tasks")
+    yaml = tasks / "tiny.yaml"
+    yaml.write_text(yaml.read_text().replace(*change))
+    monkeypatch.setattr(svdllm.source, "load_model", lambda *a, **k: pytest.fail("tasks are checked first"))
+    monkeypatch.setattr(svdllm.source, "open_source", lambda *a, **k: pytest.fail("tasks are checked first"))
+    assert main(compress_args(model_dir, text_file, tmp_path / "o", "--eval-tasks", "tiny_mc", "--include-path",
+                              str(tasks))) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "unknown lm-eval task" not in err, err

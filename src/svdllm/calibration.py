@@ -16,35 +16,46 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from . import distributed
 from .errors import DataError, OptionError
+from .files import save_tensors
 
 DENSE, COMPRESSED = "dense", "compressed"
 
 
-def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens, reproducible from ``seed``."""
-    if tokens.numel() < seqlen + 1:
+def _with_bos(windows: Tensor, bos: int | None) -> Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None) -> Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens, reproducible from ``seed``; with ``bos`` each is that token
+    followed by ``seqlen`` − 1 tokens of text."""
+    body = seqlen - (bos is not None)
+    if tokens.numel() < body + 1:
         raise DataError(f"calibration text has {tokens.numel()} tokens, shorter than one window of {seqlen}; "
                         "give more text or a shorter window (seqlen)")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=gen)
-    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, tokens.numel() - body, (nsamples,), generator=gen)
+    return _with_bos(torch.stack([tokens[s : s + body] for s in starts.tolist()]), bos)
 
 
-def eval_windows(tokens: Tensor, seqlen: int, max_tokens: int | None = None) -> Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens from the start of ``tokens`` (at most ``max_tokens``)."""
-    if seqlen < 2:
-        raise OptionError("eval_seqlen", f"must be at least 2 tokens, got {seqlen}")
+def eval_windows(tokens: Tensor, seqlen: int, max_tokens: int | None = None, bos: int | None = None) -> Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start of ``tokens`` (at most ``max_tokens`` of text);
+    with ``bos`` each is that token followed by ``seqlen`` − 1 tokens of text."""
+    if seqlen < 2 + (bos is not None):
+        raise OptionError("eval_seqlen", f"must be at least {2 + (bos is not None)} tokens, got {seqlen}")
+    body = seqlen - (bos is not None)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
-    n = tokens.numel() // seqlen
+    n = tokens.numel() // body
     if n == 0:
         raise DataError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seqlen}")
-    return tokens[: n * seqlen].view(n, seqlen)
+    return _with_bos(tokens[: n * body].view(n, body), bos)
 
 
 def windows_digest(windows: Tensor | None) -> str:
@@ -179,7 +190,7 @@ class TensorStore:
             self._mem[key] = value.detach().to(self.device)
         else:  # a new file renamed over the old: a checkpoint's hard link to the old one keeps its contents
             tmp = self.folder / f".{key}.tmp"
-            save_file({"t": value.detach().cpu().contiguous()}, str(tmp))
+            save_tensors({"t": value.detach().cpu().contiguous()}, tmp)
             os.replace(tmp, self.folder / f"{key}.safetensors")
 
     def get(self, key: str, device: torch.device) -> Tensor:
@@ -190,7 +201,7 @@ class TensorStore:
     def export(self, key: str, dest: Path) -> None:
         """Write ``key`` to the file ``dest``: a hard link (or copy) from a disk store, one tensor in memory at most."""
         if self.folder is None:
-            save_file({"t": self._mem[key].detach().cpu().contiguous()}, str(dest))
+            save_tensors({"t": self._mem[key].detach().cpu().contiguous()}, dest)
             return
         try:
             os.link(self.folder / f"{key}.safetensors", dest)
@@ -329,17 +340,21 @@ class ActivationStream:
                 del block.forward
         return stream
 
+    def run_block(self, block: nn.Module, i: int, j: int, h: Tensor) -> Tensor:
+        """Block i's output for batch j given its input ``h`` (with autograd, if it is on)."""
+        device = block_device(block)
+        ctx = self.contexts[j][i]
+        out = block(h, *_to(ctx.args, device), **_to(ctx.kwargs, device))
+        self.tuple_output = isinstance(out, (tuple, list))
+        return out[0] if self.tuple_output else out
+
     @torch.no_grad()
     def _run(self, block: nn.Module, i: int, j: int, h: Tensor) -> Tensor | None:
         """Block i's output for batch j, or None when a recording hook stopped the block early."""
-        device = block_device(block)
-        ctx = self.contexts[j][i]
         try:
-            out = block(h, *_to(ctx.args, device), **_to(ctx.kwargs, device))
+            return self.run_block(block, i, j, h)
         except _Stop:
             return None
-        self.tuple_output = isinstance(out, (tuple, list))
-        return out[0] if self.tuple_output else out
 
     def propagate(self, block: nn.Module, i: int, lane: str) -> None:
         """Replace ``lane`` by its image through block ``i``."""

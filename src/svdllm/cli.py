@@ -259,13 +259,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def _print_summary(args: argparse.Namespace, outcome: Any) -> None:
     report, p0, p1 = outcome.report, outcome.params_before, outcome.params_after
-    before, after = report.perplexity.get("dense", {}), report.perplexity.get("quantized") or \
-        report.perplexity.get("finetuned") or report.perplexity.get("compressed", {})
+    before, after = report.perplexity.get("dense", {}), outcome.record.perplexity or {}
     print(f"\nsvdllm compress {args.model}: method {args.method}, ratio {args.ratio}, {report.plan.get('n_blocks')} "
           f"blocks, {outcome.record.rank_rule} ranks, calibration {args.nsamples}×{args.seqlen} tokens of {args.calib}, "
           f"seed {args.seed}")
     if before:
-        label = f"compressed, int{args.quantize} factors" if report.perplexity.get("quantized") else "compressed"
+        label = f"compressed, int{args.quantize} factors" if report.perplexity.get("quantized") else \
+            f"compressed, {args.dtype}" if report.perplexity.get(args.dtype) else "compressed"
         print(f"\n| perplexity ({args.eval_seqlen}-token windows, ≤{args.max_tokens} tokens) | dense | {label} | change |")
         print("|---|---:|---:|---:|")
         for k in before:
@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("SVDLLM_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.WARNING, format="svdllm: %(message)s")
     if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["TQDM_DISABLE"] = os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .calibration import ActivationStream, eval_windows
-from .errors import DataError
+from .errors import DataError, OptionError
 
 
 class NonFiniteLossError(DataError):
@@ -78,19 +78,22 @@ def evaluate_perplexity(
     max_tokens: int | None = 16384,
     batch_size: int = 4,
     progress: bool = False,
+    bos: int | None | str = "auto",
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``data`` (a DATA spec or 1-D token ids), windows of ``seqlen`` tokens.
 
     Windows do not overlap and the last partial window is dropped (every window
-    has the same context length); at most ``max_tokens`` tokens are read.
+    has the same context length); at most ``max_tokens`` tokens are read.  Each
+    window starts with ``bos`` ("auto": where the tokenizer or the model's family
+    needs one, as compress decides; the BOS itself is never a target).
     """
-    if isinstance(data, Tensor):
-        tokens = data
-    else:
-        from .data import load_text, tokenize
+    from .data import bos_token, load_text, tokenize
 
-        tokens = tokenize(tokenizer, load_text(data))
-    windows = eval_windows(tokens, seqlen, max_tokens)
+    tokens = data if isinstance(data, Tensor) else tokenize(tokenizer, load_text(data))
+    if bos == "auto":
+        bos = bos_token(tokenizer, model.config) if tokenizer is not None else None
+    check_positions(model, seqlen)
+    windows = eval_windows(tokens, seqlen, max_tokens, bos)  # type: ignore[arg-type]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -103,6 +106,25 @@ def evaluate_perplexity(
         model.train(was_training)
     acc.windows = len(windows)
     return acc.result()
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with learned absolute position embeddings (GPT-2, OPT) can take: the size of its
+    position table, read from the config; None for rotary models, which have no table to index past."""
+    config = model.config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is None:
+        return None
+    inputs = model.get_input_embeddings()
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not inputs and m.num_embeddings >= limit]
+    return limit if tables else None
+
+
+def check_positions(model: nn.Module, longest: int) -> None:
+    """Refuse, before any work, a window longer than the model's learned positions (it fails deep inside)."""
+    limit = position_limit(model)
+    if limit is not None and longest > limit:
+        raise OptionError("seqlen", f"windows of {longest} tokens exceed the model's {limit} positions")
 
 
 @contextmanager

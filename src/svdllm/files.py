@@ -1,6 +1,7 @@
 """Writing files safely: a file appears complete or not at all; checksums."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -30,12 +31,23 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, its I/O failures raised as OSError (a full disk as ENOSPC) rather than its own."""
+    import safetensors.torch
+    from safetensors import SafetensorError
 
+    try:
+        safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        text = str(exc)
+        code = errno.ENOSPC if "os error 28" in text or "No space" in text else errno.EIO
+        raise OSError(code, f"{os.strerror(code)}: {path}") from exc
+
+
+def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = _tmp(path)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(tensors, tmp, metadata)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

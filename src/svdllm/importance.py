@@ -16,6 +16,7 @@ from . import distributed
 from .architecture import dense_weight
 from .calibration import DENSE, ActivationStream, GramAccumulator, TensorStore
 from .errors import DataError
+from .evaluate import _replaying
 from .source import ModelSource
 from .plan import CompressionPlan
 from .whitening import repaired_cholesky
@@ -29,59 +30,83 @@ class GradientStats:
     row_fisher: dict[str, Tensor] = field(default_factory=dict)  # Σ (∂L/∂W)² summed over each output row (FWSVD)
 
 
-def gradient_statistics(model: nn.Module, windows: Tensor, names: list[str], sensitivity: bool = True,
-                        row_fisher: bool = False) -> GradientStats:
-    """The one backward loop: for each window, the LM loss's gradient with respect to each named linear's output
-    (``sensitivity``) and, if asked, to its weight (``row_fisher``).  A non-finite loss or gradient is an error
-    naming the window."""
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    modules = {n: model.get_submodule(n) for n in names}
+def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], sensitivity: bool = True,
+                        row_fisher: bool = False, store: TensorStore | None = None) -> GradientStats:
+    """The one backward loop, streamed block by block: the LM loss of each window, backpropagated through one block
+    at a time, never the whole model.
+
+    A forward pass keeps each block's input (``store``: CPU memory, or files on disk for a streamed model); the head
+    gives ∂L/∂h at the last block's output; then the blocks are onloaded in reverse, each recomputed from its kept
+    input and backpropagated alone, handing ∂L/∂h at its input to the block before.  On the way each named linear
+    gives the gradient at its output (``sensitivity``) and, if asked, at its weight (``row_fisher``, FWSVD's).  The
+    result equals a whole-model backward's (a test holds it to one).  A non-finite loss or gradient is an error
+    naming the window and the block, before anything is written.
+    """
+    store = store or TensorStore(torch.device("cpu"))
+    model, device, n = source.model, source.device, len(windows)
+    index = {name: j for j, name in enumerate(names)}
     sums = torch.zeros(len(names), dtype=torch.float64)
     width = torch.zeros(len(names), dtype=torch.float64)
-    conv = {n for n, m in modules.items() if type(m).__name__ == "Conv1D"}
-    rows = {n: torch.zeros(m.weight.shape[1] if n in conv else m.weight.shape[0], dtype=torch.float64)
-            for n, m in modules.items()} if row_fisher else {}
-
-    def watch(j: int):
-        def hook(_: nn.Module, __: tuple, out: Tensor) -> None:
-            width[j] = out.shape[-1]
-            if out.requires_grad:
-                out.register_hook(lambda g: sums.__setitem__(j, sums[j] + g.detach().double().pow(2).sum().cpu()))
-        return hook
-
-    handles = [m.register_forward_hook(watch(j)) for j, m in enumerate(modules.values())] if sensitivity else []
-    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
-    wants_grad = {id(m.weight) for m in modules.values()} if row_fisher else set()
-    required = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training, tokens = model.training, torch.zeros(1, dtype=torch.float64)
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in wants_grad)
-        with torch.enable_grad():
-            for w, window in enumerate(windows):
-                model.zero_grad(set_to_none=True)
-                ids = window[None].to(device)
+    rows: dict[str, Tensor] = {}
+    with source.outside_blocks():
+        stream = ActivationStream.capture(model, source.blocks, windows, 1, (DENSE,), store, device, "grad")
+    with torch.no_grad():
+        for i, block in source.walk():
+            for j in range(n):
+                h = stream.hidden(DENSE, j, device)
+                store.put(f"grad.in{i}.{j}", h)
+                stream.store.put(stream._key(DENSE, j), stream.run_block(block, i, j, h))
+    with source.outside_blocks():  # ∂L/∂h at the last block's output, from the model's own head and loss
+        for j in range(n):
+            h = stream.hidden(DENSE, j, device).requires_grad_(True)
+            ids = windows[j : j + 1].to(device)
+            with _replaying(source.blocks, stream.tuple_output) as slot, torch.enable_grad():
+                slot[:] = [h]
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 if not torch.isfinite(loss):
-                    raise DataError(f"non-finite loss in calibration window {w}; the model overflows on it")
+                    raise DataError(f"non-finite loss in calibration window {j}; the model overflows on it")
                 loss.backward()
-                tokens += ids.numel()
-                for n, acc in rows.items():
-                    g2 = modules[n].weight.grad.detach().double() ** 2
-                    acc += (g2.sum(0) if n in conv else g2.sum(1)).cpu()
-        if not torch.isfinite(sums).all() or not all(torch.isfinite(r).all() for r in rows.values()):
-            raise DataError("a non-finite gradient in the calibration windows; try float32")
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-        for n, p in model.named_parameters():
-            p.requires_grad_(required[n])
-        model.train(was_training)
-    distributed.all_reduce_([sums, tokens, *rows.values()])
-    return GradientStats({n: float(sums[j] / (tokens * width[j])) for j, n in enumerate(names)} if sensitivity else {},
-                         rows)
+            store.put(f"grad.out.{j}", h.grad)
+    for i, block in source.walk(reverse=True):
+        linears = {name: model.get_submodule(name) for name in names if name.startswith(f"{source.prefix}.{i}.")}
+        required = {p: p.requires_grad for p in block.parameters()}
+        for p in block.parameters():
+            p.requires_grad_(row_fisher and any(p is m.weight for m in linears.values()))
+        handles = [m.register_forward_hook(_sensitivity_hook(sums, width, index[name])) for name, m in linears.items()
+                   if sensitivity]
+        try:
+            for j in range(n):
+                h = store.get(f"grad.in{i}.{j}", device).requires_grad_(True)
+                g = store.get(f"grad.out.{j}", device)
+                with torch.enable_grad():
+                    torch.autograd.backward(stream.run_block(block, i, j, h), g)
+                if not torch.isfinite(h.grad).all():
+                    raise DataError(f"non-finite gradient in calibration window {j} at block {i}; try float32")
+                store.put(f"grad.out.{j}", h.grad)
+                for name, m in linears.items() if row_fisher else ():
+                    g2 = m.weight.grad.detach().double() ** 2
+                    row = (g2.sum(0) if type(m).__name__ == "Conv1D" else g2.sum(1)).cpu()
+                    rows[name] = row if name not in rows else rows[name].add_(row)
+                    m.weight.grad = None
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in required.items():
+                p.requires_grad_(flag)
+    if not torch.isfinite(sums).all():
+        raise DataError("a non-finite gradient in the calibration windows; try float32")
+    tokens = torch.tensor([float(windows.numel())], dtype=torch.float64)
+    distributed.all_reduce_([sums, tokens, *(rows[name] for name in names if name in rows)])
+    return GradientStats({name: float(sums[j] / (tokens * width[j])) for j, name in enumerate(names)}
+                         if sensitivity else {}, {name: rows[name] for name in names if name in rows})
+
+
+def _sensitivity_hook(sums: Tensor, width: Tensor, j: int):
+    def hook(_: nn.Module, __: tuple, out: Tensor) -> None:
+        width[j] = out.shape[-1]
+        if out.requires_grad:
+            out.register_hook(lambda g: sums.__setitem__(j, sums[j] + g.detach().double().pow(2).sum().cpu()))
+    return hook
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from .checkpoint import RunDir
 from .errors import DataError, OptionError
 from .evaluate import all_reduce_result, stream_perplexity
 from .files import atomic_write_text
-from .importance import gradient_statistics, whitened_spectra
+from .importance import GradientStats, gradient_statistics, whitened_spectra
 from .methods import ErrorCorrectedOptions, MethodOptions, method_of, options_for
 from .plan import CompressionPlan, make_plan
 from .ranks import allocate
@@ -73,19 +73,12 @@ class CompressionConfig:
             raise OptionError("offload", f"must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
         self.method.validate()  # type: ignore[union-attr]
 
-    def rank_rule_for(self, gradients: bool) -> str:
+    def resolved_rank_rule(self) -> str:
         """What ``auto`` means, decided here only: Fisher-weighted allocation for svdllm-ec (it beat uniform ranks at
-        0.2, 0.4 and 0.6 on both evaluation sets; svdllm-w lost at 0.6) where gradients can be had, i.e. with the
-        model in memory; otherwise the paper's uniform ranks, said in the log."""
+        0.2, 0.4 and 0.6 on both evaluation sets; svdllm-w lost at 0.6), the paper's uniform ranks otherwise."""
         if self.rank_rule != "auto":
             return self.rank_rule
-        if not isinstance(self.method, ErrorCorrectedOptions):
-            return "uniform"
-        if not gradients:
-            log.warning("ranks: Fisher allocation needs gradients, which a streamed model cannot give yet; "
-                        "uniform ranks")
-            return "uniform"
-        return "fisher"
+        return "fisher" if isinstance(self.method, ErrorCorrectedOptions) else "uniform"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(asdict(self), method=self.method.to_dict())  # type: ignore[union-attr]
@@ -244,13 +237,9 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
     opts = cfg.method
     assert isinstance(opts, MethodOptions)
     method, evals = method_of(opts), eval_windows or {}
-    rule = cfg.rank_rule_for(source.gradients)
+    rule = cfg.resolved_rank_rule()
     if (method.needs or rule == "fisher") and windows is None:
         raise DataError(f"method {opts.name} with {rule} ranks needs calibration windows")
-    if not source.gradients and ("fisher" in method.needs or rule == "fisher"):
-        raise OptionError("rank_rule" if rule == "fisher" else "method",
-                          f"{'fisher ranks' if rule == 'fisher' else opts.name} need gradients, which a streamed model "
-                          "cannot give yet: load the model in memory, or use uniform ranks")
     plan = make_plan(source.model, cfg.ratio, cfg.targets, cfg.skip_layers)
     calib_info = {} if windows is None or not (method.needs or rule == "fisher") else {
         "nsamples": windows.shape[0], "seqlen": windows.shape[1], "sha256": windows_digest(windows)}
@@ -258,29 +247,32 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
     if windows is not None:
         windows = distributed.shard(windows)
     evals = {name: distributed.shard(w) for name, w in evals.items()}
-    grads = None
-    if "fisher" in method.needs or rule == "fisher":
-        with report.timings.clock("gradients"):  # the whole model, where it is (streamed sources are refused above)
-            grads = gradient_statistics(source.model, windows, list(plan.ranks),
-                                        sensitivity=rule == "fisher", row_fisher="fisher" in method.needs)
+    offload = source.default_offload if cfg.offload == "auto" else cfg.offload
+    allocated = run_dir.state.get("plan") if run_dir is not None and run_dir.done and rule == "fisher" else None
+    grads = GradientStats()
+    if "fisher" in method.needs or (rule == "fisher" and allocated is None):
+        with report.timings.clock("gradients"):
+            grads = _gradients(source, windows, list(plan.ranks), rule == "fisher", "fisher" in method.needs,
+                               run_dir, offload)
     if rule == "fisher":
         with report.timings.clock("rank allocation"):
-            assert grads is not None
-            spectra = whitened_spectra(source, windows, plan, cfg.batch_size)
-            shapes = {n: (plan.shapes[n][0], plan.shapes[n][1]) for n in plan.ranks}
-            plan.ranks = allocate(shapes, cfg.ratio, {n: (grads.sensitivity[n] * spectra[n]).tolist()
-                                                      for n in plan.ranks}, cfg.rank_floor, cfg.rank_cap)
+            if allocated is not None:  # a resumed run keeps the ranks it started with
+                plan = CompressionPlan.from_dict(allocated)
+            else:
+                spectra = whitened_spectra(source, windows, plan, cfg.batch_size)
+                shapes = {n: (plan.shapes[n][0], plan.shapes[n][1]) for n in plan.ranks}
+                plan.ranks = allocate(shapes, cfg.ratio, {n: (grads.sensitivity[n] * spectra[n]).tolist()
+                                                          for n in plan.ranks}, cfg.rank_floor, cfg.rank_cap)
         report.plan = plan.to_dict()
     if run_dir is not None:
         source.keep_finished_in(run_dir.path)  # written once, as the checkpoint's block files
-    offload = source.default_offload if cfg.offload == "auto" else cfg.offload
     store = TensorStore(run_dir.stream_folder if offload == "disk" and run_dir else
                         torch.device("cpu") if offload != "none" else source.device)
     streams = _open_streams(source, windows if method.needs - {"fisher"} else None, method.sequential, evals,
                             cfg.batch_size, store, report)
     source.park_outside()
     start = _resume(source, plan, run_dir, streams, report) if run_dir else 0
-    calib, fisher = streams.get("calib"), grads.row_fisher if grads else {}
+    calib, fisher = streams.get("calib"), grads.row_fisher
     commit = (lambda i: _checkpoint(run_dir, i, source, streams, report)) if run_dir is not None else None
     bar = tqdm(total=plan.n_blocks, initial=start, desc=f"compress {opts.name}", unit="block",
                disable=not progress or not distributed.is_writer())
@@ -311,6 +303,35 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
         ranks={n: m.rank for n, m in source.model.named_modules() if isinstance(m, LowRankLinear)},
         perplexity=report.perplexity.get(COMPRESSED) or None)
     return CompressionResult(source, report, record)
+
+
+def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivity: bool, row_fisher: bool,
+               run_dir: RunDir | None, offload: str) -> GradientStats:
+    """The gradient statistics, from the run folder if a killed run already computed them; else from the streamed
+    reverse pass (its block inputs wait on disk when activations do), then kept there."""
+    kept = run_dir.path / "gradients.safetensors" if run_dir is not None else None
+    if kept is not None and kept.is_file():
+        from safetensors.torch import load_file
+
+        saved = load_file(str(kept))
+        if "names" in saved and json.loads(bytes(saved["names"].tolist())) == [names, sensitivity, row_fisher]:
+            values = saved["sensitivity"].tolist()
+            return GradientStats(dict(zip(names, values)) if sensitivity else {},
+                                 {n: saved[f"rows.{n}"] for n in names if f"rows.{n}" in saved})
+    store = TensorStore(run_dir.path / "gradient-stream" if offload == "disk" and run_dir is not None else
+                        torch.device("cpu"))
+    try:
+        grads = gradient_statistics(source, windows, names, sensitivity, row_fisher, store)
+    finally:
+        store.close()
+    if kept is not None and distributed.is_writer():
+        from .files import atomic_save_file
+
+        key = torch.tensor(list(json.dumps([names, sensitivity, row_fisher]).encode()), dtype=torch.uint8)
+        atomic_save_file({"names": key, "sensitivity": torch.tensor([grads.sensitivity.get(n, 0.0) for n in names],
+                                                                      dtype=torch.float64),
+                          **{f"rows.{n}": r.contiguous() for n, r in grads.row_fisher.items()}}, kept)
+    return grads
 
 
 def _open_streams(source: ModelSource, windows: Tensor | None, sequential: bool, evals: dict[str, Tensor],

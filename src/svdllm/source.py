@@ -70,7 +70,6 @@ class ModelSource:
     """A model held in memory (on the CPU, say); ``onload`` moves one block to the compute device at a time."""
 
     streamed = False
-    gradients = True  # a whole-model backward can run (streamed sources: not until gradients stream block by block)
     default_offload = "none"  # where activations wait between blocks unless the options say: on the device
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
@@ -118,11 +117,13 @@ class ModelSource:
         self.release(i)
         trim_heap()
 
-    def walk(self, start: int = 0, finish: bool = False,
-             then: Callable[[int], None] | None = None) -> Iterator[tuple[int, nn.Module]]:
-        """The one block loop: each block from ``start`` on the device in turn; after the caller's step it is
-        released unchanged, or (``finish``) kept as the compressed block, and ``then(i)`` runs (a checkpoint)."""
-        for i in range(start, len(self.blocks)):
+    def walk(self, start: int = 0, finish: bool = False, then: Callable[[int], None] | None = None,
+             reverse: bool = False) -> Iterator[tuple[int, nn.Module]]:
+        """The one block loop: each block from ``start`` on the device in turn (last to first with ``reverse``);
+        after the caller's step it is released unchanged, or (``finish``) kept as the compressed block, and
+        ``then(i)`` runs (a checkpoint)."""
+        order = range(start, len(self.blocks))
+        for i in reversed(order) if reverse else order:
             block = self.onload(i)
             yield i, block
             if finish:
@@ -159,10 +160,13 @@ class ModelSource:
 
 
 class Shards:
-    """The tensors of a safetensors model folder, read a few at a time (``safe_open``)."""
+    """The tensors of a safetensors model folder, read a few at a time (``safe_open``), under the model's own names
+    once ``name_for`` has seen the model (transformers' renamings: GPT-NeoX's ``embed_out``, a hub GPT-2's keys
+    without ``transformer.``)."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
+        self.stored: dict[str, str] = {}  # model name → the shards' name, where they differ
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             self.files: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -176,6 +180,28 @@ class Shards:
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
 
+    def name_for(self, model: nn.Module) -> None:
+        """Key the shards by the model's names, through transformers' own renamings of checkpoint keys."""
+        import re
+
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+        names = {n for n, _ in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
+        renames = [(src, r.target_patterns[0] if len(r.target_patterns) == 1 else r.target_patterns[j])
+                   for r in get_model_conversion_mapping(model) if type(r) is WeightRenaming
+                   for j, src in enumerate(r.source_patterns)]
+        prefix = getattr(model, "base_model_prefix", "")
+        files: dict[str, str] = {}
+        for key, file in self.files.items():
+            name = key
+            for src, tgt in renames:
+                name = re.sub(src, tgt, name)
+            if name not in names and prefix and f"{prefix}.{name}" in names:
+                name = f"{prefix}.{name}"
+            files[name] = file
+            if name != key:
+                self.stored[name] = key
+        self.files = files
     def load(self, module: nn.Module, keys: dict[str, str], device: torch.device) -> None:
         """Set each tensor ``name`` of ``module`` to the shards' tensor ``keys[name]`` (cast to its dtype)."""
         from accelerate.utils import set_module_tensor_to_device
@@ -189,7 +215,8 @@ class Shards:
         for file, names in by_file.items():
             with safe_open(str(self.folder / file), framework="pt") as fh:
                 for name in names:
-                    set_module_tensor_to_device(module, name, device, value=fh.get_tensor(keys[name]).to(dtypes[name]))
+                    value = fh.get_tensor(self.stored.get(keys[name], keys[name]))
+                    set_module_tensor_to_device(module, name, device, value=value.to(dtypes[name]))
 
     def digest_update(self, h: Any) -> None:
         for file in sorted(set(self.files.values())):
@@ -203,7 +230,6 @@ class StreamedSource(ModelSource):
     to a file each in ``spill_dir`` (a temporary folder unless the run names one)."""
 
     streamed = True
-    gradients = False
     default_offload = "disk"
 
     def __init__(self, model: nn.Module, shards: Shards, device: str | torch.device | None = None) -> None:
@@ -309,6 +335,7 @@ def open_streamed(folder: str | os.PathLike, device: str | torch.device | None =
         raise FormatError(f"{folder} is already compressed by svdllm; streaming reads dense models only")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    shards.name_for(model)
     prefix, _ = decoder_blocks(model)
     tied = tied_parameter_names(model)
     rest = {n for n, t in [*model.named_parameters(), *model.named_buffers()]
@@ -335,15 +362,31 @@ def load_model(spec: str, dtype: Any = None, device: str | None = None) -> tuple
     try:
         tok = AutoTokenizer.from_pretrained(where, **kwargs)
         safe = {} if gguf else {"use_safetensors": True}  # never unpickle
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs, **safe)
+        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, output_loading_info=True,
+                                                           **kwargs, **safe)
     except OSError as exc:
         if isinstance(where, str):
             raise FileNotFoundError(f"model not found: {spec} (no local path, and the hub is unreachable or has no "
                                     "such id)") from None
         raise FormatError(f"cannot load model from {spec}: {str(exc).splitlines()[0]}") from None
+    missing = sorted(set(info.get("missing_keys") or []) - tied_parameter_names(model) - _tied_heads(model))
+    if missing:  # transformers would have initialised them at random
+        raise FormatError(f"{spec}: the weights do not cover the model: no tensor {missing[0]} ({len(missing)} missing)")
+    if gguf and _gguf_adds_bos(Path(where) / gguf):
+        tok.add_bos_token = True  # the GGUF's tokenizer.ggml.add_bos_token, which the conversion drops
     if device:
         model.to(device)
     return model.eval(), tok
+
+
+def _gguf_adds_bos(path: Path) -> bool:
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+        return bool(field is not None and field.data and field.parts[field.data[0]][0])
+    except Exception:  # an unreadable header: transformers already read what it needs
+        return False
 
 
 def memory_available() -> int:

@@ -19,6 +19,8 @@ from . import distributed
 from .architecture import count_parameters
 from .calibration import eval_windows, sample_windows
 from .checkpoint import OutputLock, RunDir
+from .data import bos_token
+from .evaluate import check_positions
 from .errors import OptionError
 from .files import atomic_write_text
 from .finetune import FinetuneConfig, StageResult
@@ -163,12 +165,13 @@ def run_compression(options: CompressOptions) -> CompressOutcome:
         with timings.clock("load model"):
             source, tok = open_source(options.model, checked.streamed, cfg.device)
         params_before = count_parameters(source.model)
+        check_positions(source.model, max(options.seqlen, options.eval_seqlen))
+        bos = bos_token(tok, source.model.config)
         with timings.clock("load text"):
             windows = sample_windows(tokenize(tok, load_text(options.calib)), options.nsamples, options.seqlen,
-                                     options.seed)
-            evals = {s: eval_windows(tokenize(tok, load_text(s)), options.eval_seqlen, options.max_tokens)
+                                     options.seed, bos)
+            evals = {s: eval_windows(tokenize(tok, load_text(s)), options.eval_seqlen, options.max_tokens, bos)
                      for s in options.eval}
-        _check_positions(source.model, max(options.seqlen, options.eval_seqlen))
         run = RunDir(checked.run_path, fingerprint(source, cfg, windows, evals), distributed.world()[1])
         zero_shot: dict[str, list] = {}
         if checked.tasks:
@@ -187,7 +190,7 @@ def run_compression(options: CompressOptions) -> CompressOutcome:
             source.close()
             return CompressOutcome(checked.out, report, record, params_before, count_parameters(source.model))
         if report.calibration:
-            report.calibration.update(data=options.calib, seed=options.seed)
+            report.calibration.update(data=options.calib, seed=options.seed, bos=bos is not None)
             record = record.with_parts(calibration=dict(report.calibration))
         model, stages = source.model, []
         if options.finetune is not None:
@@ -203,8 +206,7 @@ def run_compression(options: CompressOptions) -> CompressOutcome:
             from .quantize import quantize_model
 
             with timings.clock("quantize"):
-                for param in model.parameters():  # buffers (RoPE frequencies) keep float32, as a load gives them
-                    param.data = param.data.to(getattr(torch, options.dtype))
+                _cast_parameters(model, options.dtype)
                 record = record.with_parts(quantization=quantize_model(model, options.quantize, record))
             with timings.clock("evaluate quantized"):
                 report.perplexity["quantized"] = _window_perplexities(model, evals, options.progress)
@@ -213,8 +215,12 @@ def run_compression(options: CompressOptions) -> CompressOutcome:
                 zero_shot["compressed"] = score_rows(run_tasks(model, tok, *checked.tasks, limit=options.limit))
             report.zero_shot = {**zero_shot, "limit": options.limit}
             record = record.with_parts(zero_shot={f"{t} {m}": v for t, m, v, _ in zero_shot["compressed"]})
-        final = report.perplexity.get("quantized") or report.perplexity.get("finetuned") or \
-            report.perplexity.get("compressed")
+        if options.dtype != "float32" and options.quantize is None and not source.streamed:
+            with timings.clock(f"evaluate {options.dtype}"):  # the saved model's own figure, not float32's
+                _cast_parameters(model, options.dtype)
+                report.perplexity[options.dtype] = _window_perplexities(model, evals, options.progress)
+        final = report.perplexity.get("quantized") or report.perplexity.get(options.dtype) or \
+            report.perplexity.get("finetuned") or report.perplexity.get("compressed")
         record = record.with_parts(perplexity=final or None)
         report.timings = Timings({**timings, **{f"compress: {k}": v for k, v in report.timings.items()}})
         with timings.clock("save"):
@@ -229,12 +235,10 @@ def run_compression(options: CompressOptions) -> CompressOutcome:
         lock.release()
 
 
-def _check_positions(model: Any, longest: int) -> None:
-    """A window longer than the model's learned positions fails deep inside the model: refuse it first."""
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or \
-        getattr(model.config.get_text_config(), "n_positions", None)
-    if limit is not None and longest > limit and model.config.model_type in ("gpt2", "opt", "gpt_neo", "gptj", "bloom"):
-        raise OptionError("seqlen", f"windows of {longest} tokens exceed the model's {limit} positions")
+def _cast_parameters(model: Any, dtype: str) -> None:
+    """The parameters in ``dtype``; buffers (RoPE frequencies) keep float32, as a load of the saved folder gives them."""
+    for param in model.parameters():
+        param.data = param.data.to(getattr(torch, dtype))
 
 
 def _window_perplexities(model: Any, windows: dict[str, torch.Tensor], progress: bool) -> dict[str, float]:

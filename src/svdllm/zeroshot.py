@@ -159,13 +159,64 @@ def resolve_tasks(spec: str, include_path: str | None = None) -> tuple[list[str]
     if include_path and not Path(include_path).expanduser().is_dir():
         raise OptionError("include_path", f"{include_path}: no such folder")
     paths = [str(offline_tasks_dir())] if set(names) & set(OFFLINE_TASKS) else []
-    paths += [str(Path(include_path).expanduser())] if include_path else []
+    if include_path:
+        paths.append(str(Path(include_path).expanduser()))
+        _check_yaml_files(Path(paths[-1]))
     manager = TaskManager(include_path=paths or None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise OptionError("eval_tasks", f"unknown lm-eval task {unknown[0]!r}: see `lm-eval ls tasks`, or give its "
                           f"YAML folder as `include_path` (offline: {', '.join(OFFLINE_TASKS)})")
+    if include_path:
+        _check_local_tasks([n for n in names if n not in OFFLINE_TASKS and _is_under(manager, n, Path(paths[-1]))],
+                           manager)
     return names, manager
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_yaml_files(folder: Path) -> None:
+    """Every task YAML of a user's folder parses, its ``!function`` references included (lm-eval would skip a broken
+    one silently and then call the task unknown)."""
+    from lm_eval.tasks._yaml_loader import load_yaml  # type: ignore[import-not-found]
+
+    for path in sorted(folder.rglob("*.yaml")):
+        try:
+            load_yaml(path, resolve_func=True)
+        except Exception as exc:  # yaml's, an import's, a missing file's: all the user's to fix
+            raise OptionError("include_path", f"{path}: {_first_line(exc)}") from None
+
+
+def _is_under(manager: Any, name: str, folder: Path) -> bool:
+    path = getattr(manager.task_index.get(name), "yaml_path", None)
+    return path is not None and folder.resolve() in Path(path).resolve().parents
+
+
+def _check_local_tasks(names: list[str], manager: Any) -> None:
+    """Build each of the user's tasks and render its first document, before any model work: a bad metric, template
+    field or data file is one line now rather than a traceback after the perplexity pass."""
+    from lm_eval.tasks import get_task_dict  # type: ignore[import-not-found]
+
+    for name in names:
+        try:
+            tasks = get_task_dict([name], manager)
+            for task in _leaves(tasks):
+                doc = next(iter(task.eval_docs))
+                task.doc_to_text(doc)
+                task.doc_to_target(doc)
+        except Exception as exc:
+            raise OptionError("eval_tasks", f"task {name!r} cannot be built: {_first_line(exc)}") from None
+
+
+def _leaves(tasks: Any) -> list[Any]:
+    """The Task objects of get_task_dict's (possibly nested, group-keyed) answer."""
+    out = []
+    for value in (tasks.values() if isinstance(tasks, dict) else [tasks]):
+        out += _leaves(value) if isinstance(value, dict) else [value]
+    return out
 
 
 def zero_shot(model: "nn.Module", tokenizer: Any, tasks: list[str], manager: Any, limit: int | None = None,
