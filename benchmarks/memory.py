@@ -28,8 +28,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "memory"
 RANDOM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=12,
               num_key_value_heads=4, tie_word_embeddings=False)
 RUNS = {  # model → the CLI options of its runs (both modes use the same)
-    # the README's default command with uniform ranks: the default's Fisher allocation needs the model in memory
-    "smollm2": ["--method", "svdllm-ec", "--ratio", "0.2", "--ranks", "uniform"],
+    # the README's default command (Fisher ranks from the streamed reverse pass, in both modes since 0.7.0)
+    "smollm2": ["--method", "svdllm-ec", "--ratio", "0.2"],
     "random-llama": ["--method", "svdllm-w", "--ratio", "0.2", "--nsamples", "16", "--seqlen", "256", "--eval", ""],
 }
 

@@ -106,9 +106,11 @@ def test_gradient_statistics_equal_a_whole_model_backward(arch):
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(2))
     plan = make_plan(model, 0.4)
     names = [n for n in plan.ranks if ".0." in n][:2] + [n for n in plan.ranks if ".1." in n][-2:]
-    got = gradient_statistics(ModelSource(model), ids, names, sensitivity=True, row_fisher=True)
+    got = gradient_statistics(ModelSource(model), ids, names, sensitivity=True, row_fisher=True, output_grams=True,
+                              full_width=100)  # tiny models' outputs are 64-256 wide: full Grams and diagonals
     sens = {n: 0.0 for n in names}
     rows = {n: 0.0 for n in names}
+    grams = {n: 0.0 for n in names}
     for window in ids:
         outs: dict[str, torch.Tensor] = {}
         hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
@@ -123,9 +125,13 @@ def test_gradient_statistics_equal_a_whole_model_backward(arch):
             sens[n] += float(grads[j].double().pow(2).sum()) / (16 * grads[j].shape[-1])
             g2 = grads[len(names) + j].double().pow(2)
             rows[n] = rows[n] + (g2.sum(0) if arch == "gpt2" else g2.sum(1))  # Conv1D rows are columns
+            g = grads[j].double().reshape(-1, grads[j].shape[-1])
+            grams[n] = grams[n] + (g.T @ g if g.shape[1] <= 100 else g.pow(2).sum(0))
     for n in names:  # the streamed pass recomputes each block: float32 rounding differs, within 1e-6
         assert got.sensitivity[n] == pytest.approx(sens[n] / 3, rel=1e-6) and got.sensitivity[n] > 0
         assert torch.allclose(got.row_fisher[n], rows[n], rtol=1e-6, atol=0)
+        assert got.output_grams[n].shape == grams[n].shape
+        assert torch.allclose(got.output_grams[n], grams[n], rtol=1e-6, atol=1e-6 * float(grams[n].abs().max()))
     assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
 
 
@@ -173,3 +179,20 @@ def test_cli_fisher_ranks_are_saved_and_plotted(model_dir, text_file, tmp_path, 
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["info", str(out), "--plot", str(plot)]) == 2  # never overwritten
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_or_gradient_names_the_window_and_the_block():
+    from svdllm.errors import DataError
+
+    windows = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama", 64)
+    names = list(make_plan(model, 0.4).ranks)
+    model.model.layers[1].mlp.register_full_backward_hook(
+        lambda _m, grad_in, _out: tuple(None if g is None else torch.full_like(g, float("nan")) for g in grad_in))
+    with pytest.raises(DataError, match="non-finite gradient in calibration window 0 at block 1"):
+        gradient_statistics(ModelSource(model), windows, names)
+    model = tiny_model("llama", 64)
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("inf")
+    with pytest.raises(DataError, match="non-finite loss in calibration window 0"):
+        gradient_statistics(ModelSource(model), windows, names)

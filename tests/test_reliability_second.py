@@ -148,6 +148,8 @@ def test_windows_longer_than_the_models_positions_are_refused_first(tmp_path, to
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.svdllm-run").exists()
     assert main(["-q", "eval", str(gpt2), "--data", str(text_file), "--seqlen", "300"]) == 2
     assert "256 positions" in capsys.readouterr().err
+    assert main(["generate", str(gpt2), "the river", "--max-new-tokens", "300"]) == 2
+    assert "exceed the model's 256 positions" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- 7, 8, 9, 10, 15. user files, bad input
@@ -275,3 +277,33 @@ def test_low_memory_reads_transformers_key_layouts(layout, tmp_path, tokenizer, 
     assert streamed.report.perplexity == in_memory.report.perplexity
     a, b = svdllm.load(tmp_path / "s").state_dict(), svdllm.load(tmp_path / "m").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- 2. BOS where the model needs one
+
+
+def test_windows_start_with_bos_where_the_model_needs_one(gemma_dir, text_file, tmp_path, tokenizer):
+    """Gemma's family needs a BOS whatever its tokenizer says (this one adds none): calibration and evaluation windows
+    start with it, the record says so, and `svdllm eval` measures the same windows as compress did."""
+    from svdllm.calibration import eval_windows, sample_windows
+    from svdllm.data import bos_token
+
+    tok = transformers.AutoTokenizer.from_pretrained(gemma_dir)
+    tok.bos_token = "<eos>"
+    tok.save_pretrained(gemma_dir)
+    config = transformers.AutoConfig.from_pretrained(gemma_dir)
+    assert bos_token(tok, config) == tok.bos_token_id and tok("a")["input_ids"][0] != tok.bos_token_id
+    llama_config = transformers.LlamaConfig()
+    assert bos_token(tok, llama_config) is None  # a family that does not need one, a tokenizer that adds none
+    tokens = tokenize(tok, load_text(str(text_file)))
+    w = sample_windows(tokens, 4, 32, 0, bos=tok.bos_token_id)
+    e = eval_windows(tokens, 32, 512, bos=tok.bos_token_id)
+    assert w.shape == (4, 32) and (w[:, 0] == tok.bos_token_id).all() and (e[:, 0] == tok.bos_token_id).all()
+    assert torch.equal(e[:, 1:].flatten(), tokens[: e.shape[0] * 31])  # the text itself, 31 tokens a window
+    assert main(cli(gemma_dir, text_file, tmp_path / "g", "--method", "svdllm-w")) == 0
+    record = svdllm.read_record(tmp_path / "g")
+    assert record.calibration["bos"] is True
+    report = json.loads((tmp_path / "g" / "svdllm_report.json").read_text())["perplexity"]
+    saved = svdllm.load(tmp_path / "g")
+    loaded_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "g")
+    assert report["compressed"][str(text_file)] == pytest.approx(perplexity(saved, loaded_tok, text_file), rel=1e-5)

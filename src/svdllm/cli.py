@@ -443,6 +443,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
     if ids["input_ids"].shape[1] == 0:
         raise ValueError("the prompt has no tokens")
+    from .evaluate import check_positions
+
+    check_positions(model, ids["input_ids"].shape[1] + args.max_new_tokens)
     extra: dict[str, Any] = {}
     if args.fast:
         from .generation import fast_options

@@ -7,6 +7,7 @@ components by.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,18 +29,26 @@ class GradientStats:
 
     sensitivity: dict[str, float] = field(default_factory=dict)  # E‖∂L/∂y‖² / m per linear output y
     row_fisher: dict[str, Tensor] = field(default_factory=dict)  # Σ (∂L/∂W)² summed over each output row (FWSVD)
+    output_grams: dict[str, Tensor] = field(default_factory=dict)  # Σ g gᵀ of ∂L/∂y (m, m), or its diagonal (m,)
+
+
+# A full output-gradient Gram costs m²·8 bytes in float64: 512 MiB at m = 8192 (LLaMA-7B's q/k/v/o and down_proj are
+# 4096 wide: 128 MiB each).  Wider outputs (the 11008-wide gate/up of LLaMA-7B, 28672 of 70B) keep the diagonal.
+FULL_GRAM_WIDTH = 8192
 
 
 def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], sensitivity: bool = True,
-                        row_fisher: bool = False, store: TensorStore | None = None) -> GradientStats:
+                        row_fisher: bool = False, store: TensorStore | None = None, output_grams: bool = False,
+                        full_width: int = FULL_GRAM_WIDTH, logits_budget: int = 1 << 21) -> GradientStats:
     """The one backward loop, streamed block by block: the LM loss of each window, backpropagated through one block
     at a time, never the whole model.
 
     A forward pass keeps each block's input (``store``: CPU memory, or files on disk for a streamed model); the head
     gives ∂L/∂h at the last block's output; then the blocks are onloaded in reverse, each recomputed from its kept
     input and backpropagated alone, handing ∂L/∂h at its input to the block before.  On the way each named linear
-    gives the gradient at its output (``sensitivity``) and, if asked, at its weight (``row_fisher``, FWSVD's).  The
-    result equals a whole-model backward's (a test holds it to one).  A non-finite loss or gradient is an error
+    gives the gradient at its output (``sensitivity``; with ``output_grams`` also Σ g gᵀ, the diagonal alone for
+    outputs wider than ``full_width``) and, if asked, at its weight (``row_fisher``, FWSVD's).  The result equals a
+    whole-model backward's (a test holds it to one).  A non-finite loss or gradient is an error
     naming the window and the block, before anything is written.
     """
     store = store or TensorStore(torch.device("cpu"))
@@ -48,6 +57,7 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
     sums = torch.zeros(len(names), dtype=torch.float64)
     width = torch.zeros(len(names), dtype=torch.float64)
     rows: dict[str, Tensor] = {}
+    grams: dict[str, Tensor] | None = {} if output_grams else None
     with source.outside_blocks():
         stream = ActivationStream.capture(model, source.blocks, windows, 1, (DENSE,), store, device, "grad")
     with torch.no_grad():
@@ -56,24 +66,19 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
                 h = stream.hidden(DENSE, j, device)
                 store.put(f"grad.in{i}.{j}", h)
                 stream.store.put(stream._key(DENSE, j), stream.run_block(block, i, j, h))
-    with source.outside_blocks():  # ∂L/∂h at the last block's output, from the model's own head and loss
+    with source.outside_blocks():  # ∂L/∂h at the last block's output, from the model's own head
         for j in range(n):
             h = stream.hidden(DENSE, j, device).requires_grad_(True)
-            ids = windows[j : j + 1].to(device)
-            with _replaying(source.blocks, stream.tuple_output) as slot, torch.enable_grad():
-                slot[:] = [h]
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise DataError(f"non-finite loss in calibration window {j}; the model overflows on it")
-                loss.backward()
+            _head_backward(model, source.blocks, stream.tuple_output, h, windows[j : j + 1].to(device), j,
+                           logits_budget)
             store.put(f"grad.out.{j}", h.grad)
     for i, block in source.walk(reverse=True):
         linears = {name: model.get_submodule(name) for name in names if name.startswith(f"{source.prefix}.{i}.")}
         required = {p: p.requires_grad for p in block.parameters()}
         for p in block.parameters():
             p.requires_grad_(row_fisher and any(p is m.weight for m in linears.values()))
-        handles = [m.register_forward_hook(_sensitivity_hook(sums, width, index[name])) for name, m in linears.items()
-                   if sensitivity]
+        handles = [m.register_forward_hook(_output_hook(sums, width, index[name], name, grams, full_width))
+                   for name, m in linears.items() if sensitivity or output_grams]
         try:
             for j in range(n):
                 h = store.get(f"grad.in{i}.{j}", device).requires_grad_(True)
@@ -96,16 +101,46 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
     if not torch.isfinite(sums).all():
         raise DataError("a non-finite gradient in the calibration windows; try float32")
     tokens = torch.tensor([float(windows.numel())], dtype=torch.float64)
-    distributed.all_reduce_([sums, tokens, *(rows[name] for name in names if name in rows)])
+    grams = {name: grams[name] for name in names if name in (grams or {})}
+    distributed.all_reduce_([sums, tokens, *(rows[name] for name in names if name in rows), *grams.values()])
     return GradientStats({name: float(sums[j] / (tokens * width[j])) for j, name in enumerate(names)}
-                         if sensitivity else {}, {name: rows[name] for name in names if name in rows})
+                         if sensitivity else {}, {name: rows[name] for name in names if name in rows}, grams)
 
 
-def _sensitivity_hook(sums: Tensor, width: Tensor, j: int):
+def _head_backward(model: nn.Module, blocks: nn.ModuleList, tuple_output: bool, h: Tensor, ids: Tensor, window: int,
+                   logits_budget: int) -> None:
+    """Backpropagate the window's mean next-token loss (what ``labels=ids`` gives) from the model's own head to ``h``,
+    the last block's output, a few positions at a time: at most ``logits_budget`` logits exist at once (8 MB), so the
+    head never dominates a streamed run's memory."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk, count = max(1, logits_budget // vocab), ids.shape[1] - 1
+    total = 0.0
+    with _replaying(blocks, tuple_output) as slot, torch.enable_grad():
+        for a in range(0, count, chunk):
+            b = min(a + chunk, count)
+            slot[:] = [h[:, a:b]]
+            logits = model(input_ids=ids[:, a:b], use_cache=False).logits
+            nll = nn.functional.cross_entropy(logits.float().reshape(-1, vocab), ids[:, a + 1 : b + 1].reshape(-1),
+                                              reduction="sum") / count
+            total += float(nll)
+            nll.backward()
+    if not math.isfinite(total):
+        raise DataError(f"non-finite loss in calibration window {window}; the model overflows on it")
+
+
+def _output_hook(sums: Tensor, width: Tensor, j: int, name: str, grams: dict[str, Tensor] | None, full_width: int):
+    """Forward hook of one linear: when its output's gradient arrives, add Σg² (and Σ g gᵀ, or its diagonal)."""
+    def add(g: Tensor) -> None:
+        g = g.detach().double().reshape(-1, g.shape[-1])
+        sums[j] += g.pow(2).sum().cpu()
+        if grams is not None:
+            part = (g.T @ g if g.shape[1] <= full_width else g.pow(2).sum(0)).cpu()
+            grams[name] = part if name not in grams else grams[name].add_(part)
+
     def hook(_: nn.Module, __: tuple, out: Tensor) -> None:
         width[j] = out.shape[-1]
         if out.requires_grad:
-            out.register_hook(lambda g: sums.__setitem__(j, sums[j] + g.detach().double().pow(2).sum().cpu()))
+            out.register_hook(add)
     return hook
 
 

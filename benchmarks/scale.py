@@ -1,0 +1,147 @@
+"""A LLaMA-2-7B-shaped run on this machine: the default `svdllm compress` under --low-memory, block by block.
+
+    python benchmarks/scale.py                     # N = 2 and 4 blocks (about 45 min on 2 cores)
+    python benchmarks/scale.py --blocks 1,2 --nsamples 4 --seqlen 128
+
+Each model has N LLaMA-2-7B decoder blocks (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000; 202M
+parameters a block) with random bf16 weights, written as safetensors shards (one per block, one for the rest), and a
+byte-level BPE tokenizer of 32000 tokens trained on the offline Wikipedia text.  Each run is a fresh process (peak RSS
+over its import baseline, `memory.py --probe`).  Per-block seconds come from the report's phases; the extrapolation
+to 32 blocks adds the per-block cost to the fixed cost (the part that does not grow with N).  Random weights have flat
+spectra, so the perplexities say nothing about quality: this measures time and memory only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, write_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "scale"
+SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+             vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def tokenizer(folder: Path) -> Any:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from svdllm.data import load_text
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([load_text("wiki-train")], vocab_size=SHAPE["vocab_size"], min_frequency=2,
+                            special_tokens=["<s>", "</s>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def write_model(folder: Path, blocks: int, tok_folder: Path) -> Path:
+    """N random 7B-shaped blocks in bf16 shards, written tensor by tensor (never the whole model in memory)."""
+    import shutil
+
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True)
+    cfg = LlamaConfig(num_hidden_layers=blocks, bos_token_id=0, eos_token_id=1, dtype="bfloat16", **SHAPE)
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(0)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        shard = f"block{name.split('.')[2]}" if name.startswith("model.layers.") else "rest"
+        value = torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=gen) * 0.02
+        groups.setdefault(shard, {})[name] = value.to(torch.bfloat16)
+    order = [f"block{i}" for i in range(blocks)] + ["rest"]
+    weight_map, total = {}, 0
+    for k, shard in enumerate(order, 1):
+        file = f"model-{k:05d}-of-{len(order):05d}.safetensors"
+        save_file(groups[shard], str(folder / file), {"format": "pt"})
+        weight_map.update(dict.fromkeys(groups[shard], file))
+        total += sum(t.numel() * 2 for t in groups[shard].values())
+        del groups[shard]
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    cfg.save_pretrained(folder)
+    for f in tok_folder.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def run(folder: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    argv = ["-q", "compress", str(folder), "--low-memory", "--nsamples", str(args.nsamples), "--seqlen",
+            str(args.seqlen), "--eval", "wiki-test", "--eval-seqlen", str(args.seqlen), "--max-tokens",
+            str(args.max_tokens), "--dtype", "bfloat16", "--out", str(out), "--force"]
+    probe = Path(__file__).resolve().parent / "memory.py"
+    proc = subprocess.run([sys.executable, str(probe), "--probe", *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{folder} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "svdllm_report.json").read_text())
+    return dict(res, timings=report["timings"], rank_rule=report["config"]["rank_rule"],
+                perplexity=report["perplexity"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", default="2,4")
+    ap.add_argument("--nsamples", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=1024)
+    ap.add_argument("--work", default=None, help="where the models and outputs go (default: a temp folder)")
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="svdllm-scale-"))
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    tok_folder = work / "tokenizer"
+    if not (tok_folder / "tokenizer.json").exists():
+        tokenizer(tok_folder)
+    rows = []
+    for n in map(int, args.blocks.split(",")):
+        folder = write_model(work / f"llama7b-{n}", n, tok_folder)
+        res = run(folder, work / f"out-{n}", args)
+        rows.append(dict(res, blocks=n, weight_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors"))))
+        print(json.dumps(rows[-1]), flush=True)
+        write_json(results / "results.json", {"device": "CPU (2 cores), nothing else running", "args": vars(args),
+                                              "rows": rows})
+    # per block: the growth of each phase from the smallest to the largest N
+    small, large = rows[0], rows[-1]
+    span = large["blocks"] - small["blocks"]
+    phases = list(dict.fromkeys(k for r in rows for k in r["timings"]))
+    per_block = {k: (large["timings"].get(k, 0) - small["timings"].get(k, 0)) / span for k in phases} if span else {}
+    fixed = small["wall_s"] - small["blocks"] * sum(v for k, v in per_block.items() if not k.startswith("compress: "))
+    table = markdown_table(
+        ["phase"] + [f"N = {r['blocks']} (s)" for r in rows] + (["per block (s)"] if span else []),
+        [[k.replace("compress: ", "&nbsp;&nbsp;")] + [f"{r['timings'].get(k, 0):.1f}" for r in rows]
+         + ([f"{per_block[k]:.1f}"] if span else []) for k in phases]
+        + [["**wall**"] + [f"{r['wall_s']:.0f}" for r in rows] + ([""] if span else [])]
+        + [["**peak RSS over baseline (MiB)**"] + [f"{r['peak_over_base'] / 2**20:.0f}" for r in rows]
+           + ([""] if span else [])])
+    extra = ""
+    if span:
+        block_s = (large["wall_s"] - small["wall_s"]) / span
+        extra = (f"\n\nPer block: {block_s:.0f} s of wall time; a 32-block 7B on this CPU: about "
+                 f"{(small['wall_s'] + (32 - small['blocks']) * block_s) / 3600:.1f} h with this calibration.\n")
+    cmd = "python benchmarks/scale.py" + (f" --blocks {args.blocks}" if args.blocks != "2,4" else "")
+    (results / "table.md").write_text(f"`{cmd}` (calibration {args.nsamples}×{args.seqlen} tokens, evaluation "
+                                      f"{args.max_tokens} tokens of wiki-test)\n\nDevice: CPU (2 cores), one run at a "
+                                      f"time; LLaMA-2-7B-shaped blocks, random bf16 weights, default method "
+                                      f"(svdllm-ec, Fisher ranks, true-sequential) under --low-memory.\n\n{table}{extra}")
+    print((results / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
