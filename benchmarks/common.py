@@ -57,6 +57,19 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def folders(ap: Any, default_results: Path, prefix: str) -> tuple[Any, Path, Path]:
+    """Add ``--work`` and ``--results`` to the parser ``ap``, parse, and make the folders: (args, work, results)."""
+    import tempfile
+
+    ap.add_argument("--work", default=None, help="where models and outputs go (default: a temp folder)")
+    ap.add_argument("--results", default=str(default_results))
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix=prefix))
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    return args, work, results
+
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")

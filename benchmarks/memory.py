@@ -16,13 +16,12 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, peak_rss, peak_rss_reset, write_json  # noqa: E402
+from common import folders, markdown_table, peak_rss, peak_rss_reset, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory"
 RANDOM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=12,
@@ -110,14 +109,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2,random-llama")
     ap.add_argument("--modes", default="in-memory,low-memory")
-    ap.add_argument("--work", default=None, help="where the random model and outputs go (default: a temp folder)")
-    ap.add_argument("--results", default=str(RESULTS))
-    args = ap.parse_args()
+    args, work, results = folders(ap, RESULTS, "svdllm-memory-")
     from svdllm.assets import named_model_dir
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="svdllm-memory-"))
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models.split(","):
         folder = named_model_dir("smollm2-135m") if name == "smollm2" else random_llama(work / name)

@@ -1,7 +1,7 @@
 """A LLaMA-2-7B-shaped run on this machine: the default `svdllm compress` under --low-memory, block by block.
 
-    python benchmarks/scale.py                     # N = 2 and 4 blocks (about 45 min on 2 cores)
-    python benchmarks/scale.py --blocks 1,2 --nsamples 4 --seqlen 128
+    python benchmarks/scale.py --blocks 1,2        # about 40 min on 2 cores (a block takes about 10)
+    python benchmarks/scale.py --blocks 4 --merge  # add N = 4 to the table
 
 Each model has N LLaMA-2-7B decoder blocks (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000; 202M
 parameters a block) with random bf16 weights, written as safetensors shards (one per block, one for the rest), and a
@@ -16,12 +16,11 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, write_json  # noqa: E402
+from common import folders, markdown_table, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -94,26 +93,53 @@ def run(folder: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
                 perplexity=report["perplexity"])
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Seconds by phase (stacked) and peak RSS over baseline, per number of blocks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [k for k in dict.fromkeys(k for r in rows for k in r["timings"]) if k.startswith("compress: ")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels = [f"N = {r['blocks']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for k in phases:
+        vals = [r["timings"].get(k, 0.0) for r in rows]
+        a.bar(labels, vals, bottom=bottom, label=k.removeprefix("compress: "))
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    a.set_ylabel("seconds")
+    a.set_title("7B-shaped blocks, --low-memory, 2 CPU cores")
+    a.legend(fontsize=7)
+    b.bar(labels, [r["peak_over_base"] / 2**30 for r in rows], color="tab:gray")
+    h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    b.axhline((4 * h * h + 3 * h * i + 2 * h) * 4 / 2**30, color="tab:red", ls=":", label="one block in float32")
+    b.set_ylabel("peak RSS over baseline (GiB)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blocks", default="2,4")
+    ap.add_argument("--blocks", default="1,2")
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=1024)
-    ap.add_argument("--work", default=None, help="where the models and outputs go (default: a temp folder)")
-    ap.add_argument("--results", default=str(RESULTS))
-    args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="svdllm-scale-"))
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
+    ap.add_argument("--merge", action="store_true", help="keep the rows of results.json for the N not run now")
+    args, work, results = folders(ap, RESULTS, "svdllm-scale-")
     tok_folder = work / "tokenizer"
     if not (tok_folder / "tokenizer.json").exists():
         tokenizer(tok_folder)
-    rows = []
-    for n in map(int, args.blocks.split(",")):
+    wanted = [int(n) for n in args.blocks.split(",")]
+    kept = json.loads((results / "results.json").read_text())["rows"] if args.merge else []
+    rows = [r for r in kept if r["blocks"] not in wanted]
+    for n in wanted:
         folder = write_model(work / f"llama7b-{n}", n, tok_folder)
         res = run(folder, work / f"out-{n}", args)
         rows.append(dict(res, blocks=n, weight_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors"))))
+        rows.sort(key=lambda r: r["blocks"])
         print(json.dumps(rows[-1]), flush=True)
         write_json(results / "results.json", {"device": "CPU (2 cores), nothing else running", "args": vars(args),
                                               "rows": rows})
@@ -135,11 +161,12 @@ def main() -> None:
         block_s = (large["wall_s"] - small["wall_s"]) / span
         extra = (f"\n\nPer block: {block_s:.0f} s of wall time; a 32-block 7B on this CPU: about "
                  f"{(small['wall_s'] + (32 - small['blocks']) * block_s) / 3600:.1f} h with this calibration.\n")
-    cmd = "python benchmarks/scale.py" + (f" --blocks {args.blocks}" if args.blocks != "2,4" else "")
+    cmd = "python benchmarks/scale.py --blocks " + ",".join(str(r["blocks"]) for r in rows)
     (results / "table.md").write_text(f"`{cmd}` (calibration {args.nsamples}×{args.seqlen} tokens, evaluation "
                                       f"{args.max_tokens} tokens of wiki-test)\n\nDevice: CPU (2 cores), one run at a "
                                       f"time; LLaMA-2-7B-shaped blocks, random bf16 weights, default method "
                                       f"(svdllm-ec, Fisher ranks, true-sequential) under --low-memory.\n\n{table}{extra}")
+    plot(rows, results / "scale.png")
     print((results / "table.md").read_text())
 
 

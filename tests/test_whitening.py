@@ -204,3 +204,74 @@ def test_norm_guard_stops_a_regression_from_blowing_up():
     safe, info = ec(w, stats, 4, ErrorCorrectedOptions(beta=1.0, norm_cap=1.5, ec_damp=0.0))
     assert info["norm_ratio"] <= 1.5 and info["beta"] < 1.0 and info["beta_requested"] == 1.0
     assert float((safe.u @ safe.v).norm()) <= 1.5 * float(w.norm())
+
+
+# ---------------------------------------------------------------- output-aware (two-sided) whitening
+
+
+def _psd(n: int, gen: torch.Generator, rank: int | None = None) -> torch.Tensor:
+    a = torch.randn(n, rank or 2 * n, generator=gen, dtype=torch.float64)
+    return a @ a.T
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_two_sided_loss_identity(diagonal):
+    """tr(ΔW·C_x·ΔWᵀ·C_g) of the factorised matrix equals the sum of the discarded two-sided σ², to 1e-6."""
+    from svdllm.whitening import whiten
+
+    gen = torch.Generator().manual_seed(3)
+    m, n, k = 24, 16, 5
+    w = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    cx = _psd(n, gen)
+    cg = _psd(m, gen)
+    cg = cg.diagonal().clone() if diagonal else cg
+    f = whiten(w, cx, k, out_gram=cg, out_damp=0.0)
+    delta = w - f.u @ f.v
+    cg_full = torch.diag(cg) if diagonal else cg
+    loss = float(torch.trace(delta @ cx @ delta.T @ cg_full))
+    assert loss == pytest.approx(f.discarded_energy, rel=1e-6)
+    assert not f.remedy
+    # the one-sided factorisation is worse by this measure, the two-sided one better by the one-sided measure's loss
+    one = whiten(w, cx, k)
+    d1 = w - one.u @ one.v
+    assert float(torch.trace(d1 @ cx @ d1.T @ cg_full)) >= loss
+
+
+def test_identity_output_gram_is_one_sided_whitening():
+    from svdllm.whitening import whiten
+
+    gen = torch.Generator().manual_seed(4)
+    w, cx = torch.randn(12, 10, generator=gen, dtype=torch.float64), _psd(10, gen)
+    a, b = whiten(w, cx, 4), whiten(w, cx, 4, out_gram=torch.eye(12, dtype=torch.float64), out_damp=0.0)
+    assert torch.allclose(a.u @ a.v, b.u @ b.v, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["zero", "singular", "nan", "zero-diagonal"])
+def test_a_degenerate_output_gram_never_crashes(case):
+    from svdllm.whitening import whiten
+
+    gen = torch.Generator().manual_seed(5)
+    w, cx = torch.randn(12, 10, generator=gen, dtype=torch.float64), _psd(10, gen)
+    cg = {"zero": torch.zeros(12, 12, dtype=torch.float64), "singular": _psd(12, gen, rank=3),
+          "nan": torch.full((12, 12), float("nan"), dtype=torch.float64),
+          "zero-diagonal": torch.zeros(12, dtype=torch.float64)}[case]
+    f = whiten(w, cx, 4, out_gram=cg, out_damp=0.0)
+    assert torch.isfinite(f.u).all() and torch.isfinite(f.v).all()
+    if case == "nan":
+        assert "one-sided" in f.remedy
+    else:
+        assert f.remedy  # repaired, and said
+
+
+@pytest.mark.parametrize("method", ["svdllm-w", "svdllm", "svdllm-ec"])
+def test_output_whitening_end_to_end(method, make_model, calib_tokens):
+    from svdllm import CompressionConfig, compress, sample_windows
+    from svdllm.methods import options_for
+
+    model = make_model("llama")
+    opts = options_for(method, output_whitening=True)
+    result = compress(model, sample_windows(calib_tokens, 8, 32, 0), CompressionConfig(method=opts, ratio=0.4,
+                      rank_rule="fisher"), progress=False)
+    assert result.record.options["output_whitening"] is True and result.record.rank_rule == "fisher"
+    with torch.no_grad():
+        assert torch.isfinite(model(calib_tokens[:32][None]).logits).all()

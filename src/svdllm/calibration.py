@@ -11,7 +11,7 @@ import hashlib
 import os
 import shutil
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,6 +80,7 @@ class LayerStats:
     cross: Tensor | None = None
     abs_sum: Tensor | None = None
     fisher: Tensor | None = None
+    out_gram: Tensor | None = None  # Σ g gᵀ of the loss's gradient at the output (or its diagonal), output whitening
 
 
 class InputRecorder:
@@ -126,8 +127,10 @@ class GramAccumulator:
     rounding does not grow with the number of calibration tokens.
     """
 
-    def __init__(self, needs: frozenset[str], device: torch.device, fisher: dict[str, Tensor] | None = None) -> None:
+    def __init__(self, needs: frozenset[str], device: torch.device, fisher: dict[str, Tensor] | None = None,
+                 out_grams: dict[str, Tensor] | None = None) -> None:
         self.needs, self.device, self.fisher = needs, device, fisher or {}  # fisher rows: from the gradient pass
+        self.out_grams = out_grams or {}  # output-gradient Grams: from the gradient pass
         self.groups: list[list[str]] = []
         self.stats: dict[str, LayerStats] = {}
 
@@ -168,8 +171,9 @@ class GramAccumulator:
             return LayerStats(fisher=self.fisher[name])
         for group in self.groups:
             if name in group:
-                return self.stats[group[0]]
-        return LayerStats()
+                shared = self.stats[group[0]]
+                return replace(shared, out_gram=self.out_grams[name]) if name in self.out_grams else shared
+        return LayerStats(out_gram=self.out_grams.get(name))
 
 
 # ---------------------------------------------------------------- the activation stream

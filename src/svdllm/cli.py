@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--norm-cap", type=float, default=None,
                    help="svdllm-ec: halve β for a matrix while ||W'|| > cap·||W|| (default 1.5; 0 turns it off)")
     m.add_argument("--damp", type=float, default=None, help="svdllm-w, svdllm: whitening ridge (default 0: only when needed)")
+    m.add_argument("--output-whitening", action="store_true", default=None,
+                   help="svdllm-w, svdllm, svdllm-ec: whiten the output side too, with the Gram of the loss's gradient "
+                        "at each output (K-FAC; experimental: see docs/output-aware.md)")
+    m.add_argument("--output-damp", type=_number, default=None,
+                   help="with --output-whitening: ridge on that Gram, relative to its mean diagonal (default 0.01)")
     m.add_argument("--asvd-alpha", type=_number, default=None, help="asvd: activation exponent (default 0.5)")
     c.add_argument("--ranks", default="auto", choices=["auto", "uniform", "fisher"],
                    help="rank per matrix: uniform (the paper), or allocated under the same parameter budget from the "
@@ -236,7 +241,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .workflow import CompressOptions, run_compression
 
     method = options_for(args.method, beta=args.beta, norm_cap=args.norm_cap, damp=args.damp,
-                         asvd_alpha=args.asvd_alpha)
+                         asvd_alpha=args.asvd_alpha, output_whitening=args.output_whitening,
+                         output_damp=args.output_damp)
     config = CompressionConfig(method=method, ratio=args.ratio, targets=_globs(args.targets) or ["*"],
                                skip_layers=args.skip_layers, rank_rule=args.ranks, rank_floor=args.rank_floor,
                                rank_cap=args.rank_cap, batch_size=args.batch_size, device=args.device,

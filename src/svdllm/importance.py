@@ -20,7 +20,7 @@ from .errors import DataError
 from .evaluate import _replaying
 from .source import ModelSource
 from .plan import CompressionPlan
-from .whitening import repaired_cholesky
+from .whitening import output_factor, repaired_cholesky
 
 
 @dataclass
@@ -145,9 +145,10 @@ def _output_hook(sums: Tensor, width: Tensor, j: int, name: str, grams: dict[str
 
 
 @torch.no_grad()
-def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan,
-                     batch_size: int = 4) -> dict[str, Tensor]:
-    """σ² of W·chol(XXᵀ) for every linear the plan factorises, from one dense pass, one block at a time."""
+def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan, batch_size: int = 4,
+                     out_grams: dict[str, Tensor] | None = None, out_damp: float = 0.01) -> dict[str, Tensor]:
+    """σ² of W·chol(XXᵀ) for every linear the plan factorises, from one dense pass, one block at a time; with
+    ``out_grams``, of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped by ``out_damp``): two-sided, in units of the loss."""
     store = TensorStore(source.device)
     with source.outside_blocks():
         stream = ActivationStream.capture(source.model, source.blocks, windows, batch_size, (DENSE,), store,
@@ -160,7 +161,11 @@ def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan
         acc.all_reduce()
         for name, module in linears.items():
             s, _, _ = repaired_cholesky(acc.for_linear(name).gram)
-            out[name] = torch.linalg.svdvals(dense_weight(module)[0].double() @ s).pow(2).cpu()
+            target = dense_weight(module)[0].double() @ s
+            if out_grams is not None:
+                r, _ = output_factor(out_grams[name], out_damp)
+                target = r[:, None] * target if r.dim() == 1 else r.T @ target
+            out[name] = torch.linalg.svdvals(target).pow(2).cpu()
         del acc
         stream.advance(block, i)
     store.close()

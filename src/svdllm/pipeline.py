@@ -180,7 +180,8 @@ def _decompose_block(linears: dict[str, nn.Module], acc: GramAccumulator, plan: 
 
 def _fit_block(model: nn.Module, block: nn.Module, i: int, linears: dict[str, nn.Module],
                calib: ActivationStream | None, plan: CompressionPlan, cfg: CompressionConfig,
-               fisher: dict[str, Tensor], report: CompressionReport, device: torch.device) -> None:
+               fisher: dict[str, Tensor], out_grams: dict[str, Tensor], report: CompressionReport,
+               device: torch.device) -> None:
     """Record the statistics of ``linears``, factorise each at its plan rank and swap the factors in.  All at once,
     or (true-sequential) group by group in forward order (q/k/v, o, gate/up, down), each group fitted on the
     compressed stream that the groups before it already produce."""
@@ -192,7 +193,7 @@ def _fit_block(model: nn.Module, block: nn.Module, i: int, linears: dict[str, nn
         with report.timings.clock("forward passes and statistics"):
             groups = calib.input_order(block, i, linears)
     for g, names in enumerate(groups):
-        group, acc = {n: linears[n] for n in names}, GramAccumulator(method.needs, device, fisher)
+        group, acc = {n: linears[n] for n in names}, GramAccumulator(method.needs, device, fisher, out_grams)
         with report.timings.clock("forward passes and statistics"):
             if calib is not None:
                 calib.record(block, i, group, acc, _dense_view(model, linears), keep_output=g == len(groups) - 1)
@@ -250,19 +251,22 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
     offload = source.default_offload if cfg.offload == "auto" else cfg.offload
     allocated = run_dir.state.get("plan") if run_dir is not None and run_dir.done and rule == "fisher" else None
     grads = GradientStats()
-    if "fisher" in method.needs or (rule == "fisher" and allocated is None):
+    two_sided = bool(getattr(opts, "output_whitening", False))
+    if "fisher" in method.needs or two_sided or (rule == "fisher" and allocated is None):
         with report.timings.clock("gradients"):
             grads = _gradients(source, windows, list(plan.ranks), rule == "fisher", "fisher" in method.needs,
-                               run_dir, offload)
+                               run_dir, offload, two_sided)
     if rule == "fisher":
         with report.timings.clock("rank allocation"):
             if allocated is not None:  # a resumed run keeps the ranks it started with
                 plan = CompressionPlan.from_dict(allocated)
-            else:
-                spectra = whitened_spectra(source, windows, plan, cfg.batch_size)
+            else:  # one-sided σ² weighted by the output's isotropic Fisher, or two-sided σ², already in loss units
+                spectra = whitened_spectra(source, windows, plan, cfg.batch_size,
+                                           grads.output_grams if two_sided else None, getattr(opts, "output_damp", 0))
                 shapes = {n: (plan.shapes[n][0], plan.shapes[n][1]) for n in plan.ranks}
-                plan.ranks = allocate(shapes, cfg.ratio, {n: (grads.sensitivity[n] * spectra[n]).tolist()
-                                                          for n in plan.ranks}, cfg.rank_floor, cfg.rank_cap)
+                scores = {n: (spectra[n] if two_sided else grads.sensitivity[n] * spectra[n]).tolist()
+                          for n in plan.ranks}
+                plan.ranks = allocate(shapes, cfg.ratio, scores, cfg.rank_floor, cfg.rank_cap)
         report.plan = plan.to_dict()
     if run_dir is not None:
         source.keep_finished_in(run_dir.path)  # written once, as the checkpoint's block files
@@ -272,7 +276,7 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
                             cfg.batch_size, store, report)
     source.park_outside()
     start = _resume(source, plan, run_dir, streams, report) if run_dir else 0
-    calib, fisher = streams.get("calib"), grads.row_fisher
+    calib, fisher, out_grams = streams.get("calib"), grads.row_fisher, grads.output_grams
     commit = (lambda i: _checkpoint(run_dir, i, source, streams, report)) if run_dir is not None else None
     bar = tqdm(total=plan.n_blocks, initial=start, desc=f"compress {opts.name}", unit="block",
                disable=not progress or not distributed.is_writer())
@@ -281,7 +285,7 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
         with report.timings.clock("forward passes and statistics"):
             for name in evals:
                 streams[name].propagate(block, i, DENSE)
-        _fit_block(source.model, block, i, linears, calib, plan, cfg, fisher, report, source.device)
+        _fit_block(source.model, block, i, linears, calib, plan, cfg, fisher, out_grams, report, source.device)
         with report.timings.clock("forward passes and statistics"):
             if calib is not None:
                 calib.advance(block, i)
@@ -306,7 +310,7 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
 
 
 def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivity: bool, row_fisher: bool,
-               run_dir: RunDir | None, offload: str) -> GradientStats:
+               run_dir: RunDir | None, offload: str, output_grams: bool = False) -> GradientStats:
     """The gradient statistics, from the run folder if a killed run already computed them; else from the streamed
     reverse pass (its block inputs wait on disk when activations do), then kept there."""
     kept = run_dir.path / "gradients.safetensors" if run_dir is not None else None
@@ -314,23 +318,26 @@ def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivi
         from safetensors.torch import load_file
 
         saved = load_file(str(kept))
-        if "names" in saved and json.loads(bytes(saved["names"].tolist())) == [names, sensitivity, row_fisher]:
+        key = [names, sensitivity, row_fisher, output_grams]
+        if "names" in saved and json.loads(bytes(saved["names"].tolist())) == key:
             values = saved["sensitivity"].tolist()
             return GradientStats(dict(zip(names, values)) if sensitivity else {},
-                                 {n: saved[f"rows.{n}"] for n in names if f"rows.{n}" in saved})
+                                 {n: saved[f"rows.{n}"] for n in names if f"rows.{n}" in saved},
+                                 {n: saved[f"gram.{n}"] for n in names if f"gram.{n}" in saved})
     store = TensorStore(run_dir.path / "gradient-stream" if offload == "disk" and run_dir is not None else
                         torch.device("cpu"))
     try:
-        grads = gradient_statistics(source, windows, names, sensitivity, row_fisher, store)
+        grads = gradient_statistics(source, windows, names, sensitivity, row_fisher, store, output_grams)
     finally:
         store.close()
     if kept is not None and distributed.is_writer():
         from .files import atomic_save_file
 
-        key = torch.tensor(list(json.dumps([names, sensitivity, row_fisher]).encode()), dtype=torch.uint8)
+        key = torch.tensor(list(json.dumps([names, sensitivity, row_fisher, output_grams]).encode()), dtype=torch.uint8)
         atomic_save_file({"names": key, "sensitivity": torch.tensor([grads.sensitivity.get(n, 0.0) for n in names],
                                                                       dtype=torch.float64),
-                          **{f"rows.{n}": r.contiguous() for n, r in grads.row_fisher.items()}}, kept)
+                          **{f"rows.{n}": r.contiguous() for n, r in grads.row_fisher.items()},
+                          **{f"gram.{n}": g.contiguous() for n, g in grads.output_grams.items()}}, kept)
     return grads
 
 

@@ -76,18 +76,39 @@ def truncate(target: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return u[:, :k] * root, root[:, None] * vh[:k], s
 
 
-def whiten(weight: Tensor, gram: Tensor, k: int, damp: float = 0.0) -> Factorization:
+def whiten(weight: Tensor, gram: Tensor, k: int, damp: float = 0.0, out_gram: Tensor | None = None,
+           out_damp: float = 0.01) -> Factorization:
     """SVD-LLM(W): SVD of W·S with S = chol(XXᵀ); Wv = √Σ_k V_kᵀ S⁻¹ by triangular solve.
 
-    ‖(W − u v) X‖_F² equals the sum of the discarded σ² of W·S.
+    ‖(W − u v) X‖_F² equals the sum of the discarded σ² of W·S.  With ``out_gram`` (C_g = Σ g gᵀ of the loss's
+    gradient at the output, or its diagonal) both sides are whitened: the SVD of Rᵀ·W·S with R Rᵀ = C_g, and
+    tr(ΔW·C_x·ΔWᵀ·C_g) equals the sum of the discarded σ², in units of the loss.
     """
-    return whiten_towards(weight, gram, gram, k, damp)
+    return whiten_towards(weight, gram, gram, k, damp, out_gram, out_damp)
 
 
-def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: float = 0.0) -> Factorization:
-    """Optimal rank-k W′ for ‖W·Z − W′·X′‖_F with cross = Z X′ᵀ and gram = X′X′ᵀ.
+def output_factor(out_gram: Tensor, damp: float) -> tuple[Tensor, str]:
+    """R with R Rᵀ = C_g + damp·mean diag·I: lower-triangular for a full Gram, a diagonal (as a vector) for a
+    diagonal one.  A non-finite C_g gives R = I (one-sided whitening, said in the remedy); a singular one is
+    repaired like the input Gram."""
+    g = out_gram.double()
+    if not torch.isfinite(g).all():
+        return torch.ones(g.shape[0], dtype=torch.float64), "output Gram non-finite: one-sided whitening"
+    if g.dim() == 1:
+        scale = g.abs().mean().item() or 1.0
+        d = g.clamp_min(0) + damp * scale
+        floor = max(d.max().item(), scale) * 1e-6
+        fixed = d.clamp_min(floor)
+        return fixed.sqrt(), "" if torch.equal(fixed, d) else "output Gram diagonal clamped"
+    r, remedy, _ = repaired_cholesky(g, damp)
+    return r, remedy and f"output Gram {remedy}"
 
-    With S′ = chol(gram): W′ = Trunc_k(W·cross·S′⁻ᵀ)·S′⁻¹.  When cross = gram this
+
+def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: float = 0.0,
+                   out_gram: Tensor | None = None, out_damp: float = 0.01) -> Factorization:
+    """Optimal rank-k W′ for ‖Rᵀ(W·Z − W′·X′)‖_F with cross = Z X′ᵀ and gram = X′X′ᵀ (R = I without ``out_gram``).
+
+    With S′ = chol(gram): W′ = R⁻ᵀ·Trunc_k(Rᵀ·W·cross·S′⁻ᵀ)·S′⁻¹.  When cross = gram this
     is plain whitening.  Used by the error-corrected method with Z = βX + (1−β)X′.
     Whatever repair the Gram needs (ridge λ, or clamped eigenvalues Δ) is added to
     cross too: the fit is then ‖WZ − W′X′‖² + λ‖W − W′‖², which shrinks towards W
@@ -101,7 +122,14 @@ def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: fl
         c = cross.double()
         c = c + added if isinstance(added, Tensor) else _plus_ridge(c, added)
         target = torch.linalg.solve_triangular(s.T, w @ c, upper=True, left=False)
+    r = None
+    if out_gram is not None:
+        r, out_remedy = output_factor(out_gram, out_damp)
+        remedy = "; ".join(x for x in (remedy, out_remedy) if x)
+        target = r[:, None] * target if r.dim() == 1 else r.T @ target
     u, vs, sigma = truncate(target, k)
+    if r is not None:  # R⁻ᵀ·u
+        u = u / r[:, None] if r.dim() == 1 else torch.linalg.solve_triangular(r.T, u, upper=True)
     v = torch.linalg.solve_triangular(s, vs, upper=False, left=False)  # vs·S⁻¹
     return Factorization(u, v, sigma, k, remedy)
 

@@ -18,10 +18,14 @@ if TYPE_CHECKING:
 class WhiteningOptions(MethodOptions):
     name = "svdllm-w"
     damp: float = 0.0  # whitening ridge added before Cholesky, relative to the mean diagonal (0: only when needed)
+    output_whitening: bool = False  # also whiten the output side with the loss's gradient Gram (K-FAC)
+    output_damp: float = 0.01  # ridge on that Gram, relative to its mean diagonal
 
     def validate(self) -> None:
         if not self.damp >= 0:
             raise OptionError("damp", f"must be non-negative, got {self.damp}")
+        if not self.output_damp >= 0:
+            raise OptionError("output_damp", f"must be non-negative, got {self.output_damp}")
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,12 @@ class ErrorCorrectedOptions(MethodOptions):
     beta: float = 0.25  # target blend: 1 = dense inputs X, 0 = compressed inputs X′
     norm_cap: float = 1.5  # halve β for a matrix while ‖W′‖_F > cap·‖W‖_F (0: off)
     ec_damp: float = 1e-4  # ridge on X′X′ᵀ, relative to its mean diagonal
+    output_whitening: bool = False  # also whiten the output side with the loss's gradient Gram (K-FAC)
+    output_damp: float = 0.01  # ridge on that Gram, relative to its mean diagonal
 
     def validate(self) -> None:
+        if not self.output_damp >= 0:
+            raise OptionError("output_damp", f"must be non-negative, got {self.output_damp}")
         if not 0.0 <= self.beta <= 1.0:  # also refuses nan
             raise OptionError("beta", f"must be in [0, 1], got {self.beta}")
         if not self.norm_cap >= 0:
@@ -55,7 +63,7 @@ def _whitening_record(weight: Tensor, f: Factorization, gram: Tensor) -> dict[st
 @register(WhiteningOptions, frozenset({"gram"}), "SVD-LLM(W): truncation-aware whitening")
 def svdllm_w(weight: Tensor, stats: LayerStats, k: int, opts: WhiteningOptions) -> tuple[Factorization, dict[str, Any]]:
     assert stats.gram is not None
-    f = whiten(weight, stats.gram, k, opts.damp)
+    f = whiten(weight, stats.gram, k, opts.damp, _out(stats, opts), opts.output_damp)
     return f, _whitening_record(weight, f, stats.gram)
 
 
@@ -63,18 +71,25 @@ def svdllm_w(weight: Tensor, stats: LayerStats, k: int, opts: WhiteningOptions) 
 def svdllm(weight: Tensor, stats: LayerStats, k: int, opts: SVDLLMOptions) -> tuple[Factorization, dict[str, Any]]:
     """Whitening from the dense stream, then U re-solved against W·X′ on the compressed stream."""
     assert stats.gram is not None and stats.comp_gram is not None
-    f = whiten(weight, stats.gram, k, opts.damp)
+    f = whiten(weight, stats.gram, k, opts.damp, _out(stats, opts), opts.output_damp)  # U re-solved below: R cancels
     before = relative_error(weight, f.u, f.v, stats.comp_gram)
     f.u = update_left(weight, f.v, stats.comp_gram, stats.comp_gram, opts.update_damp)
     return f, {"loss_before_update": before, "loss": relative_error(weight, f.u, f.v, stats.comp_gram)}
 
 
-def _ec_fit(weight: Tensor, stats: LayerStats, beta: float, k: int, damp: float) -> Factorization:
-    """Optimal rank-k fit of W(βX + (1−β)X′) from X′: Trunc_k(W·D_β·S′⁻ᵀ)·S′⁻¹."""
+def _out(stats: LayerStats, opts: Any) -> Tensor | None:
+    """The output-gradient Gram when the options ask for output whitening."""
+    if opts.output_whitening and stats.out_gram is None:
+        raise RuntimeError("output whitening asked for, but no output-gradient Gram was gathered")
+    return stats.out_gram if opts.output_whitening else None
+
+
+def _ec_fit(weight: Tensor, stats: LayerStats, beta: float, k: int, opts: ErrorCorrectedOptions) -> Factorization:
+    """Optimal rank-k fit of W(βX + (1−β)X′) from X′: R⁻ᵀ·Trunc_k(Rᵀ·W·D_β·S′⁻ᵀ)·S′⁻¹ (R = I unless output-aware)."""
     assert stats.comp_gram is not None and stats.cross is not None
     c = stats.comp_gram
     target = c if beta == 0 else beta * stats.cross + (1 - beta) * c
-    return whiten_towards(weight, target, c, k, damp)
+    return whiten_towards(weight, target, c, k, opts.ec_damp, _out(stats, opts), opts.output_damp)
 
 
 @register(ErrorCorrectedOptions, frozenset({"comp", "cross"}),
@@ -91,7 +106,7 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
     w_norm = float(weight.double().norm())
     beta = opts.beta
     while True:
-        f = _ec_fit(weight, stats, beta, k, opts.ec_damp)
+        f = _ec_fit(weight, stats, beta, k, opts)
         ratio = float((f.u @ f.v).norm()) / max(w_norm, 1e-300)
         if beta == 0 or not opts.norm_cap or ratio <= opts.norm_cap:
             break
