@@ -70,6 +70,15 @@ def folders(ap: Any, default_results: Path, prefix: str) -> tuple[Any, Path, Pat
     return args, work, results
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write at 110 dpi and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import folders, markdown_table, peak_rss, peak_rss_reset, write_json  # noqa: E402
+from common import folders, markdown_table, save_figure, peak_rss, peak_rss_reset, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory"
 RANDOM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=12,
@@ -98,9 +98,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.axhline(0.6, color="tab:red", lw=0.8, ls=":", label="0.6× (issue 12 target)")
     ax.set_ylabel("peak RSS over baseline / weights")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import folders, markdown_table, write_json  # noqa: E402
+from common import folders, markdown_table, save_figure, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -116,9 +116,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     b.axhline((4 * h * h + 3 * h * i + 2 * h) * 4 / 2**30, color="tab:red", ls=":", label="one block in float32")
     b.set_ylabel("peak RSS over baseline (GiB)")
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
