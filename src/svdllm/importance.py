@@ -122,7 +122,7 @@ def _head_backward(model: nn.Module, blocks: nn.ModuleList, tuple_output: bool, 
             logits = model(input_ids=ids[:, a:b], use_cache=False).logits
             nll = nn.functional.cross_entropy(logits.float().reshape(-1, vocab), ids[:, a + 1 : b + 1].reshape(-1),
                                               reduction="sum") / count
-            total += float(nll)
+            total += float(nll.detach())
             nll.backward()
     if not math.isfinite(total):
         raise DataError(f"non-finite loss in calibration window {window}; the model overflows on it")
