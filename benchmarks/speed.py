@@ -115,9 +115,10 @@ def probe_compress(ratio: float, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     else:
         peak_rss_reset()
-    t = timed(lambda: compress(base, windows, cfg, progress=False), device)
+    results = []
+    t = timed(lambda: results.append(compress(base, windows, cfg, progress=False)), device)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
-    report = base.svdllm_report
+    report = results[0].report
     return {"seconds": t, "phases": report.timings, "peak_gib": peak / 2**30,
             "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS (VmHWM)",
             "forward_floor_seconds": floor, "kept_dense": sum(1 for r in report.records if r.get("kept_dense"))}
