@@ -8,7 +8,7 @@ lm_head, soft-capping) runs on them, a few positions at a time.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -151,16 +151,26 @@ def stream_perplexity(model: nn.Module, blocks: nn.ModuleList, stream: Activatio
     """Perplexity of ``windows`` from the last hidden states of ``lane``; each head call makes at most
     ``logits_budget`` logits (8 MB in float32), so the head never dominates the memory of a streamed run."""
     acc = NLLSum(windows.shape[1])
-    vocab = model.get_output_embeddings().weight.shape[0]
-    chunk = max(1, logits_budget // (batch_size * vocab))
-    with _replaying(blocks, stream.tuple_output) as slot:
-        for j in range(len(stream)):
-            hidden = stream.hidden(lane, j, device)
-            batch = windows[j * batch_size : (j + 1) * batch_size].to(device)
-            for a in range(0, batch.shape[1] - 1, chunk):
-                b = min(a + chunk, batch.shape[1] - 1)
-                slot[:] = [hidden[:, a:b]]
-                logits = model(input_ids=batch[:, a:b], use_cache=False).logits
-                acc.add(logits, batch[:, a + 1 : b + 1], j * batch_size)
+    for j in range(len(stream)):
+        batch = windows[j * batch_size : (j + 1) * batch_size].to(device)
+        with closing(head_logits(model, blocks, stream.tuple_output, stream.hidden(lane, j, device), batch, batch_size,
+                                 logits_budget)) as chunks:  # closed on an error too: the blocks get their forward back
+            for logits, targets in chunks:
+                acc.add(logits, targets, j * batch_size)
     acc.windows = len(windows)
     return acc.result()
+
+
+def head_logits(model: nn.Module, blocks: nn.ModuleList, tuple_output: bool, hidden: Tensor, ids: Tensor, rows: int,
+                logits_budget: int = 1 << 21) -> Iterator[tuple[Tensor, Tensor]]:
+    """The model's own head (final norm, lm_head, soft-capping) on ``hidden``, the last block's output for ``ids``, a
+    few positions at a time: (logits, the next tokens they predict) with at most ``logits_budget`` logits for
+    ``rows`` windows at once (8 MB in float32).  Autograd follows the caller's grad mode; close the generator
+    (``contextlib.closing``) so that the blocks get their own forward back even when the caller stops early."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk, count = max(1, logits_budget // (rows * vocab)), ids.shape[1] - 1
+    with _replaying(blocks, tuple_output) as slot:
+        for a in range(0, count, chunk):
+            b = min(a + chunk, count)
+            slot[:] = [hidden[:, a:b]]
+            yield model(input_ids=ids[:, a:b], use_cache=False).logits, ids[:, a + 1 : b + 1]

@@ -8,6 +8,7 @@ components by.
 from __future__ import annotations
 
 import math
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from . import distributed
 from .architecture import dense_weight
 from .calibration import DENSE, ActivationStream, GramAccumulator, TensorStore
 from .errors import DataError
-from .evaluate import _replaying
+from .evaluate import head_logits
 from .source import ModelSource
 from .plan import CompressionPlan
 from .whitening import output_factor, repaired_cholesky
@@ -112,15 +113,10 @@ def _head_backward(model: nn.Module, blocks: nn.ModuleList, tuple_output: bool, 
     """Backpropagate the window's mean next-token loss (what ``labels=ids`` gives) from the model's own head to ``h``,
     the last block's output, a few positions at a time: at most ``logits_budget`` logits exist at once (8 MB), so the
     head never dominates a streamed run's memory."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    chunk, count = max(1, logits_budget // vocab), ids.shape[1] - 1
-    total = 0.0
-    with _replaying(blocks, tuple_output) as slot, torch.enable_grad():
-        for a in range(0, count, chunk):
-            b = min(a + chunk, count)
-            slot[:] = [h[:, a:b]]
-            logits = model(input_ids=ids[:, a:b], use_cache=False).logits
-            nll = nn.functional.cross_entropy(logits.float().reshape(-1, vocab), ids[:, a + 1 : b + 1].reshape(-1),
+    count, total = ids.shape[1] - 1, 0.0
+    with torch.enable_grad(), closing(head_logits(model, blocks, tuple_output, h, ids, 1, logits_budget)) as chunks:
+        for logits, targets in chunks:
+            nll = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                               reduction="sum") / count
             total += float(nll.detach())
             nll.backward()

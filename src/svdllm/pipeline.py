@@ -314,12 +314,12 @@ def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivi
     """The gradient statistics, from the run folder if a killed run already computed them; else from the streamed
     reverse pass (its block inputs wait on disk when activations do), then kept there."""
     kept = run_dir.path / "gradients.safetensors" if run_dir is not None else None
+    key = json.dumps([names, sensitivity, row_fisher, output_grams])  # what the kept file must have been made for
     if kept is not None and kept.is_file():
         from safetensors.torch import load_file
 
         saved = load_file(str(kept))
-        key = [names, sensitivity, row_fisher, output_grams]
-        if "names" in saved and json.loads(bytes(saved["names"].tolist())) == key:
+        if "names" in saved and bytes(saved["names"].tolist()).decode() == key:
             values = saved["sensitivity"].tolist()
             return GradientStats(dict(zip(names, values)) if sensitivity else {},
                                  {n: saved[f"rows.{n}"] for n in names if f"rows.{n}" in saved},
@@ -333,8 +333,7 @@ def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivi
     if kept is not None and distributed.is_writer():
         from .files import atomic_save_file
 
-        key = torch.tensor(list(json.dumps([names, sensitivity, row_fisher, output_grams]).encode()), dtype=torch.uint8)
-        atomic_save_file({"names": key, "sensitivity": torch.tensor([grads.sensitivity.get(n, 0.0) for n in names],
+        atomic_save_file({"names": torch.tensor(list(key.encode()), dtype=torch.uint8), "sensitivity": torch.tensor([grads.sensitivity.get(n, 0.0) for n in names],
                                                                       dtype=torch.float64),
                           **{f"rows.{n}": r.contiguous() for n, r in grads.row_fisher.items()},
                           **{f"gram.{n}": g.contiguous() for n, g in grads.output_grams.items()}}, kept)

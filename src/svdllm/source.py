@@ -153,7 +153,8 @@ class ModelSource:
         """Feed every tensor of the model into the hash ``h`` (what a resume must match)."""
         for name, t in self.model.state_dict().items():
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # the buffer itself, not a copy
 
     def close(self) -> None:
         pass
