@@ -4,7 +4,8 @@
 
 A method may carry a β for svdllm-ec as ``svdllm-ec@0.5`` (``svdllm-ec@0.75!``: no norm guard), and a rank
 rule as ``svdllm-ec+fisher`` or ``+uniform`` (``+fisher:0.8:1.5`` sets the floor and cap),
-and ``/ts`` at the end for the true-sequential order inside a block (``svdllm-ec+fisher/ts``).
+and ``/ts`` at the end for the true-sequential order inside a block (``svdllm-ec+fisher/ts``); ``/ow`` adds
+output-aware whitening (``/ow0``: with the diagonal of every output-gradient Gram, not the full Gram).
 Writes results.json (updated after every run, so partial results survive),
 table.md and perplexity.png to --out.  Calibration windows, evaluation tokens
 and the dense model's statistics are computed once and shared by all runs, so
@@ -32,7 +33,8 @@ from svdllm.data import load_text, tokenize  # noqa: E402
 def parse_rule(spec: str) -> dict:
     """'svdllm-ec+fisher:0.8:1.5/ts' → rank_rule fisher, floor 0.8, cap 1.5, true_sequential (CompressionConfig
     fields)."""
-    spec, ts = spec.removesuffix("/ts"), spec.endswith("/ts")
+    spec, *flags = spec.split("/")
+    ts = "ts" in flags
     _, plus, rule = spec.partition("+")
     out: dict = {"rank_rule": "uniform", **({"true_sequential": True} if ts else {})}  # no rule named: uniform
     if not plus:
@@ -42,9 +44,15 @@ def parse_rule(spec: str) -> dict:
 
 
 def parse_method(spec: str) -> MethodOptions:
-    """'svdllm-ec@0.5' → β 0.5; a trailing '!' ('svdllm-ec@1!') turns the norm guard off."""
-    name, _, beta = spec.removesuffix("/ts").partition("+")[0].partition("@")
+    """'svdllm-ec@0.5' → β 0.5; a trailing '!' ('svdllm-ec@1!') turns the norm guard off; '/ow', '/ow0': output-aware
+    whitening with full (diagonal) output-gradient Grams."""
+    spec, *flags = spec.split("/")
+    name, _, beta = spec.partition("+")[0].partition("@")
     values: dict = {}
+    if name in ("svdllm-w", "svdllm", "svdllm-ec"):  # one-sided unless asked, whatever the method's default
+        values["output_whitening"] = "ow" in flags or "ow0" in flags
+    if "ow0" in flags:
+        values["output_full_width"] = 0
     if beta.endswith("!"):
         beta, values["norm_cap"] = beta[:-1], 0.0
     if beta:
@@ -100,7 +108,8 @@ def table(results: dict) -> str:
 
 def render(results: dict, out: Path) -> None:
     write_json(out / "results.json", results)
-    (out / "table.md").write_text(f"`{results['command']}`\n\n" + table(results))
+    notes = "".join(f"\n{note}\n" for note in results.get("notes", []))
+    (out / "table.md").write_text(f"`{results['command']}`\n\n" + table(results) + notes)
     plot(results, out / "perplexity.png", next(iter(results["dense"])))
 
 

@@ -143,7 +143,7 @@ def test_streamed_gradients_give_the_in_memory_model(tmp_path, method):
     model = tiny_model("llama", 64)
     model.save_pretrained(tmp_path / "m")
     windows = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
-    cfg = CompressionConfig(method=method, ratio=0.4)
+    cfg = CompressionConfig(method=method, ratio=0.4, batch_size=1)  # the streamed default
     streamed = compress(open_streamed(tmp_path / "m"), windows, cfg, progress=False)
     in_memory = compress(model, windows, cfg, progress=False)
     assert streamed.record.rank_rule == in_memory.record.rank_rule == ("fisher" if method == "svdllm-ec" else "uniform")

@@ -117,6 +117,56 @@ def test_a_dead_rank_fails_the_others_fast_and_the_run_resumes(model_dir, text_f
     assert_same_model(out, single)
 
 
+GRADIENTS = """
+import sys, torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+from svdllm import distributed
+from svdllm.importance import gradient_statistics
+from svdllm.source import ModelSource
+folder, windows, names, out = sys.argv[1], torch.load(sys.argv[2]), sys.argv[3].split(","), sys.argv[4]
+distributed.init_from_env("cpu")
+model = AutoModelForCausalLM.from_pretrained(folder).eval()
+stats = gradient_statistics(ModelSource(model), distributed.shard(windows), names, True, True, output_grams=True,
+                            full_width=100)
+if distributed.is_writer():
+    save_file({"sensitivity": torch.tensor([stats.sensitivity[n] for n in names], dtype=torch.float64),
+               **{f"rows.{n}": stats.row_fisher[n] for n in names},
+               **{f"gram.{n}": stats.output_grams[n] for n in names}}, out)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_gather_the_gradient_statistics_of_one(model_dir, tmp_path):
+    """The streamed reverse pass under a 2-process torchrun: sensitivities, FWSVD rows and output-gradient Grams
+    (full and diagonal) summed over both shares of the windows equal one process's, to 1e-6."""
+    from transformers import AutoModelForCausalLM
+
+    from svdllm.importance import gradient_statistics
+    from svdllm.plan import make_plan
+    from svdllm.source import ModelSource
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    names = [n for n in make_plan(model, 0.4).ranks if ".0." in n or ".1." in n]
+    windows = torch.randint(0, 300, (5, 24), generator=torch.Generator().manual_seed(1))
+    torch.save(windows, tmp_path / "windows.pt")
+    (tmp_path / "grads.py").write_text(GRADIENTS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tmp_path / "grads.py"), str(model_dir), str(tmp_path / "windows.pt"), ",".join(names),
+           str(tmp_path / "two.safetensors")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = load_file(tmp_path / "two.safetensors")
+    one = gradient_statistics(ModelSource(model), windows, names, True, True, output_grams=True, full_width=100)
+    assert torch.allclose(two["sensitivity"], torch.tensor([one.sensitivity[n] for n in names], dtype=torch.float64),
+                          rtol=1e-6, atol=0)
+    assert {two[f"gram.{n}"].dim() for n in names} == {1, 2}  # 64-wide outputs: full Grams; 128-wide: diagonals
+    for n in names:
+        assert rel(two[f"rows.{n}"], one.row_fisher[n]) < 1e-6
+        assert rel(two[f"gram.{n}"], one.output_grams[n]) < 1e-6
+
+
 def test_owners_balance_the_work_and_shards_cover_the_windows(monkeypatch):
     costs = {"a": 8.0, "b": 4.0, "c": 4.0, "d": 1.0}
     assert set(distributed.owners(costs).values()) == {0}  # one process owns everything

@@ -192,6 +192,22 @@ def fisher_rows(model: torch.nn.Module, windows: torch.Tensor, linears: dict) ->
     return out
 
 
+def output_grams(model: torch.nn.Module, windows: torch.Tensor, names: list[str]) -> dict:
+    """Σ g gᵀ of each linear's output gradient by plain autograd of the whole model, one window's loss at a time."""
+    out: dict = {}
+    for window in windows:
+        outs: dict = {}
+        hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
+                 for n in names]
+        loss = model(input_ids=window[None], labels=window[None]).loss
+        for h in hooks:
+            h.remove()
+        for n, g in zip(names, torch.autograd.grad(loss, [outs[n] for n in names])):
+            g = g.double().reshape(-1, g.shape[-1])
+            out[n] = out.get(n, 0) + g.T @ g
+    return out
+
+
 def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: str, ratio: float,
                        true_sequential: bool = False) -> dict:
     """The plainest loop: whole-model forwards with hooks, one block after another; returns name → (u, v).
@@ -204,6 +220,8 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
     dense = copy.deepcopy(model)
     prefix, blocks = decoder_blocks(model)
     fisher = fisher_rows(dense, windows, all_linears(dense)) if "fisher" in meth.needs else {}
+    out_grams = output_grams(dense, windows, list(all_linears(dense))) if getattr(opts, "output_whitening", False) \
+        else {}
     factors = {}
 
     def inputs(m: torch.nn.Module, names: list[str]) -> list[dict]:
@@ -230,7 +248,8 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
             if true_sequential:
                 xc = inputs(model, [name])
             weight, _ = dense_weight(model.get_submodule(name))
-            stats = LayerStats(tokens=sum(b[name].shape[0] for b in x), fisher=fisher.get(name))
+            stats = LayerStats(tokens=sum(b[name].shape[0] for b in x), fisher=fisher.get(name),
+                               out_gram=out_grams.get(name))
             if "gram" in meth.needs:
                 stats.gram = gram(x, x, name)
             if "abs" in meth.needs:

@@ -269,7 +269,7 @@ def test_low_memory_reads_transformers_key_layouts(layout, tmp_path, tokenizer, 
         state = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
                  if k != "lm_head.weight"}
         save_file(state, str(folder / "model.safetensors"), {"format": "pt"})
-    cfg = svdllm.CompressionConfig(method="svdllm-w", ratio=0.4)
+    cfg = svdllm.CompressionConfig(method="svdllm-w", ratio=0.4, batch_size=1)  # the streamed default, both
     opts = dict(model=str(folder), compression=cfg, calib=str(text_file), eval=(str(text_file),), nsamples=4, seqlen=32,
                 eval_seqlen=32, max_tokens=256, progress=False)
     streamed = svdllm.run_compression(svdllm.CompressOptions(**opts, low_memory=True, out=str(tmp_path / "s")))

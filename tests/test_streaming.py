@@ -69,7 +69,8 @@ def tiny_model_with_layers(vocab: int, layers: int, hidden: int = 64):
 
 def options(model: Path, text: Path, out: Path, **extra) -> svdllm.CompressOptions:
     """The defaults (svdllm-ec, Fisher ranks from the streamed reverse pass, true-sequential) on a small calibration."""
-    config = svdllm.CompressionConfig(method=extra.pop("method", "svdllm-ec"), ratio=extra.pop("ratio", 0.4))
+    config = svdllm.CompressionConfig(method=extra.pop("method", "svdllm-ec"), ratio=extra.pop("ratio", 0.4),
+                                      batch_size=extra.pop("batch_size", None))
     return svdllm.CompressOptions(model=str(model), compression=config, calib=str(text), eval=(str(text),),
                                   nsamples=8, seqlen=32, eval_seqlen=32, max_tokens=512, out=str(out),
                                   progress=False, **extra)
@@ -85,9 +86,11 @@ def state(folder: Path) -> dict[str, torch.Tensor]:
     return svdllm.load(folder).state_dict()
 
 
-@pytest.mark.parametrize("method", ["svdllm-ec", "svdllm-w"])
+@pytest.mark.parametrize("method", ["svdllm-ec", "svdllm-w", "fwsvd"])
 def test_low_memory_equals_in_memory(sharded_dir, text_file, tmp_path, method):
-    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "mem", method=method, low_memory=False))
+    """Given the same batch (streamed runs default to 1 window a forward, in-memory ones to 4), the same model."""
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "mem", method=method, low_memory=False,
+                                   batch_size=1))
     svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "disk", method=method, low_memory=True))
     a, b = state(tmp_path / "mem"), state(tmp_path / "disk")
     assert a.keys() == b.keys()
@@ -109,7 +112,7 @@ def test_streaming_needs_no_run_folder(sharded_dir, text_file, tmp_path):
     from svdllm.source import open_streamed
 
     windows = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
-    cfg = svdllm.CompressionConfig(method="svdllm-w", ratio=0.4)
+    cfg = svdllm.CompressionConfig(method="svdllm-w", ratio=0.4, batch_size=1)
     streamed = svdllm.compress(open_streamed(sharded_dir), windows, cfg, progress=False)
     in_memory = svdllm.compress(AutoModelForCausalLM.from_pretrained(sharded_dir), windows, cfg, progress=False)
     svdllm.save(streamed, None, tmp_path / "s")
@@ -118,6 +121,28 @@ def test_streaming_needs_no_run_folder(sharded_dir, text_file, tmp_path):
     spill = streamed.source.spill_dir
     streamed.source.close()
     assert spill is not None and not spill.exists()
+
+
+def test_a_forward_takes_one_window_streamed_and_four_in_memory(sharded_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from svdllm import pipeline
+    from svdllm.source import open_streamed
+
+    seen: list[int] = []
+    real = pipeline._open_streams
+
+    def spy(source, windows, sequential, evals, batch, *rest):
+        seen.append(batch)
+        return real(source, windows, sequential, evals, batch, *rest)
+
+    monkeypatch.setattr(pipeline, "_open_streams", spy)
+    windows = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    for batch in (None, 2):
+        cfg = svdllm.CompressionConfig(method="svdllm-w", ratio=0.4, batch_size=batch)
+        svdllm.compress(open_streamed(sharded_dir), windows, cfg, progress=False).source.close()
+        svdllm.compress(AutoModelForCausalLM.from_pretrained(sharded_dir), windows, cfg, progress=False)
+    assert seen == [1, 4, 2, 2]
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
@@ -142,6 +167,57 @@ def test_killed_run_resumes_to_identical_shards(sharded_dir, text_file, tmp_path
     whole, resumed = (json.loads((tmp_path / d / "svdllm_report.json").read_text()) for d in ("whole", "resumed"))
     assert whole["records"] == resumed["records"] and whole["perplexity"] == resumed["perplexity"]
     assert not run.exists()
+
+
+def test_a_kill_in_the_reverse_pass_then_a_rerun_gives_the_same_shards(sharded_dir, text_file, tmp_path,
+                                                                       monkeypatch):
+    """Killed while the gradient pass walks the blocks backwards (before any block is compressed), the same command
+    with --resume finishes with the bytes of an unbroken run."""
+    from svdllm.source import ModelSource
+
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "whole", low_memory=True))
+    real = ModelSource.walk
+
+    def walk(self, *args, reverse=False, **kwargs):
+        for n, item in enumerate(real(self, *args, reverse=reverse, **kwargs)):
+            if reverse and n == 2:
+                raise Crash("killed in the reverse pass")
+            yield item
+
+    with monkeypatch.context() as m:
+        m.setattr(ModelSource, "walk", walk)
+        with pytest.raises(Crash):
+            svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "again", low_memory=True))
+    assert not (tmp_path / "again").exists() and (tmp_path / ".again.svdllm-run").is_dir()
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "again", low_memory=True, resume=True))
+    assert digests(tmp_path / "again") == digests(tmp_path / "whole")
+
+
+def test_output_aware_streams_its_grams_through_the_run_folder(sharded_dir, text_file, tmp_path, monkeypatch):
+    """Streamed, the output-gradient Grams wait in the run folder (one block's worth in memory) and give the model
+    that in-memory Grams give; a resumed run reads them back instead of recomputing."""
+    from svdllm import pipeline
+    from svdllm.calibration import StoredTensors
+    from svdllm.methods import options_for
+
+    method = options_for("svdllm-ec", output_whitening=True)
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "mem", method=method, low_memory=False,
+                                   batch_size=1))
+    seen: list = []
+    real = pipeline._gradients
+    monkeypatch.setattr(pipeline, "_gradients", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    with monkeypatch.context() as m:
+        crash_after(m, 1)
+        with pytest.raises(Crash):
+            svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "disk", method=method, low_memory=True))
+    grams = seen[0].output_grams
+    assert isinstance(grams, StoredTensors) and grams.store.folder is not None
+    assert len(list(grams.store.folder.glob("gram.*.safetensors"))) == len(grams) == 4 * 7
+    monkeypatch.setattr(pipeline, "gradient_statistics", lambda *a, **k: pytest.fail("recomputed"))
+    svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "disk", method=method, low_memory=True,
+                                   resume=True))
+    a, b = state(tmp_path / "mem"), state(tmp_path / "disk")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoint_of_another_run_is_refused(sharded_dir, text_file, tmp_path, monkeypatch, capsys):

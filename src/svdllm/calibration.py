@@ -13,6 +13,7 @@ import shutil
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import torch
@@ -128,7 +129,7 @@ class GramAccumulator:
     """
 
     def __init__(self, needs: frozenset[str], device: torch.device, fisher: dict[str, Tensor] | None = None,
-                 out_grams: dict[str, Tensor] | None = None) -> None:
+                 out_grams: Mapping[str, Tensor] | None = None) -> None:
         self.needs, self.device, self.fisher = needs, device, fisher or {}  # fisher rows: from the gradient pass
         self.out_grams = out_grams or {}  # output-gradient Grams: from the gradient pass
         self.groups: list[list[str]] = []
@@ -202,6 +203,14 @@ class TensorStore:
             return self._mem[key].to(device)
         return load_file(str(self.folder / f"{key}.safetensors"))["t"].to(device)
 
+    def take(self, key: str, device: torch.device) -> Tensor:
+        """``get``, the store forgetting the key (its memory or its file freed once the caller lets go)."""
+        if self.folder is None:
+            return self._mem.pop(key).to(device)
+        value = self.get(key, device)
+        (self.folder / f"{key}.safetensors").unlink()
+        return value
+
     def export(self, key: str, dest: Path) -> None:
         """Write ``key`` to the file ``dest``: a hard link (or copy) from a disk store, one tensor in memory at most."""
         if self.folder is None:
@@ -228,6 +237,28 @@ class TensorStore:
         self._mem.clear()
         if self.folder:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class StoredTensors(Mapping):
+    """A read-only mapping name → tensor whose values wait in a ``TensorStore`` (memory or files) until asked for:
+    per-linear statistics of a whole model (output-gradient Grams) without the whole model's worth in memory."""
+
+    def __init__(self, store: TensorStore, names: list[str], prefix: str) -> None:
+        self.store, self.names, self.prefix = store, names, prefix
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.store.get(self.prefix + name, torch.device("cpu"))
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's own would)
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class _Stop(Exception):

@@ -76,6 +76,10 @@ class RunDir:
                                      "or options); rerun that command, or remove the folder to start afresh")
         self.world_size = world_size
         self.path.mkdir(parents=True, exist_ok=True)
+        if not self.state:  # the run exists from its start: a kill before block 0 (in the gradient pass) resumes too
+            self.state = {"fingerprint": fingerprint, "world_size": world_size, "next_block": 0}
+            if distributed.is_writer():
+                atomic_write_text(self.path / STATE, json.dumps(self.state))
 
     @property
     def done(self) -> int:

@@ -133,16 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--norm-cap", type=float, default=None,
                    help="svdllm-ec: halve β for a matrix while ||W'|| > cap·||W|| (default 1.5; 0 turns it off)")
     m.add_argument("--damp", type=float, default=None, help="svdllm-w, svdllm: whitening ridge (default 0: only when needed)")
-    m.add_argument("--output-whitening", action="store_true", default=None,
+    m.add_argument("--output-whitening", action=argparse.BooleanOptionalAction, default=None,
                    help="svdllm-w, svdllm, svdllm-ec: whiten the output side too, with the Gram of the loss's gradient "
-                        "at each output (K-FAC; experimental: see docs/output-aware.md)")
+                        "at each output (K-FAC, docs/output-aware.md; default: on for svdllm-ec, off for the others)")
     m.add_argument("--output-damp", type=_number, default=None,
                    help="with --output-whitening: ridge on that Gram, relative to its mean diagonal (default 0.01)")
+    m.add_argument("--output-full-width", type=int, default=None,
+                   help="with --output-whitening: outputs wider than this keep the Gram's diagonal only (default 8192; "
+                        "a full Gram costs width²×8 bytes)")
     m.add_argument("--asvd-alpha", type=_number, default=None, help="asvd: activation exponent (default 0.5)")
     c.add_argument("--ranks", default="auto", choices=["auto", "uniform", "fisher"],
                    help="rank per matrix: uniform (the paper), or allocated under the same parameter budget from the "
                         "whitened spectra weighted by the loss's sensitivity to each output (fisher); auto (default): "
-                        "fisher for svdllm-ec with the model in memory, else uniform")
+                        "fisher for svdllm-ec (in memory, --low-memory and torchrun alike), else uniform")
     c.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                    help="svdllm, svdllm-ec: fit q/k/v, then o, then gate/up, then down, each on the inputs the "
                         "already compressed ones produce (default; --no-true-sequential fits a block's linears at once)")
@@ -150,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank-cap", type=float, default=2.0, help="allocated ranks stay ≤ cap × uniform (default 2)")
     c.add_argument("--targets", default="*", help="globs over module names, e.g. '*mlp*'")
     c.add_argument("--skip-layers", type=_layers, default=[], help="blocks to leave dense, e.g. '0,29' or '0-2'")
-    c.add_argument("--batch-size", type=int, default=4, help="windows per forward")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="windows per forward (default 4 in memory, 1 with --low-memory)")
     c.add_argument("--offload", default="auto", choices=["auto", "none", "cpu", "disk"],
                    help="where activations wait between blocks: none (on the device), cpu, disk; auto (default): on "
                         "the device, or on disk with --low-memory")
@@ -242,7 +246,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     method = options_for(args.method, beta=args.beta, norm_cap=args.norm_cap, damp=args.damp,
                          asvd_alpha=args.asvd_alpha, output_whitening=args.output_whitening,
-                         output_damp=args.output_damp)
+                         output_damp=args.output_damp, output_full_width=args.output_full_width)
     config = CompressionConfig(method=method, ratio=args.ratio, targets=_globs(args.targets) or ["*"],
                                skip_layers=args.skip_layers, rank_rule=args.ranks, rank_floor=args.rank_floor,
                                rank_cap=args.rank_cap, batch_size=args.batch_size, device=args.device,

@@ -8,15 +8,16 @@ components by.
 from __future__ import annotations
 
 import math
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
 from .architecture import dense_weight
-from .calibration import DENSE, ActivationStream, GramAccumulator, TensorStore
+from .calibration import DENSE, ActivationStream, GramAccumulator, StoredTensors, TensorStore
 from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
@@ -30,17 +31,19 @@ class GradientStats:
 
     sensitivity: dict[str, float] = field(default_factory=dict)  # E‖∂L/∂y‖² / m per linear output y
     row_fisher: dict[str, Tensor] = field(default_factory=dict)  # Σ (∂L/∂W)² summed over each output row (FWSVD)
-    output_grams: dict[str, Tensor] = field(default_factory=dict)  # Σ g gᵀ of ∂L/∂y (m, m), or its diagonal (m,)
+    output_grams: Mapping[str, Tensor] = field(default_factory=dict)  # Σ g gᵀ of ∂L/∂y (m, m), or its diagonal (m,)
 
 
 # A full output-gradient Gram costs m²·8 bytes in float64: 512 MiB at m = 8192 (LLaMA-7B's q/k/v/o and down_proj are
 # 4096 wide: 128 MiB each).  Wider outputs (the 11008-wide gate/up of LLaMA-7B, 28672 of 70B) keep the diagonal.
 FULL_GRAM_WIDTH = 8192
+GRAM_PREFIX = "gram."  # the store's key of a linear's output-gradient Gram
 
 
 def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], sensitivity: bool = True,
                         row_fisher: bool = False, store: TensorStore | None = None, output_grams: bool = False,
-                        full_width: int = FULL_GRAM_WIDTH, logits_budget: int = 1 << 21) -> GradientStats:
+                        full_width: int = FULL_GRAM_WIDTH, logits_budget: int = 1 << 21,
+                        gram_store: TensorStore | None = None) -> GradientStats:
     """The one backward loop, streamed block by block: the LM loss of each window, backpropagated through one block
     at a time, never the whole model.
 
@@ -48,11 +51,13 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
     gives ∂L/∂h at the last block's output; then the blocks are onloaded in reverse, each recomputed from its kept
     input and backpropagated alone, handing ∂L/∂h at its input to the block before.  On the way each named linear
     gives the gradient at its output (``sensitivity``; with ``output_grams`` also Σ g gᵀ, the diagonal alone for
-    outputs wider than ``full_width``) and, if asked, at its weight (``row_fisher``, FWSVD's).  The result equals a
-    whole-model backward's (a test holds it to one).  A non-finite loss or gradient is an error
-    naming the window and the block, before anything is written.
+    outputs wider than ``full_width``) and, if asked, at its weight (``row_fisher``, FWSVD's).  Each block's Grams
+    go to ``gram_store`` (CPU memory unless given) as soon as its windows are done, so that memory holds one block's
+    worth: the result reads them from there.  The result equals a whole-model backward's (a test holds it to one).
+    A non-finite loss or gradient is an error naming the window and the block, before anything is written.
     """
     store = store or TensorStore(torch.device("cpu"))
+    gram_store = gram_store or TensorStore(torch.device("cpu"))
     model, device, n = source.model, source.device, len(windows)
     index = {name: j for j, name in enumerate(names)}
     sums = torch.zeros(len(names), dtype=torch.float64)
@@ -82,7 +87,7 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
                    for name, m in linears.items() if sensitivity or output_grams]
         try:
             for j in range(n):
-                h = store.get(f"grad.in{i}.{j}", device).requires_grad_(True)
+                h = store.take(f"grad.in{i}.{j}", device).detach().requires_grad_(True)
                 g = store.get(f"grad.out.{j}", device)
                 with torch.enable_grad():
                     torch.autograd.backward(stream.run_block(block, i, j, h), g)
@@ -94,6 +99,15 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
                     row = (g2.sum(0) if type(m).__name__ == "Conv1D" else g2.sum(1)).cpu()
                     rows[name] = row if name not in rows else rows[name].add_(row)
                     m.weight.grad = None
+            if grams is not None:  # this block's Grams are complete: summed over the processes, then stored
+                for name, m in linears.items():  # an output that never reached the loss: a zero Gram, repaired later
+                    if name not in grams:
+                        out = dense_weight(m)[0].shape[0]
+                        grams[name] = torch.zeros((out, out) if out <= full_width else (out,), dtype=torch.float64)
+                done = [name for name in names if name in linears]
+                distributed.all_reduce_([grams[name] for name in done])
+                for name in done:
+                    gram_store.put(GRAM_PREFIX + name, grams.pop(name))
         finally:
             for handle in handles:
                 handle.remove()
@@ -102,10 +116,10 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
     if not torch.isfinite(sums).all():
         raise DataError("a non-finite gradient in the calibration windows; try float32")
     tokens = torch.tensor([float(windows.numel())], dtype=torch.float64)
-    grams = {name: grams[name] for name in names if name in (grams or {})}
-    distributed.all_reduce_([sums, tokens, *(rows[name] for name in names if name in rows), *grams.values()])
+    distributed.all_reduce_([sums, tokens, *(rows[name] for name in names if name in rows)])
     return GradientStats({name: float(sums[j] / (tokens * width[j])) for j, name in enumerate(names)}
-                         if sensitivity else {}, {name: rows[name] for name in names if name in rows}, grams)
+                         if sensitivity else {}, {name: rows[name] for name in names if name in rows},
+                         StoredTensors(gram_store, names, GRAM_PREFIX) if output_grams else {})
 
 
 def _head_backward(model: nn.Module, blocks: nn.ModuleList, tuple_output: bool, h: Tensor, ids: Tensor, window: int,
@@ -114,7 +128,8 @@ def _head_backward(model: nn.Module, blocks: nn.ModuleList, tuple_output: bool, 
     the last block's output, a few positions at a time: at most ``logits_budget`` logits exist at once (8 MB), so the
     head never dominates a streamed run's memory."""
     count, total = ids.shape[1] - 1, 0.0
-    with torch.enable_grad(), closing(head_logits(model, blocks, tuple_output, h, ids, 1, logits_budget)) as chunks:
+    chunks = head_logits(model, blocks, tuple_output, h, ids, 1, logits_budget)
+    with _frozen(model), torch.enable_grad(), closing(chunks):
         for logits, targets in chunks:
             nll = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                               reduction="sum") / count
@@ -122,6 +137,19 @@ def _head_backward(model: nn.Module, blocks: nn.ModuleList, tuple_output: bool, 
             nll.backward()
     if not math.isfinite(total):
         raise DataError(f"non-finite loss in calibration window {window}; the model overflows on it")
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter asks for a gradient (the head's would be vocabulary × hidden, accumulated for nothing)."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def _output_hook(sums: Tensor, width: Tensor, j: int, name: str, grams: dict[str, Tensor] | None, full_width: int):
@@ -142,10 +170,12 @@ def _output_hook(sums: Tensor, width: Tensor, j: int, name: str, grams: dict[str
 
 @torch.no_grad()
 def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan, batch_size: int = 4,
-                     out_grams: dict[str, Tensor] | None = None, out_damp: float = 0.01) -> dict[str, Tensor]:
+                     out_grams: Mapping[str, Tensor] | None = None, out_damp: float = 0.01,
+                     store: TensorStore | None = None) -> dict[str, Tensor]:
     """σ² of W·chol(XXᵀ) for every linear the plan factorises, from one dense pass, one block at a time; with
-    ``out_grams``, of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped by ``out_damp``): two-sided, in units of the loss."""
-    store = TensorStore(source.device)
+    ``out_grams``, of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped by ``out_damp``): two-sided, in units of the loss.
+    The pass's activations wait in ``store`` (the device unless given)."""
+    store = store or TensorStore(source.device)
     with source.outside_blocks():
         stream = ActivationStream.capture(source.model, source.blocks, windows, batch_size, (DENSE,), store,
                                           source.device, "spectra")

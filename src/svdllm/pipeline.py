@@ -12,7 +12,7 @@ import time
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .architecture import count_parameters, dense_weight
-from .calibration import COMPRESSED, DENSE, ActivationStream, GramAccumulator, LayerStats, TensorStore, windows_digest
+from .calibration import (COMPRESSED, DENSE, ActivationStream, GramAccumulator, LayerStats, StoredTensors, TensorStore,
+                          windows_digest)
 from .checkpoint import RunDir
 from .errors import DataError, OptionError
 from .evaluate import all_reduce_result, stream_perplexity
 from .files import atomic_write_text
-from .importance import GradientStats, gradient_statistics, whitened_spectra
+from .importance import FULL_GRAM_WIDTH, GRAM_PREFIX, GradientStats, gradient_statistics, whitened_spectra
 from .methods import ErrorCorrectedOptions, MethodOptions, method_of, options_for
 from .plan import CompressionPlan, make_plan
 from .ranks import allocate
@@ -47,7 +48,7 @@ class CompressionConfig:
     rank_rule: str = "auto"  # auto, uniform (the paper), or fisher (allocated from the model's statistics)
     rank_floor: float = 0.5  # allocated ranks stay within [floor, cap] × the uniform rank
     rank_cap: float = 2.0
-    batch_size: int = 4  # windows per forward
+    batch_size: int | None = None  # windows per forward; None: the source's (4 in memory, 1 streamed)
     device: str | None = None  # where blocks run (one at a time); None: where the model is
     offload: str = "auto"  # where activations wait between blocks: none (the device), cpu, disk; auto: the source's
     true_sequential: bool = True  # sequential methods: fit q/k/v, o, gate/up, down in turn on the X′ the earlier produce
@@ -61,7 +62,7 @@ class CompressionConfig:
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise OptionError("ratio", f"must be in (0, 1), got {self.ratio}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise OptionError("batch_size", f"must be positive, got {self.batch_size}")
         if self.rank_rule not in RANK_RULES:
             raise OptionError("rank_rule", f"must be one of {', '.join(RANK_RULES)}, got {self.rank_rule!r}")
@@ -180,7 +181,7 @@ def _decompose_block(linears: dict[str, nn.Module], acc: GramAccumulator, plan: 
 
 def _fit_block(model: nn.Module, block: nn.Module, i: int, linears: dict[str, nn.Module],
                calib: ActivationStream | None, plan: CompressionPlan, cfg: CompressionConfig,
-               fisher: dict[str, Tensor], out_grams: dict[str, Tensor], report: CompressionReport,
+               fisher: dict[str, Tensor], out_grams: Mapping[str, Tensor], report: CompressionReport,
                device: torch.device) -> None:
     """Record the statistics of ``linears``, factorise each at its plan rank and swap the factors in.  All at once,
     or (true-sequential) group by group in forward order (q/k/v, o, gate/up, down), each group fitted on the
@@ -249,20 +250,22 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
         windows = distributed.shard(windows)
     evals = {name: distributed.shard(w) for name, w in evals.items()}
     offload = source.default_offload if cfg.offload == "auto" else cfg.offload
+    batch = cfg.batch_size or source.default_batch
     allocated = run_dir.state.get("plan") if run_dir is not None and run_dir.done and rule == "fisher" else None
     grads = GradientStats()
     two_sided = bool(getattr(opts, "output_whitening", False))
     if "fisher" in method.needs or two_sided or (rule == "fisher" and allocated is None):
         with report.timings.clock("gradients"):
             grads = _gradients(source, windows, list(plan.ranks), rule == "fisher", "fisher" in method.needs,
-                               run_dir, offload, two_sided)
+                               run_dir, offload, two_sided, getattr(opts, "output_full_width", FULL_GRAM_WIDTH))
     if rule == "fisher":
         with report.timings.clock("rank allocation"):
             if allocated is not None:  # a resumed run keeps the ranks it started with
                 plan = CompressionPlan.from_dict(allocated)
             else:  # one-sided σ² weighted by the output's isotropic Fisher, or two-sided σ², already in loss units
-                spectra = whitened_spectra(source, windows, plan, cfg.batch_size,
-                                           grads.output_grams if two_sided else None, getattr(opts, "output_damp", 0))
+                spectra = whitened_spectra(source, windows, plan, batch,
+                                           grads.output_grams if two_sided else None, getattr(opts, "output_damp", 0),
+                                           _pass_store(run_dir, offload, "spectra-stream", source.device))
                 shapes = {n: (plan.shapes[n][0], plan.shapes[n][1]) for n in plan.ranks}
                 scores = {n: (spectra[n] if two_sided else grads.sensitivity[n] * spectra[n]).tolist()
                           for n in plan.ranks}
@@ -273,8 +276,7 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
     store = TensorStore(run_dir.stream_folder if offload == "disk" and run_dir else
                         torch.device("cpu") if offload != "none" else source.device)
     streams = _open_streams(source, windows if method.needs - {"fisher"} else None, method.sequential, evals,
-                            cfg.batch_size, store, report)
-    source.park_outside()
+                            batch, store, report)
     start = _resume(source, plan, run_dir, streams, report) if run_dir else 0
     calib, fisher, out_grams = streams.get("calib"), grads.row_fisher, grads.output_grams
     commit = (lambda i: _checkpoint(run_dir, i, source, streams, report)) if run_dir is not None else None
@@ -295,7 +297,7 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
     bar.close()
     with report.timings.clock("evaluation"), source.outside_blocks():
         report.perplexity = {lane: {name: all_reduce_result(stream_perplexity(
-            source.model, source.blocks, streams[name], lane, evals[name], cfg.batch_size, source.device)).perplexity
+            source.model, source.blocks, streams[name], lane, evals[name], batch, source.device)).perplexity
             for name in evals} for lane in (DENSE, COMPRESSED)} if evals else {}
     store.close()
     if distributed.active():
@@ -310,12 +312,15 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
 
 
 def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivity: bool, row_fisher: bool,
-               run_dir: RunDir | None, offload: str, output_grams: bool = False) -> GradientStats:
+               run_dir: RunDir | None, offload: str, output_grams: bool = False,
+               full_width: int = FULL_GRAM_WIDTH) -> GradientStats:
     """The gradient statistics, from the run folder if a killed run already computed them; else from the streamed
-    reverse pass (its block inputs wait on disk when activations do), then kept there."""
+    reverse pass (its block inputs wait on disk when activations do), then kept there.  Output-gradient Grams go
+    to files in the run folder when there is one (one block's worth in memory), else stay in memory."""
     kept = run_dir.path / "gradients.safetensors" if run_dir is not None else None
-    key = json.dumps([names, sensitivity, row_fisher, output_grams])  # what the kept file must have been made for
-    if kept is not None and kept.is_file():
+    grams_where = run_dir.path / "output-grams" if run_dir is not None else torch.device("cpu")
+    key = json.dumps([names, sensitivity, row_fisher, output_grams, full_width])  # what the kept file was made for
+    if kept is not None and kept.is_file() and (not output_grams or isinstance(grams_where, Path)):
         from safetensors.torch import load_file
 
         saved = load_file(str(kept))
@@ -323,21 +328,26 @@ def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivi
             values = saved["sensitivity"].tolist()
             return GradientStats(dict(zip(names, values)) if sensitivity else {},
                                  {n: saved[f"rows.{n}"] for n in names if f"rows.{n}" in saved},
-                                 {n: saved[f"gram.{n}"] for n in names if f"gram.{n}" in saved})
-    store = TensorStore(run_dir.path / "gradient-stream" if offload == "disk" and run_dir is not None else
-                        torch.device("cpu"))
+                                 StoredTensors(TensorStore(grams_where), names, GRAM_PREFIX) if output_grams else {})
+    store = _pass_store(run_dir, offload, "gradient-stream", torch.device("cpu"))
     try:
-        grads = gradient_statistics(source, windows, names, sensitivity, row_fisher, store, output_grams)
+        grads = gradient_statistics(source, windows, names, sensitivity, row_fisher, store, output_grams, full_width,
+                                    gram_store=TensorStore(grams_where) if output_grams else None)
     finally:
         store.close()
-    if kept is not None and distributed.is_writer():
+    if kept is not None and distributed.is_writer():  # the Grams are already in their folder (or in memory only)
         from .files import atomic_save_file
 
-        atomic_save_file({"names": torch.tensor(list(key.encode()), dtype=torch.uint8), "sensitivity": torch.tensor([grads.sensitivity.get(n, 0.0) for n in names],
-                                                                      dtype=torch.float64),
-                          **{f"rows.{n}": r.contiguous() for n, r in grads.row_fisher.items()},
-                          **{f"gram.{n}": g.contiguous() for n, g in grads.output_grams.items()}}, kept)
+        atomic_save_file({"names": torch.tensor(list(key.encode()), dtype=torch.uint8),
+                          "sensitivity": torch.tensor([grads.sensitivity.get(n, 0.0) for n in names],
+                                                      dtype=torch.float64),
+                          **{f"rows.{n}": r.contiguous() for n, r in grads.row_fisher.items()}}, kept)
     return grads
+
+
+def _pass_store(run_dir: RunDir | None, offload: str, name: str, device: torch.device) -> TensorStore:
+    """Where a pass before the block loop keeps its activations: a folder of the run when activations go to disk."""
+    return TensorStore(run_dir.path / name if offload == "disk" and run_dir is not None else device)
 
 
 def _open_streams(source: ModelSource, windows: Tensor | None, sequential: bool, evals: dict[str, Tensor],

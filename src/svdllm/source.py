@@ -71,6 +71,7 @@ class ModelSource:
 
     streamed = False
     default_offload = "none"  # where activations wait between blocks unless the options say: on the device
+    default_batch = 4  # windows per forward unless the options say
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None) -> None:
         self.model = model.eval()
@@ -121,7 +122,8 @@ class ModelSource:
              reverse: bool = False) -> Iterator[tuple[int, nn.Module]]:
         """The one block loop: each block from ``start`` on the device in turn (last to first with ``reverse``);
         after the caller's step it is released unchanged, or (``finish``) kept as the compressed block, and
-        ``then(i)`` runs (a checkpoint)."""
+        ``then(i)`` runs (a checkpoint).  The parts outside the blocks are parked meanwhile (streamed sources)."""
+        self.park_outside()
         order = range(start, len(self.blocks))
         for i in reversed(order) if reverse else order:
             block = self.onload(i)
@@ -232,6 +234,7 @@ class StreamedSource(ModelSource):
 
     streamed = True
     default_offload = "disk"
+    default_batch = 1  # a batch's activations inside a block are the streamed peak's largest part besides the block
 
     def __init__(self, model: nn.Module, shards: Shards, device: str | torch.device | None = None) -> None:
         super().__init__(model, device)

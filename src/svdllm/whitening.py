@@ -43,30 +43,34 @@ def cholesky_factor(gram: Tensor, damp: float = 0.0) -> tuple[Tensor, str]:
     return s, remedy
 
 
-def _plus_ridge(g: Tensor, ridge: float) -> Tensor:
-    """g + ridge·I without an n×n identity (the Grams of wide layers are large)."""
-    out = g.clone()
-    out.diagonal().add_(ridge)
-    return out
-
-
 def repaired_cholesky(gram: Tensor, damp: float = 0.0) -> tuple[Tensor, str, Tensor | float]:
-    """``cholesky_factor`` plus what the repair added to the (symmetrised) Gram: a ridge λ, or a matrix."""
-    g = gram.double()
-    g = (g + g.T) / 2
+    """``cholesky_factor`` plus what the repair added to the Gram: a ridge λ, or a matrix.
+
+    Reads the lower triangle only (as Cholesky does) and factorises in one n×n buffer of its own, so that the
+    Gram and its factor are the only two n×n matrices alive (a 7B down_proj's Gram is 970 MB in float64).
+    """
+    g = gram.double()  # the caller's tensor when already float64: never written
     n = g.shape[0]
     scale = g.diagonal().abs().mean().item() or 1.0
     tried = [damp] + [d for d in DAMP_STEPS if d > damp]
+    s = torch.empty_like(g)
+    info = torch.empty((), dtype=torch.int32)
     for i, d in enumerate(tried):
-        s, info = torch.linalg.cholesky_ex(_plus_ridge(g, d * scale) if d else g)
-        if info.item() == 0 and torch.isfinite(s).all():
-            return s, "" if i == 0 else f"damped {d:g}×mean diag", d * scale
-    evals, evecs = torch.linalg.eigh(g)
+        s.copy_(g)
+        if d:
+            s.diagonal().add_(d * scale)
+        torch.linalg.cholesky_ex(s, out=(s, info))  # in place
+        if info.item() == 0 and torch.isfinite(s.diagonal()).all():
+            return s.tril_(), "" if i == 0 else f"damped {d:g}×mean diag", d * scale
+    del s
+    lower = g.tril()
+    sym = lower + lower.tril(-1).T
+    evals, evecs = torch.linalg.eigh(sym)
     floor = max(evals.max().item(), scale) * 1e-6
     clamped = int((evals < floor).sum())
     fixed = (evecs * evals.clamp_min(floor)) @ evecs.T
     fixed = (fixed + fixed.T) / 2
-    return torch.linalg.cholesky(fixed), f"eigenvalues clamped ({clamped} of {n} below {floor:.3g})", fixed - g
+    return torch.linalg.cholesky(fixed), f"eigenvalues clamped ({clamped} of {n} below {floor:.3g})", fixed - sym
 
 
 def truncate(target: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -94,6 +98,8 @@ def output_factor(out_gram: Tensor, damp: float) -> tuple[Tensor, str]:
     g = out_gram.double()
     if not torch.isfinite(g).all():
         return torch.ones(g.shape[0], dtype=torch.float64), "output Gram non-finite: one-sided whitening"
+    if not g.any():  # an output that never reaches the loss
+        return torch.ones(g.shape[0], dtype=torch.float64), "output Gram zero: one-sided whitening"
     if g.dim() == 1:
         scale = g.abs().mean().item() or 1.0
         d = g.clamp_min(0) + damp * scale
@@ -114,20 +120,29 @@ def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: fl
     cross too: the fit is then ‖WZ − W′X′‖² + λ‖W − W′‖², which shrinks towards W
     rather than towards 0, and gives W back exactly (at full rank) when X′ = Z.
     """
+    return fit_product(weight, None if cross is gram else weight.double() @ cross.double(), gram, k, damp,
+                       out_gram, out_damp)
+
+
+def fit_product(weight: Tensor, weighted_cross: Tensor | None, gram: Tensor, k: int, damp: float = 0.0,
+                out_gram: Tensor | None = None, out_damp: float = 0.01) -> Factorization:
+    """``whiten_towards`` given W·Z X′ᵀ (m, n) rather than Z X′ᵀ (n, n); None: plain whitening (Z = X′).  A blend
+    of targets is then a blend of (m, n) products, and no n×n matrix but the Gram and its factor is made."""
     w = weight.double()
     s, remedy, added = repaired_cholesky(gram, damp)
-    if cross is gram:
+    if weighted_cross is None:
         target = w @ s
-    else:  # W·(cross + added)·S⁻ᵀ: solve M Sᵀ = W·(cross + added)
-        c = cross.double()
-        c = c + added if isinstance(added, Tensor) else _plus_ridge(c, added)
-        target = torch.linalg.solve_triangular(s.T, w @ c, upper=True, left=False)
+    else:  # (W·cross + W·added)·S⁻ᵀ: solve M Sᵀ = W·(cross + added)
+        wc = weighted_cross.double() + (w @ added if isinstance(added, Tensor) else added * w)
+        target = torch.linalg.solve_triangular(s.T, wc, upper=True, left=False)
+        del wc
     r = None
     if out_gram is not None:
         r, out_remedy = output_factor(out_gram, out_damp)
         remedy = "; ".join(x for x in (remedy, out_remedy) if x)
         target = r[:, None] * target if r.dim() == 1 else r.T @ target
     u, vs, sigma = truncate(target, k)
+    del target
     if r is not None:  # R⁻ᵀ·u
         u = u / r[:, None] if r.dim() == 1 else torch.linalg.solve_triangular(r.T, u, upper=True)
     v = torch.linalg.solve_triangular(s, vs, upper=False, left=False)  # vs·S⁻¹
