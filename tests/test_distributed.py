@@ -48,11 +48,14 @@ def assert_same_model(dist_out: Path, single_out: Path, tol: float = 1e-5) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["svdllm-w", "svdllm-ec"])
+@pytest.mark.parametrize("method", ["svdllm-w", "svdllm-ec", "svdllm-ec+low-memory"])
 def test_two_gloo_processes_match_one(model_dir, text_file, tmp_path, method):
+    """Streamed (+low-memory), every process keeps its own activation and Gram files in the shared run folder."""
     single, two = tmp_path / "one", tmp_path / "two"
-    assert main(compress_args(model_dir, text_file, single, "--method", method, *CALIB)) == 0
-    proc = torchrun(*compress_args(model_dir, text_file, two, "--method", method, *CALIB))
+    method, _, streamed = method.partition("+")
+    extra = ("--method", method, *CALIB, "--batch-size", "1") + (("--low-memory",) if streamed else ())
+    assert main(compress_args(model_dir, text_file, single, *extra)) == 0
+    proc = torchrun(*compress_args(model_dir, text_file, two, *extra))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("saved to") == 1  # rank 0 alone prints and writes
     assert_same_model(two, single)

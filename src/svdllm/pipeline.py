@@ -318,7 +318,8 @@ def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivi
     reverse pass (its block inputs wait on disk when activations do), then kept there.  Output-gradient Grams go
     to files in the run folder when there is one (one block's worth in memory), else stay in memory."""
     kept = run_dir.path / "gradients.safetensors" if run_dir is not None else None
-    grams_where = run_dir.path / "output-grams" if run_dir is not None else torch.device("cpu")
+    rank = f"-rank{distributed.world()[0]}" if distributed.active() else ""  # each process its own files
+    grams_where = run_dir.path / f"output-grams{rank}" if run_dir is not None else torch.device("cpu")
     key = json.dumps([names, sensitivity, row_fisher, output_grams, full_width])  # what the kept file was made for
     if kept is not None and kept.is_file() and (not output_grams or isinstance(grams_where, Path)):
         from safetensors.torch import load_file
@@ -346,8 +347,10 @@ def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivi
 
 
 def _pass_store(run_dir: RunDir | None, offload: str, name: str, device: torch.device) -> TensorStore:
-    """Where a pass before the block loop keeps its activations: a folder of the run when activations go to disk."""
-    return TensorStore(run_dir.path / name if offload == "disk" and run_dir is not None else device)
+    """Where a pass before the block loop keeps its activations: a folder of the run (one per process) when
+    activations go to disk."""
+    rank = f"-rank{distributed.world()[0]}" if distributed.active() else ""
+    return TensorStore(run_dir.path / f"{name}{rank}" if offload == "disk" and run_dir is not None else device)
 
 
 def _open_streams(source: ModelSource, windows: Tensor | None, sequential: bool, evals: dict[str, Tensor],
