@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -75,6 +76,7 @@ def weight_bytes(folder: Path) -> int:
 def run(model_dir: Path, mode: str, options: list[str], out: Path) -> dict[str, Any]:
     argv = ["-q", "compress", str(model_dir), *options, "--out", str(out), "--force"]
     argv += ["--low-memory"] if mode == "low-memory" else []
+    shutil.rmtree(out.parent / f".{out.name}.svdllm-run", ignore_errors=True)  # a killed run's would be resumed
     proc = subprocess.run([sys.executable, __file__, "--probe", *argv], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{model_dir} {mode} failed:\n{proc.stderr[-3000:]}")

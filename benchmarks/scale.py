@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,7 @@ def run(folder: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
             str(args.seqlen), "--eval", "wiki-test", "--eval-seqlen", str(args.seqlen), "--max-tokens",
             str(args.max_tokens), "--dtype", "bfloat16", "--out", str(out), "--force"]
     probe = Path(__file__).resolve().parent / "memory.py"
+    shutil.rmtree(out.parent / f".{out.name}.svdllm-run", ignore_errors=True)  # a killed run's would be resumed
     proc = subprocess.run([sys.executable, str(probe), "--probe", *argv], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{folder} failed:\n{proc.stderr[-3000:]}")

@@ -169,6 +169,7 @@ def test_killed_run_resumes_to_identical_shards(sharded_dir, text_file, tmp_path
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_reverse_pass_then_a_rerun_gives_the_same_shards(sharded_dir, text_file, tmp_path,
                                                                        monkeypatch):
     """Killed while the gradient pass walks the blocks backwards (before any block is compressed), the same command
@@ -193,6 +194,7 @@ def test_a_kill_in_the_reverse_pass_then_a_rerun_gives_the_same_shards(sharded_d
     assert digests(tmp_path / "again") == digests(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_output_aware_streams_its_grams_through_the_run_folder(sharded_dir, text_file, tmp_path, monkeypatch):
     """Streamed, the output-gradient Grams wait in the run folder (one block's worth in memory) and give the model
     that in-memory Grams give; a resumed run reads them back instead of recomputing."""
