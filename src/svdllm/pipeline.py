@@ -318,10 +318,9 @@ def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivi
     reverse pass (its block inputs wait on disk when activations do), then kept there.  Output-gradient Grams go
     to files in the run folder when there is one (one block's worth in memory), else stay in memory."""
     kept = run_dir.path / "gradients.safetensors" if run_dir is not None else None
-    rank = f"-rank{distributed.world()[0]}" if distributed.active() else ""  # each process its own files
-    grams_where = run_dir.path / f"output-grams{rank}" if run_dir is not None else torch.device("cpu")
+    grams_where = run_dir.process_folder("output-grams") if run_dir is not None else torch.device("cpu")
     key = json.dumps([names, sensitivity, row_fisher, output_grams, full_width])  # what the kept file was made for
-    if kept is not None and kept.is_file() and (not output_grams or isinstance(grams_where, Path)):
+    if kept is not None and kept.is_file():
         from safetensors.torch import load_file
 
         saved = load_file(str(kept))
@@ -349,8 +348,7 @@ def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivi
 def _pass_store(run_dir: RunDir | None, offload: str, name: str, device: torch.device) -> TensorStore:
     """Where a pass before the block loop keeps its activations: a folder of the run (one per process) when
     activations go to disk."""
-    rank = f"-rank{distributed.world()[0]}" if distributed.active() else ""
-    return TensorStore(run_dir.path / f"{name}{rank}" if offload == "disk" and run_dir is not None else device)
+    return TensorStore(run_dir.process_folder(name) if offload == "disk" and run_dir is not None else device)
 
 
 def _open_streams(source: ModelSource, windows: Tensor | None, sequential: bool, evals: dict[str, Tensor],
