@@ -22,7 +22,7 @@ from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
 from .plan import CompressionPlan
-from .whitening import output_factor, repaired_cholesky
+from .whitening import left_whitened, output_factor, repaired_cholesky
 
 
 @dataclass
@@ -190,7 +190,7 @@ def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan
             target = dense_weight(module)[0].double() @ s
             if out_grams is not None:
                 r, _ = output_factor(out_grams[name], out_damp)
-                target = r[:, None] * target if r.dim() == 1 else r.T @ target
+                target = left_whitened(r, target)
             out[name] = torch.linalg.svdvals(target).pow(2).cpu()
         del acc
         stream.advance(block, i)

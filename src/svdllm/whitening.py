@@ -110,6 +110,11 @@ def output_factor(out_gram: Tensor, damp: float) -> tuple[Tensor, str]:
     return r, remedy and f"output Gram {remedy}"
 
 
+def left_whitened(r: Tensor, target: Tensor) -> Tensor:
+    """Rᵀ·target for the output factor R of ``output_factor`` (a vector when C_g is diagonal)."""
+    return r[:, None] * target if r.dim() == 1 else r.T @ target
+
+
 def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: float = 0.0,
                    out_gram: Tensor | None = None, out_damp: float = 0.01) -> Factorization:
     """Optimal rank-k W′ for ‖Rᵀ(W·Z − W′·X′)‖_F with cross = Z X′ᵀ and gram = X′X′ᵀ (R = I without ``out_gram``).
@@ -140,7 +145,7 @@ def fit_product(weight: Tensor, weighted_cross: Tensor | None, gram: Tensor, k: 
     if out_gram is not None:
         r, out_remedy = output_factor(out_gram, out_damp)
         remedy = "; ".join(x for x in (remedy, out_remedy) if x)
-        target = r[:, None] * target if r.dim() == 1 else r.T @ target
+        target = left_whitened(r, target)
     u, vs, sigma = truncate(target, k)
     del target
     if r is not None:  # R⁻ᵀ·u
