@@ -41,13 +41,16 @@ def probe(argv: list[str]) -> None:
     import transformers  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
+    import torch
+
     import svdllm.cli
 
     peak_rss_reset()
     base = peak_rss()
     t0 = time.perf_counter()
     code = svdllm.cli.main(argv)
-    print(json.dumps({"code": code, "peak_over_base": peak_rss() - base, "wall_s": time.perf_counter() - t0}))
+    print(json.dumps({"code": code, "peak_over_base": peak_rss() - base, "wall_s": time.perf_counter() - t0,
+                      "threads": torch.get_num_threads()}))
 
 
 def random_llama(folder: Path) -> Path:
@@ -124,8 +127,10 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     write_json(results / "results.json", {"device": "CPU (2 cores)", "rows": rows})
     table = markdown_table(
-        ["model", "mode", "run", "weights MiB", "peak RSS over baseline MiB", "peak / weights", "wall s", "perplexity"],
-        [[r["model"], r["mode"], r["run"], f"{r['weight_bytes'] / 2**20:.0f}", f"{r['peak_over_base'] / 2**20:.0f}",
+        ["model", "mode", "run", "threads", "weights MiB", "peak RSS over baseline MiB", "peak / weights", "wall s",
+         "perplexity"],
+        [[r["model"], r["mode"], r["run"], r.get("threads", "-"), f"{r['weight_bytes'] / 2**20:.0f}",
+          f"{r['peak_over_base'] / 2**20:.0f}",
           f"{r['peak_over_base'] / r['weight_bytes']:.2f}", f"{r['wall_s']:.0f}",
           ", ".join(f"{k} {v:.2f}" for k, v in r["perplexity"].items()) or "-"] for r in rows])
     cmd = "python benchmarks/memory.py" + (f" --models {args.models}" if args.models != "smollm2,random-llama" else "") \

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .architecture import dense_weight
+from .blas import release_workspace
 from .calibration import DENSE, ActivationStream, GramAccumulator, StoredTensors, TensorStore
 from .errors import DataError
 from .evaluate import head_logits
@@ -192,6 +193,7 @@ def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan
                 r, _ = output_factor(out_grams[name], out_damp)
                 target = left_whitened(r, target)
             out[name] = torch.linalg.svdvals(target).pow(2).cpu()
+            release_workspace()
         del acc
         stream.advance(block, i)
     store.close()

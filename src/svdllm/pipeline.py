@@ -22,12 +22,13 @@ from . import distributed
 from .architecture import count_parameters, dense_weight
 from .calibration import (COMPRESSED, DENSE, ActivationStream, GramAccumulator, LayerStats, StoredTensors, TensorStore,
                           windows_digest)
+from .blas import release_workspace
 from .checkpoint import RunDir
 from .errors import DataError, OptionError
 from .evaluate import all_reduce_result, stream_perplexity
 from .files import atomic_write_text
 from .importance import FULL_GRAM_WIDTH, GRAM_PREFIX, GradientStats, gradient_statistics, whitened_spectra
-from .methods import ErrorCorrectedOptions, MethodOptions, method_of, options_for
+from .methods import ErrorCorrectedOptions, MethodOptions, OutputAwareOptions, method_of, options_for
 from .plan import CompressionPlan, make_plan
 from .ranks import allocate
 from .record import SvdllmRecord
@@ -154,6 +155,7 @@ def _factorise(name: str, module: nn.Module, stats: LayerStats, k: int | None, o
     if k is None:
         return None, record
     f, info = method_of(opts).factorize(weight, stats, k, opts)
+    release_workspace()
     record.update(info)
     if f.remedy:
         record["remedy"] = f.remedy
@@ -253,18 +255,21 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
     batch = cfg.batch_size or source.default_batch
     allocated = run_dir.state.get("plan") if run_dir is not None and run_dir.done and rule == "fisher" else None
     grads = GradientStats()
-    two_sided = bool(getattr(opts, "output_whitening", False))
+    out_side = opts if isinstance(opts, OutputAwareOptions) and opts.output_whitening else None
+    two_sided = out_side is not None
     if "fisher" in method.needs or two_sided or (rule == "fisher" and allocated is None):
         with report.timings.clock("gradients"):
             grads = _gradients(source, windows, list(plan.ranks), rule == "fisher", "fisher" in method.needs,
-                               run_dir, offload, two_sided, getattr(opts, "output_full_width", FULL_GRAM_WIDTH))
+                               run_dir, offload, two_sided,
+                               out_side.output_full_width if out_side else FULL_GRAM_WIDTH)
     if rule == "fisher":
         with report.timings.clock("rank allocation"):
             if allocated is not None:  # a resumed run keeps the ranks it started with
                 plan = CompressionPlan.from_dict(allocated)
             else:  # one-sided σ² weighted by the output's isotropic Fisher, or two-sided σ², already in loss units
                 spectra = whitened_spectra(source, windows, plan, batch,
-                                           grads.output_grams if two_sided else None, getattr(opts, "output_damp", 0),
+                                           grads.output_grams if two_sided else None,
+                                           out_side.output_damp if out_side else 0,
                                            _pass_store(run_dir, offload, "spectra-stream", source.device))
                 shapes = {n: (plan.shapes[n][0], plan.shapes[n][1]) for n in plan.ranks}
                 scores = {n: (spectra[n] if two_sided else grads.sensitivity[n] * spectra[n]).tolist()

@@ -16,20 +16,29 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class WhiteningOptions(MethodOptions):
-    name = "svdllm-w"
-    damp: float = 0.0  # whitening ridge added before Cholesky, relative to the mean diagonal (0: only when needed)
+class OutputAwareOptions(MethodOptions):
+    """The output side, shared by every whitening method: Rᵀ·W·S with R Rᵀ = C_g, the loss's output-gradient Gram."""
+
     output_whitening: bool = False  # also whiten the output side with the loss's gradient Gram (K-FAC)
     output_damp: float = 0.01  # ridge on that Gram, relative to its mean diagonal
     output_full_width: int = 8192  # outputs wider keep the Gram's diagonal only (a full one costs width²·8 bytes)
 
     def validate(self) -> None:
-        if not self.damp >= 0:
-            raise OptionError("damp", f"must be non-negative, got {self.damp}")
         if not self.output_damp >= 0:
             raise OptionError("output_damp", f"must be non-negative, got {self.output_damp}")
         if not self.output_full_width >= 0:
             raise OptionError("output_full_width", f"must be non-negative, got {self.output_full_width}")
+
+
+@dataclass(frozen=True)
+class WhiteningOptions(OutputAwareOptions):
+    name = "svdllm-w"
+    damp: float = 0.0  # whitening ridge added before Cholesky, relative to the mean diagonal (0: only when needed)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.damp >= 0:
+            raise OptionError("damp", f"must be non-negative, got {self.damp}")
 
 
 @dataclass(frozen=True)
@@ -39,22 +48,17 @@ class SVDLLMOptions(WhiteningOptions):
 
 
 @dataclass(frozen=True)
-class ErrorCorrectedOptions(MethodOptions):
+class ErrorCorrectedOptions(OutputAwareOptions):
     name = "svdllm-ec"
+    # output whitening is on by default since 0.8.0: it beat the one-sided default at 0.2, 0.4 and 0.6 on both
+    # evaluation sets (benchmarks/results/output-aware)
+    output_whitening: bool = True
     beta: float = 0.25  # target blend: 1 = dense inputs X, 0 = compressed inputs X′
     norm_cap: float = 1.5  # halve β for a matrix while ‖W′‖_F > cap·‖W‖_F (0: off)
     ec_damp: float = 1e-4  # ridge on X′X′ᵀ, relative to its mean diagonal
-    # also whiten the output side with the loss's gradient Gram (K-FAC); on by default since 0.8.0: it beat the
-    # one-sided default at 0.2, 0.4 and 0.6 on both evaluation sets (benchmarks/results/output-aware)
-    output_whitening: bool = True
-    output_damp: float = 0.01  # ridge on that Gram, relative to its mean diagonal
-    output_full_width: int = 8192  # outputs wider keep the Gram's diagonal only (a full one costs width²·8 bytes)
 
     def validate(self) -> None:
-        if not self.output_full_width >= 0:
-            raise OptionError("output_full_width", f"must be non-negative, got {self.output_full_width}")
-        if not self.output_damp >= 0:
-            raise OptionError("output_damp", f"must be non-negative, got {self.output_damp}")
+        super().validate()
         if not 0.0 <= self.beta <= 1.0:  # also refuses nan
             raise OptionError("beta", f"must be in [0, 1], got {self.beta}")
         if not self.norm_cap >= 0:
@@ -86,7 +90,7 @@ def svdllm(weight: Tensor, stats: LayerStats, k: int, opts: SVDLLMOptions) -> tu
     return f, {"loss_before_update": before, "loss": relative_error(weight, f.u, f.v, stats.comp_gram)}
 
 
-def _out(stats: LayerStats, opts: Any) -> Tensor | None:
+def _out(stats: LayerStats, opts: OutputAwareOptions) -> Tensor | None:
     """The output-gradient Gram when the options ask for output whitening."""
     if opts.output_whitening and stats.out_gram is None:
         raise RuntimeError("output whitening asked for, but no output-gradient Gram was gathered")
