@@ -47,13 +47,14 @@ def repaired_cholesky(gram: Tensor, damp: float = 0.0) -> tuple[Tensor, str, Ten
     """``cholesky_factor`` plus what the repair added to the Gram: a ridge λ, or a matrix.
 
     Reads the lower triangle only (as Cholesky does) and factorises in one n×n buffer of its own, so that the
-    Gram and its factor are the only two n×n matrices alive (a 7B down_proj's Gram is 970 MB in float64).
+    Gram and its factor are the only two n×n matrices alive (a 7B down_proj's Gram is 970 MB in float64).  The
+    buffer is column-major, LAPACK's layout: a row-major one made torch factorise a third n×n copy.
     """
     g = gram.double()  # the caller's tensor when already float64: never written
     n = g.shape[0]
     scale = g.diagonal().abs().mean().item() or 1.0
     tried = [damp] + [d for d in DAMP_STEPS if d > damp]
-    s = torch.empty_like(g)
+    s = torch.empty_like(g).T  # column-major
     info = torch.empty((), dtype=torch.int32)
     for i, d in enumerate(tried):
         s.copy_(g)
