@@ -6,4 +6,5 @@ from .baselines import ASVDOptions, FWSVDOptions, SVDOptions
 from .svdllm import ErrorCorrectedOptions, OutputAwareOptions, SVDLLMOptions, WhiteningOptions
 
 __all__ = ["METHODS", "Method", "MethodOptions", "method_of", "options_for", "SVDOptions",
-           "FWSVDOptions", "ASVDOptions", "OutputAwareOptions", "WhiteningOptions", "SVDLLMOptions", "ErrorCorrectedOptions"]
+           "FWSVDOptions", "ASVDOptions", "OutputAwareOptions", "WhiteningOptions", "SVDLLMOptions",
+           "ErrorCorrectedOptions"]
