@@ -123,6 +123,33 @@ def test_streaming_needs_no_run_folder(sharded_dir, text_file, tmp_path):
     assert spill is not None and not spill.exists()
 
 
+def test_the_mmap_threshold_is_fixed_before_the_shards_are_read(sharded_dir, monkeypatch):
+    """Fixed after the embeddings were loaded and freed, glibc's raised threshold had already left a fragmented
+    heap behind (the SmolLM2 streamed peak 70-80 MiB higher)."""
+    from svdllm import source
+
+    events: list[tuple] = []
+
+    class FakeLibc:
+        def mallopt(self, *args):
+            events.append(("mallopt", *args))
+
+        def malloc_trim(self, *args):
+            events.append(("malloc_trim", *args))
+
+    real_load = source.Shards.load
+
+    def load(self, *args, **kwargs):
+        events.append(("load",))
+        return real_load(self, *args, **kwargs)
+
+    monkeypatch.setattr(source, "_glibc", FakeLibc)
+    monkeypatch.setattr(source.Shards, "load", load)
+    source.open_streamed(sharded_dir).close()
+    assert ("load",) in events
+    assert events[0] == ("mallopt", -3, 128 << 10)  # M_MMAP_THRESHOLD, before any tensor is read
+
+
 def test_a_forward_takes_one_window_streamed_and_four_in_memory(sharded_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 

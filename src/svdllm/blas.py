@@ -2,8 +2,8 @@
 
 MKL keeps the buffers of each thread's last LAPACK calls for reuse. With two threads and 8 calibration windows that
 cache made the streamed run's peak on SmolLM2 about 110 MiB higher than with one (329 against 217 MiB over the import
-baseline; 223 MiB with two threads once released after each matrix: `benchmarks/results/memory/threads.md`).  With
-32 windows the two-thread excess remains and is not MKL's (same file).
+baseline; 223 MiB with two threads once released after each matrix: `benchmarks/results/memory/threads.md`).  The
+excess left with 32 windows was glibc's heap, not MKL's cache (same file; ``source.return_freed_memory``).
 """
 from __future__ import annotations
 
