@@ -258,7 +258,12 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
                 stats.comp_gram = gram(xc, xc, name)
                 stats.cross = gram(x, xc, name)
             f, _ = meth.factorize(weight, stats, rank_for_ratio(*weight.shape, ratio), opts)
-            factors[name] = (f.u.float(), f.v.float())
+            u, v = f.u.clone(), f.v.clone()
+            for c in range(u.shape[1]):  # each rank component balanced: equal norms on both sides, same product
+                scale = (v[c].norm() / u[:, c].norm()).sqrt()
+                u[:, c] *= scale
+                v[c] /= scale
+            factors[name] = (u.float(), v.float())
             if true_sequential:
                 replace_module(model, name, LowRankLinear.from_factors(model.get_submodule(name), *factors[name]))
         for name in names if not true_sequential else ():

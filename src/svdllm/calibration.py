@@ -17,12 +17,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from . import distributed
 from .errors import DataError, OptionError
-from .files import save_tensors
+from .files import load_tensors, save_tensors
 
 DENSE, COMPRESSED = "dense", "compressed"
 
@@ -201,7 +200,7 @@ class TensorStore:
     def get(self, key: str, device: torch.device) -> Tensor:
         if self.folder is None:
             return self._mem[key].to(device)
-        return load_file(str(self.folder / f"{key}.safetensors"))["t"].to(device)
+        return load_tensors(self.folder / f"{key}.safetensors")["t"].to(device)
 
     def take(self, key: str, device: torch.device) -> Tensor:
         """``get``, the store forgetting the key (its memory or its file freed once the caller lets go)."""
@@ -223,7 +222,7 @@ class TensorStore:
 
     def restore(self, key: str, src: Path) -> None:
         if self.folder is None:
-            self._mem[key] = load_file(str(src))["t"].to(self.device)
+            self._mem[key] = load_tensors(src)["t"].to(self.device)
         else:
             shutil.copyfile(src, self.folder / f"{key}.safetensors")
 

@@ -49,6 +49,12 @@ class OutputLock:
         fh.flush()
         self.fh = fh
 
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
     def release(self) -> None:
         if self.fh is not None:
             self.path.unlink(missing_ok=True)

@@ -64,6 +64,11 @@ def _globs(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _patterns(text: str) -> list[str]:
+    """Every comma-separated pattern, an empty one kept so that the library refuses it."""
+    return [p.strip() for p in text.split(",")]
+
+
 def _specs(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
@@ -141,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--output-full-width", type=int, default=None,
                    help="with --output-whitening: outputs wider than this keep the Gram's diagonal only (default 8192; "
                         "a full Gram costs width²×8 bytes)")
+    m.add_argument("--output-shrinkage", type=float, default=None,
+                   help="with --output-whitening: weight in [0, 1] of the scaled identity in each full output Gram "
+                        "(default: outputs/(outputs + calibration tokens); 0: the Gram alone, as 0.8.0)")
     m.add_argument("--asvd-alpha", type=_number, default=None, help="asvd: activation exponent (default 0.5)")
     c.add_argument("--ranks", default="auto", choices=["auto", "uniform", "fisher"],
                    help="rank per matrix: uniform (the paper), or allocated under the same parameter budget from the "
@@ -246,8 +254,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     method = options_for(args.method, beta=args.beta, norm_cap=args.norm_cap, damp=args.damp,
                          asvd_alpha=args.asvd_alpha, output_whitening=args.output_whitening,
-                         output_damp=args.output_damp, output_full_width=args.output_full_width)
-    config = CompressionConfig(method=method, ratio=args.ratio, targets=_globs(args.targets) or ["*"],
+                         output_damp=args.output_damp, output_full_width=args.output_full_width,
+                         output_shrinkage=args.output_shrinkage)
+    config = CompressionConfig(method=method, ratio=args.ratio, targets=_patterns(args.targets),
                                skip_layers=args.skip_layers, rank_rule=args.ranks, rank_floor=args.rank_floor,
                                rank_cap=args.rank_cap, batch_size=args.batch_size, device=args.device,
                                offload=args.offload, true_sequential=args.true_sequential)
@@ -311,15 +320,23 @@ def _perplexities(model: Any, tok: Any, specs: tuple[str, ...], seqlen: int, max
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import check_spec
-    from .finetune import finetune, record_part
-    from .folder import check_out_dir, read_record, save
-    from .source import load_model
-    from .workflow import default_device, write_loss_curve
+    from .checkpoint import OutputLock
+    from .folder import check_out_dir
 
     ft = _finetune_config(args)
     ft.validate()
     out = check_out_dir(args.out, args.force)
+    with OutputLock(out):
+        return _finetune_into(args, ft, out)
+
+
+def _finetune_into(args: argparse.Namespace, ft: Any, out: Path) -> int:
+    from .data import check_spec
+    from .finetune import finetune, record_part
+    from .folder import read_record, save
+    from .source import load_model
+    from .workflow import default_device, write_loss_curve
+
     record = read_record(args.model)
     if record.quantization:
         raise ValueError(f"{args.model} has quantized weights: fine-tune before quantizing (compress --finetune "
@@ -344,21 +361,30 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data import check_spec
-    from .errors import FormatError
-    from .folder import check_out_dir, read_record, save
-    from .generation import weight_bytes
-    from .quantize import QuantizeOptions, quantize_model, require_library
-    from .record import SvdllmRecord
-    from .source import load_model
-    from .workflow import default_device
+    from .checkpoint import OutputLock
+    from .folder import check_out_dir
+    from .quantize import QuantizeOptions, require_library
 
     options = QuantizeOptions(bits=args.bits, group_size=args.group_size, dense=tuple(_globs(args.dense)))
     options.validate()
     require_library()  # before any model is loaded
     out = check_out_dir(args.out, args.force)
+    with OutputLock(out):
+        return _quantize_into(args, options, out)
+
+
+def _quantize_into(args: argparse.Namespace, options: Any, out: Path) -> int:
+    import torch
+
+    from .data import check_spec
+    from .errors import FormatError
+    from .folder import read_record, save
+    from .generation import weight_bytes
+    from .quantize import quantize_model
+    from .record import SvdllmRecord
+    from .source import load_model
+    from .workflow import default_device
+
     try:
         record = read_record(args.model)
     except FormatError:  # not an svdllm folder: a dense model, or a name load_model resolves

@@ -54,9 +54,20 @@ def is_writer() -> bool:
     return world()[0] == 0
 
 
+def env_int(name: str, default: int) -> int:
+    """A whole-number environment variable (torchrun's WORLD_SIZE, LOCAL_RANK …), or one line naming it."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise SvdllmError(f"the environment variable {name}={text!r} is not a whole number") from None
+
+
 def launched() -> bool:
     """Started by torchrun (or by hand with its environment) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return env_int("WORLD_SIZE", 1) > 1
 
 
 def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
@@ -68,7 +79,7 @@ def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
         return device
     cuda = device.startswith("cuda")
     if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        device = f"cuda:{env_int('LOCAL_RANK', 0)}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return device

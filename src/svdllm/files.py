@@ -6,7 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
+import torch
 from torch import Tensor
+
+from .errors import FormatError
 
 
 def sha256_file(path: Path) -> str:
@@ -31,17 +34,55 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+DIGEST_KEY = "svdllm_sha256"  # safetensors metadata: the sha256 of the file's tensors (``tensors_digest``)
+
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """sha256 of named tensors: each name, dtype, shape and raw bytes, in name order (read in place, no copy for a
+    contiguous CPU tensor)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        if t.numel():
+            h.update(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' ``save_file``, its I/O failures raised as OSError (a full disk as ENOSPC) rather than its own."""
+    """safetensors' ``save_file`` with the tensors' sha256 in the metadata (``load_tensors`` checks it); its I/O
+    failures raised as OSError (a full disk as ENOSPC) rather than its own."""
     import safetensors.torch
     from safetensors import SafetensorError
 
     try:
-        safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+        safetensors.torch.save_file(tensors, str(path), metadata={**(metadata or {}),
+                                                                   DIGEST_KEY: tensors_digest(tensors)})
     except SafetensorError as exc:
         text = str(exc)
         code = errno.ENOSPC if "os error 28" in text or "No space" in text else errno.EIO
         raise OSError(code, f"{os.strerror(code)}: {path}") from exc
+
+
+def load_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a file ``save_tensors`` wrote, checked against the sha256 it recorded: a truncated, damaged or
+    foreign file is a FormatError naming it, never a traceback or numbers used silently."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            recorded = (fh.metadata() or {}).get(DIGEST_KEY)
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise FormatError(f"{path} is missing") from None
+        raise FormatError(f"{path} is damaged or truncated ({str(exc).splitlines()[0] if str(exc) else exc!r})") \
+            from None
+    if recorded is None:
+        raise FormatError(f"{path} carries no checksum: it was not written by this svdllm")
+    if tensors_digest(tensors) != recorded:
+        raise FormatError(f"{path} is damaged (its tensors do not match the sha256 recorded when it was written)")
+    return tensors
 
 
 def atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

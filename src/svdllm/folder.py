@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -87,19 +87,36 @@ def check_new_file(path: str | os.PathLike, option: str) -> Path:
     return file
 
 
+PARTIAL_MARKER = ".svdllm-partial"  # inside a temp or old folder of svdllm's: the token its name ends with
+
+
+def _marked_folder(out: Path, kind: str, pid: int | None = None) -> Path:
+    """A new private folder ``.OUT.KIND-PID-TOKEN`` beside ``out`` holding a marker with TOKEN: the proof that svdllm
+    made it, so that a later run may remove it once process PID is gone."""
+    token = secrets.token_hex(8)
+    folder = out.parent / f".{out.name}.{kind}-{pid or os.getpid()}-{token}"
+    folder.mkdir(mode=0o700)
+    (folder / PARTIAL_MARKER).write_text(token)
+    return folder
+
+
 def _remove_stale_siblings(out: Path) -> None:
-    """Temp and old folders a killed save of this output left behind (their process is gone)."""
+    """Temp and old folders a killed save of this output left behind: only those svdllm made (the marker inside
+    holds the token of the name) whose process is gone; anything else of that name is the user's and stays."""
     for sibling in out.parent.glob(f".{out.name}.*-*"):
         kind, _, rest = sibling.name[len(out.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or not sibling.is_dir():
+        pid, _, token = rest.partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or not token or sibling.is_symlink() \
+                or not sibling.is_dir():
             continue
         try:
+            if (sibling / PARTIAL_MARKER).read_text() != token:
+                continue
             os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(sibling, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
+        except (OSError, UnicodeDecodeError):
+            pass  # no marker, or alive and another user's
 
 
 # ---------------------------------------------------------------- writing
@@ -215,7 +232,7 @@ def save(model: Any, tokenizer: Any, path: str | os.PathLike, record: SvdllmReco
                   for i in range(len(in_memory))]
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
+    tmp = _marked_folder(out, "tmp")
     try:
         shards = _write_shards(tmp, model, blocks, target)
         model.config.save_pretrained(tmp)
@@ -240,15 +257,16 @@ def save(model: Any, tokenizer: Any, path: str | os.PathLike, record: SvdllmReco
             write_extra(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a saved model is for sharing
+        os.chmod(tmp, 0o777 & ~umask)  # made private; a saved model is for sharing
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
+        (tmp / PARTIAL_MARKER).unlink()
         manifest = {"files": {f.name: shards.get(f.name) or sha256_file(f) for f in sorted(tmp.iterdir())}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp / MANIFEST_FILE, 0o666 & ~umask)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+        if out.exists():  # the old folder waits inside a marked one until the new one is in place
+            old = _marked_folder(out, "old")
+            os.replace(out, old / "previous")
             os.replace(tmp, out)
             shutil.rmtree(old)
         else:

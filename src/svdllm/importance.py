@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from .evaluate import head_logits
 from .source import ModelSource
 from .plan import CompressionPlan
 from .whitening import left_whitened, output_factor, repaired_cholesky
+
+if TYPE_CHECKING:
+    from .methods import OutputAwareOptions
 
 
 @dataclass
@@ -171,10 +174,11 @@ def _output_hook(sums: Tensor, width: Tensor, j: int, name: str, grams: dict[str
 
 @torch.no_grad()
 def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan, batch_size: int = 4,
-                     out_grams: Mapping[str, Tensor] | None = None, out_damp: float = 0.01,
+                     out_grams: Mapping[str, Tensor] | None = None, out_side: OutputAwareOptions | None = None,
                      store: TensorStore | None = None) -> dict[str, Tensor]:
     """σ² of W·chol(XXᵀ) for every linear the plan factorises, from one dense pass, one block at a time; with
-    ``out_grams``, of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped by ``out_damp``): two-sided, in units of the loss.
+    ``out_grams``, of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped and shrunk as ``out_side`` says, exactly as the
+    factorisation will): two-sided, in units of the loss, and zero for an output that never reaches the loss.
     The pass's activations wait in ``store`` (the device unless given)."""
     store = store or TensorStore(source.device)
     with source.outside_blocks():
@@ -187,10 +191,12 @@ def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan
         stream.record(block, i, linears, acc)
         acc.all_reduce()
         for name, module in linears.items():
-            s, _, _ = repaired_cholesky(acc.for_linear(name).gram)
+            stats = acc.for_linear(name)
+            s, _, _ = repaired_cholesky(stats.gram)
             target = dense_weight(module)[0].double() @ s
-            if out_grams is not None:
-                r, _ = output_factor(out_grams[name], out_damp)
+            if out_grams is not None and out_side is not None:
+                gram = out_grams[name]
+                r, _ = output_factor(gram, out_side.output_damp, out_side.shrinkage(gram.shape[0], stats.tokens))
                 target = left_whitened(r, target)
             out[name] = torch.linalg.svdvals(target).pow(2).cpu()
             release_workspace()

@@ -29,11 +29,13 @@ from .evaluate import all_reduce_result, stream_perplexity
 from .files import atomic_write_text
 from .importance import FULL_GRAM_WIDTH, GRAM_PREFIX, GradientStats, gradient_statistics, whitened_spectra
 from .methods import ErrorCorrectedOptions, MethodOptions, OutputAwareOptions, method_of, options_for
+from .methods.base import check_range
 from .plan import CompressionPlan, make_plan
 from .ranks import allocate
 from .record import SvdllmRecord
 from .runtime import LowRankLinear, replace_module, swapped
 from .source import ModelSource
+from .whitening import balanced
 
 log = logging.getLogger("svdllm")
 OFFLOAD = ("auto", "none", "cpu", "disk")
@@ -63,14 +65,15 @@ class CompressionConfig:
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise OptionError("ratio", f"must be in (0, 1), got {self.ratio}")
+        if isinstance(self.targets, (str, bytes)) or not isinstance(self.targets, (list, tuple)) or not self.targets \
+                or not all(isinstance(p, str) and p.strip() for p in self.targets):
+            raise OptionError("targets", f"must be a non-empty list of non-empty glob patterns, got {self.targets!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise OptionError("batch_size", f"must be positive, got {self.batch_size}")
         if self.rank_rule not in RANK_RULES:
             raise OptionError("rank_rule", f"must be one of {', '.join(RANK_RULES)}, got {self.rank_rule!r}")
-        if not 0.0 <= self.rank_floor <= 1.0:
-            raise OptionError("rank_floor", f"must be in [0, 1], got {self.rank_floor}")
-        if not self.rank_cap >= 1.0:
-            raise OptionError("rank_cap", f"must be at least 1, got {self.rank_cap}")
+        check_range(self, "rank_floor", 0.0, 1.0)
+        check_range(self, "rank_cap", 1.0, 1e6)
         if self.offload not in OFFLOAD:
             raise OptionError("offload", f"must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
         self.method.validate()  # type: ignore[union-attr]
@@ -156,11 +159,15 @@ def _factorise(name: str, module: nn.Module, stats: LayerStats, k: int | None, o
         return None, record
     f, info = method_of(opts).factorize(weight, stats, k, opts)
     release_workspace()
+    if not (torch.isfinite(f.u).all() and torch.isfinite(f.v).all()):
+        values = ", ".join(f"`{key}` {v}" for key, v in opts.to_dict().items() if isinstance(v, float))
+        raise DataError(f"{name}: the {opts.name} factors are not finite ({values or 'no float options'}); "
+                        "a statistic or an option is out of the range the math holds in")
     record.update(info)
     if f.remedy:
         record["remedy"] = f.remedy
         log.warning("%s: singular statistic, %s", name, f.remedy)
-    return (f.u, f.v), record
+    return balanced(f.u, f.v), record
 
 
 def _decompose_block(linears: dict[str, nn.Module], acc: GramAccumulator, plan: CompressionPlan,
@@ -268,8 +275,7 @@ def compress(model: nn.Module | ModelSource, windows: Tensor | None, config: Com
                 plan = CompressionPlan.from_dict(allocated)
             else:  # one-sided σ² weighted by the output's isotropic Fisher, or two-sided σ², already in loss units
                 spectra = whitened_spectra(source, windows, plan, batch,
-                                           grads.output_grams if two_sided else None,
-                                           out_side.output_damp if out_side else 0,
+                                           grads.output_grams if two_sided else None, out_side,
                                            _pass_store(run_dir, offload, "spectra-stream", source.device))
                 shapes = {n: (plan.shapes[n][0], plan.shapes[n][1]) for n in plan.ranks}
                 scores = {n: (spectra[n] if two_sided else grads.sensitivity[n] * spectra[n]).tolist()
@@ -326,9 +332,9 @@ def _gradients(source: ModelSource, windows: Tensor, names: list[str], sensitivi
     grams_where = run_dir.process_folder("output-grams") if run_dir is not None else torch.device("cpu")
     key = json.dumps([names, sensitivity, row_fisher, output_grams, full_width])  # what the kept file was made for
     if kept is not None and kept.is_file():
-        from safetensors.torch import load_file
+        from .files import load_tensors
 
-        saved = load_file(str(kept))
+        saved = load_tensors(kept)
         if "names" in saved and bytes(saved["names"].tolist()).decode() == key:
             values = saved["sensitivity"].tolist()
             return GradientStats(dict(zip(names, values)) if sensitivity else {},

@@ -20,12 +20,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from . import distributed
 from .architecture import decoder_blocks
 from .errors import FormatError, OptionError
-from .files import atomic_save_file
+from .files import atomic_save_file, load_tensors
 from .runtime import apply_ranks, restore_rank_major, tied_parameter_names
 
 log = logging.getLogger("svdllm")
@@ -149,7 +149,7 @@ class ModelSource:
         """Block i as a checkpoint left it: low-rank at ``ranks``, its tensors from ``path``."""
         apply_ranks(self.model, ranks)
         head = f"{self.prefix}.{i}."
-        state = {k[len(head):]: v for k, v in load_file(str(path)).items()}
+        state = {k[len(head):]: v for k, v in load_tensors(path).items()}
         self.blocks[i].load_state_dict(state, strict=True)
         restore_rank_major(self.blocks[i])
 
@@ -174,7 +174,14 @@ class Shards:
         self.stored: dict[str, str] = {}  # model name → the shards' name, where they differ
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            self.files: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise FormatError(f"{index} is damaged or not a safetensors index ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else 'no weight_map'})") from None
+            if not isinstance(weight_map, dict):
+                raise FormatError(f"{index} is damaged or not a safetensors index (its weight_map is not an object)")
+            self.files: dict[str, str] = weight_map
         elif (self.folder / "model.safetensors").is_file():
             with safe_open(str(self.folder / "model.safetensors"), framework="pt") as fh:
                 self.files = dict.fromkeys(fh.keys(), "model.safetensors")
@@ -293,7 +300,7 @@ class StreamedSource(ModelSource):
     def block_tensors(self, i: int) -> dict[str, Tensor]:
         if i not in self.finished:
             raise RuntimeError(f"block {i} was never finished")
-        return load_file(str(self.finished[i]))
+        return load_tensors(self.finished[i])
 
     def persist(self, i: int, path: Path) -> None:
         if self.finished[i].resolve() == path.resolve():
@@ -417,7 +424,7 @@ def should_stream(spec: str, low_memory: bool | None) -> bool:
     if gguf or not isinstance(where, Path):
         return False
     try:
-        need = Shards(where).nbytes * 2 * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # bf16 shards → float32
+        need = Shards(where).nbytes * 2 * distributed.env_int("LOCAL_WORLD_SIZE", 1)  # bf16 shards → float32
     except FormatError:
         return False
     if need > memory_available() // 2:

@@ -82,25 +82,40 @@ def truncate(target: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def whiten(weight: Tensor, gram: Tensor, k: int, damp: float = 0.0, out_gram: Tensor | None = None,
-           out_damp: float = 0.01) -> Factorization:
+           out_damp: float = 0.01, out_shrink: float = 0.0) -> Factorization:
     """SVD-LLM(W): SVD of W·S with S = chol(XXᵀ); Wv = √Σ_k V_kᵀ S⁻¹ by triangular solve.
 
     ‖(W − u v) X‖_F² equals the sum of the discarded σ² of W·S.  With ``out_gram`` (C_g = Σ g gᵀ of the loss's
     gradient at the output, or its diagonal) both sides are whitened: the SVD of Rᵀ·W·S with R Rᵀ = C_g, and
     tr(ΔW·C_x·ΔWᵀ·C_g) equals the sum of the discarded σ², in units of the loss.
     """
-    return whiten_towards(weight, gram, gram, k, damp, out_gram, out_damp)
+    return whiten_towards(weight, gram, gram, k, damp, out_gram, out_damp, out_shrink)
 
 
-def output_factor(out_gram: Tensor, damp: float) -> tuple[Tensor, str]:
-    """R with R Rᵀ = C_g + damp·mean diag·I: lower-triangular for a full Gram, a diagonal (as a vector) for a
-    diagonal one.  A non-finite C_g gives R = I (one-sided whitening, said in the remedy); a singular one is
-    repaired like the input Gram."""
+def output_shrinkage(width: int, tokens: int) -> float:
+    """How far a full output-gradient Gram is pulled towards its scaled identity μI (μ = its mean diagonal):
+    α = w/(w + t) for w outputs and t calibration tokens.  A Gram of t gradients has rank ≤ t, so with few tokens
+    per output most directions are unseen and the Gram alone would call their error free; the sample Gram's
+    spread about an isotropic truth grows as w/t (Marchenko–Pastur), and w/(w + t) is the Ledoit–Wolf weight in
+    that case.  α → 1 is one-sided whitening in loss units (the isotropic Fisher μ), α → 0 the Gram itself."""
+    return width / (width + tokens) if width + tokens > 0 else 1.0
+
+
+def output_factor(out_gram: Tensor, damp: float, shrink: float = 0.0) -> tuple[Tensor, str]:
+    """R with R Rᵀ = (1−α)·C_g + α·μ·I + damp·μ·I (μ = mean diag, α = ``shrink``): lower-triangular for a full Gram,
+    a diagonal (as a vector) for a diagonal one (never shrunk: each of its entries is a mean over every token).
+    A zero C_g (an output that never reaches the loss) gives R = 0: truncating it costs nothing, so its two-sided
+    spectrum is zero and the factorisation falls back to one-sided whitening.  A non-finite C_g gives R = I
+    (one-sided, said in the remedy); a singular one is repaired like the input Gram."""
     g = out_gram.double()
     if not torch.isfinite(g).all():
         return torch.ones(g.shape[0], dtype=torch.float64), "output Gram non-finite: one-sided whitening"
-    if not g.any():  # an output that never reaches the loss
-        return torch.ones(g.shape[0], dtype=torch.float64), "output Gram zero: one-sided whitening"
+    if not g.any():
+        return torch.zeros(g.shape[0], dtype=torch.float64), "output Gram zero: one-sided whitening"
+    if g.dim() == 2 and shrink > 0:  # a new tensor: the caller's Gram is never written
+        mu = g.diagonal().mean().item()
+        g = g * (1.0 - shrink)
+        g.diagonal().add_(shrink * mu)
     if g.dim() == 1:
         scale = g.abs().mean().item() or 1.0
         d = g.clamp_min(0) + damp * scale
@@ -116,8 +131,21 @@ def left_whitened(r: Tensor, target: Tensor) -> Tensor:
     return r[:, None] * target if r.dim() == 1 else r.T @ target
 
 
+def balanced(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The same product u·v with ‖u_i‖ = ‖v_i‖ for every rank component i (column i of u, row i of v).
+
+    Two-sided whitening leaves u = R⁻ᵀ·U√Σ and v = √Σ·Vᵀ·S⁻¹ scaled by R and S, whose entries can differ by many
+    orders of magnitude; balanced factors lose least when stored in bfloat16 or quantized.  A component with a
+    zero side is a zero component: both sides become zero."""
+    nu, nv = u.double().norm(dim=0), v.double().norm(dim=1)
+    live = (nu > 0) & (nv > 0)
+    scale = torch.where(live, (nv / torch.where(live, nu, 1.0)).sqrt(), 0.0)
+    inv = torch.where(live, 1.0 / torch.where(live, scale, 1.0), 0.0)
+    return u * scale.to(u.dtype), v * inv.to(v.dtype)[:, None]
+
+
 def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: float = 0.0,
-                   out_gram: Tensor | None = None, out_damp: float = 0.01) -> Factorization:
+                   out_gram: Tensor | None = None, out_damp: float = 0.01, out_shrink: float = 0.0) -> Factorization:
     """Optimal rank-k W′ for ‖Rᵀ(W·Z − W′·X′)‖_F with cross = Z X′ᵀ and gram = X′X′ᵀ (R = I without ``out_gram``).
 
     With S′ = chol(gram): W′ = R⁻ᵀ·Trunc_k(Rᵀ·W·cross·S′⁻ᵀ)·S′⁻¹.  When cross = gram this
@@ -127,11 +155,11 @@ def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: fl
     rather than towards 0, and gives W back exactly (at full rank) when X′ = Z.
     """
     return fit_product(weight, None if cross is gram else weight.double() @ cross.double(), gram, k, damp,
-                       out_gram, out_damp)
+                       out_gram, out_damp, out_shrink)
 
 
 def fit_product(weight: Tensor, weighted_cross: Tensor | None, gram: Tensor, k: int, damp: float = 0.0,
-                out_gram: Tensor | None = None, out_damp: float = 0.01) -> Factorization:
+                out_gram: Tensor | None = None, out_damp: float = 0.01, out_shrink: float = 0.0) -> Factorization:
     """``whiten_towards`` given W·Z X′ᵀ (m, n) rather than Z X′ᵀ (n, n); None: plain whitening (Z = X′).  A blend
     of targets is then a blend of (m, n) products, and no n×n matrix but the Gram and its factor is made."""
     w = weight.double()
@@ -144,9 +172,12 @@ def fit_product(weight: Tensor, weighted_cross: Tensor | None, gram: Tensor, k: 
         del wc
     r = None
     if out_gram is not None:
-        r, out_remedy = output_factor(out_gram, out_damp)
+        r, out_remedy = output_factor(out_gram, out_damp, out_shrink)
         remedy = "; ".join(x for x in (remedy, out_remedy) if x)
-        target = left_whitened(r, target)
+        if r.any():
+            target = left_whitened(r, target)
+        else:  # the output never reaches the loss: any factors cost nothing, the one-sided ones keep X's error least
+            r = None
     u, vs, sigma = truncate(target, k)
     del target
     if r is not None:  # R⁻ᵀ·u

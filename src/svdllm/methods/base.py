@@ -27,6 +27,13 @@ class MethodOptions:
         return {"name": self.name, "version": self.version, **asdict(self)}
 
 
+def check_range(options: Any, name: str, low: float, high: float, what: str = "") -> None:
+    """Raise OptionError naming ``name`` unless the field is a finite number in [low, high] (nan and inf refused)."""
+    value = getattr(options, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise OptionError(name, f"must be in [{low:g}, {high:g}]{what}, got {value!r}")
+
+
 Factorizer = Callable[[Tensor, "LayerStats", int, Any], tuple[Factorization, dict[str, Any]]]
 
 

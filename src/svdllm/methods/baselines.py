@@ -6,9 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ..errors import OptionError
 from ..whitening import Factorization, scaled_svd
-from .base import MethodOptions, register
+from .base import MethodOptions, check_range, register
 
 if TYPE_CHECKING:
     from ..calibration import LayerStats
@@ -29,11 +28,10 @@ class FWSVDOptions(MethodOptions):
 @dataclass(frozen=True)
 class ASVDOptions(MethodOptions):
     name = "asvd"
-    asvd_alpha: float = 0.5  # exponent of the mean |x| column scaling
+    asvd_alpha: float = 0.5  # exponent of the mean |x| column scaling (past 4 the scales leave float64's range)
 
     def validate(self) -> None:
-        if not self.asvd_alpha >= 0:  # also refuses nan
-            raise OptionError("asvd_alpha", f"must be non-negative, got {self.asvd_alpha}")
+        check_range(self, "asvd_alpha", 0.0, 4.0)
 
 
 @register(SVDOptions, frozenset(), "plain truncated SVD of W")

@@ -8,11 +8,16 @@ import torch
 from torch import Tensor
 
 from ..errors import OptionError
-from ..whitening import Factorization, fit_product, relative_error, update_left, whiten
-from .base import MethodOptions, register
+from ..whitening import Factorization, fit_product, output_shrinkage, relative_error, update_left, whiten
+from .base import MethodOptions, check_range, register
 
 if TYPE_CHECKING:
     from ..calibration import LayerStats
+
+
+# A ridge is relative to the Gram's mean diagonal: past 1e4 it is the identity to float64's precision, and at 1e200 its
+# square overflows (a factor of 1e50 in float32 was seen).
+MAX_RIDGE = 1e4
 
 
 @dataclass(frozen=True)
@@ -22,12 +27,21 @@ class OutputAwareOptions(MethodOptions):
     output_whitening: bool = False  # also whiten the output side with the loss's gradient Gram (K-FAC)
     output_damp: float = 0.01  # ridge on that Gram, relative to its mean diagonal
     output_full_width: int = 8192  # outputs wider keep the Gram's diagonal only (a full one costs width²·8 bytes)
+    # weight α of the scaled identity in a full output Gram; None: w/(w + tokens) (whitening.output_shrinkage), so
+    # that few calibration tokens per output fall back towards one-sided whitening (0: the Gram alone, as 0.8.0)
+    output_shrinkage: float | None = None
 
     def validate(self) -> None:
-        if not self.output_damp >= 0:
-            raise OptionError("output_damp", f"must be non-negative, got {self.output_damp}")
-        if not self.output_full_width >= 0:
-            raise OptionError("output_full_width", f"must be non-negative, got {self.output_full_width}")
+        check_range(self, "output_damp", 0.0, MAX_RIDGE)
+        if isinstance(self.output_full_width, bool) or not isinstance(self.output_full_width, int) \
+                or self.output_full_width < 0:
+            raise OptionError("output_full_width", f"must be a non-negative whole number, got {self.output_full_width!r}")
+        if self.output_shrinkage is not None:
+            check_range(self, "output_shrinkage", 0.0, 1.0)
+
+    def shrinkage(self, width: int, tokens: int) -> float:
+        """α for a full output Gram of ``width`` outputs gathered over ``tokens`` calibration tokens."""
+        return output_shrinkage(width, tokens) if self.output_shrinkage is None else float(self.output_shrinkage)
 
 
 @dataclass(frozen=True)
@@ -37,14 +51,17 @@ class WhiteningOptions(OutputAwareOptions):
 
     def validate(self) -> None:
         super().validate()
-        if not self.damp >= 0:
-            raise OptionError("damp", f"must be non-negative, got {self.damp}")
+        check_range(self, "damp", 0.0, MAX_RIDGE)
 
 
 @dataclass(frozen=True)
 class SVDLLMOptions(WhiteningOptions):
     name = "svdllm"
     update_damp: float = 1e-6  # ridge of the closed-form update's normal equations
+
+    def validate(self) -> None:
+        super().validate()
+        check_range(self, "update_damp", 0.0, MAX_RIDGE)
 
 
 @dataclass(frozen=True)
@@ -59,12 +76,9 @@ class ErrorCorrectedOptions(OutputAwareOptions):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.beta <= 1.0:  # also refuses nan
-            raise OptionError("beta", f"must be in [0, 1], got {self.beta}")
-        if not self.norm_cap >= 0:
-            raise OptionError("norm_cap", f"must be positive (or 0 for off), got {self.norm_cap}")
-        if not self.ec_damp >= 0:
-            raise OptionError("ec_damp", f"must be non-negative, got {self.ec_damp}")
+        check_range(self, "beta", 0.0, 1.0)
+        check_range(self, "norm_cap", 0.0, 1e6)
+        check_range(self, "ec_damp", 0.0, MAX_RIDGE)
 
 
 def _whitening_record(weight: Tensor, f: Factorization, gram: Tensor) -> dict[str, Any]:
@@ -76,7 +90,7 @@ def _whitening_record(weight: Tensor, f: Factorization, gram: Tensor) -> dict[st
 @register(WhiteningOptions, frozenset({"gram"}), "SVD-LLM(W): truncation-aware whitening")
 def svdllm_w(weight: Tensor, stats: LayerStats, k: int, opts: WhiteningOptions) -> tuple[Factorization, dict[str, Any]]:
     assert stats.gram is not None
-    f = whiten(weight, stats.gram, k, opts.damp, _out(stats, opts), opts.output_damp)
+    f = whiten(weight, stats.gram, k, opts.damp, **_output_side(stats, opts))
     return f, _whitening_record(weight, f, stats.gram)
 
 
@@ -84,17 +98,20 @@ def svdllm_w(weight: Tensor, stats: LayerStats, k: int, opts: WhiteningOptions) 
 def svdllm(weight: Tensor, stats: LayerStats, k: int, opts: SVDLLMOptions) -> tuple[Factorization, dict[str, Any]]:
     """Whitening from the dense stream, then U re-solved against W·X′ on the compressed stream."""
     assert stats.gram is not None and stats.comp_gram is not None
-    f = whiten(weight, stats.gram, k, opts.damp, _out(stats, opts), opts.output_damp)  # U re-solved below: R cancels
+    f = whiten(weight, stats.gram, k, opts.damp, **_output_side(stats, opts))  # U re-solved below: R cancels
     before = relative_error(weight, f.u, f.v, stats.comp_gram)
     f.u = update_left(weight, f.v, stats.comp_gram, stats.comp_gram, opts.update_damp)
     return f, {"loss_before_update": before, "loss": relative_error(weight, f.u, f.v, stats.comp_gram)}
 
 
-def _out(stats: LayerStats, opts: OutputAwareOptions) -> Tensor | None:
-    """The output-gradient Gram when the options ask for output whitening."""
-    if opts.output_whitening and stats.out_gram is None:
+def _output_side(stats: LayerStats, opts: OutputAwareOptions) -> dict[str, Any]:
+    """The output side's arguments of the whitening functions: none for one-sided whitening."""
+    if not opts.output_whitening:
+        return {}
+    if stats.out_gram is None:
         raise RuntimeError("output whitening asked for, but no output-gradient Gram was gathered")
-    return stats.out_gram if opts.output_whitening else None
+    return {"out_gram": stats.out_gram, "out_damp": opts.output_damp,
+            "out_shrink": opts.shrinkage(stats.out_gram.shape[0], stats.tokens)}
 
 
 @register(ErrorCorrectedOptions, frozenset({"comp", "cross"}),
@@ -112,10 +129,10 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
     w_norm = float(w.norm())
     # W·(βX + (1−β)X′)X′ᵀ as a blend of two (m, n) products, made once for every β the guard tries
     w_cross, w_comp = w @ stats.cross, w @ stats.comp_gram
-    beta = opts.beta
+    beta, output_side = opts.beta, _output_side(stats, opts)
     while True:  # R⁻ᵀ·Trunc_k(Rᵀ·W·D_β·S′⁻ᵀ)·S′⁻¹, R = I unless output-aware
         f = fit_product(w, None if beta == 0 else torch.lerp(w_comp, w_cross, beta), stats.comp_gram, k,
-                        opts.ec_damp, _out(stats, opts), opts.output_damp)
+                        opts.ec_damp, **output_side)
         ratio = float((f.u @ f.v).norm()) / max(w_norm, 1e-300)
         if beta == 0 or not opts.norm_cap or ratio <= opts.norm_cap:
             break
