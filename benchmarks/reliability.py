@@ -7,6 +7,7 @@
 
     python benchmarks/reliability.py                     # both, about an hour on 2 cores
     python benchmarks/reliability.py --sizes 4x128 --no-scale
+    python benchmarks/reliability.py --sizes '' --scale-size 8x512 --results benchmarks/results/reliability-scale
 
 Writes results.json (after every run, with the commit), table.md and calibration.png to --results.
 """
@@ -87,7 +88,7 @@ def main() -> None:
                  torch.get_num_threads(), "dense": perplexities(model, evals), "calibration": [], "scale": {},
                  "scale_size": args.scale_size}
     write_json(out / "results.json", res)
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         n, seqlen = map(int, size.split("x"))
         windows = sample_windows(train, n, seqlen, 0, bos)
         for label, opts in VARIANTS.items():
@@ -128,14 +129,15 @@ def write_tables(res: dict, out: Path) -> None:
     text = (f"SmolLM2-135M, svdllm-ec at ratio {res['ratio']} (Fisher ranks, true-sequential), perplexity on "
             f"{res['max_tokens']} tokens of wiki-test / news (dense {d['wiki-test']:.2f} / {d['news']:.2f}); "
             f"commit {res['commit'][:7]}, {res['threads']} threads, cores shared with other work (times are not "
-            "clean).\n\n## Calibration size\n\n")
+            "clean).\n")
     sizes = list(dict.fromkeys(r["size"] for r in res["calibration"]))
     cell = {(r["size"], r["variant"]): r for r in res["calibration"]}
-    text += markdown_table(["calibration (windows×tokens)", *VARIANTS], [
-        [s, *(f"{cell[s, v]['wiki-test']:.2f} / {cell[s, v]['news']:.2f}" if (s, v) in cell else "" for v in VARIANTS)]
-        for s in sizes])
+    if sizes:
+        text += "\n## Calibration size\n\n" + markdown_table(["calibration (windows×tokens)", *VARIANTS], [
+            [s, *(f"{cell[s, v]['wiki-test']:.2f} / {cell[s, v]['news']:.2f}" if (s, v) in cell else ""
+                  for v in VARIANTS)] for s in sizes])
     if res["scale"]:
-        text += "\n## Factor scale (the default, 32×512 unless the JSON's scale_size says otherwise)\n\n" + markdown_table(
+        text += f"\n## Factor scale (the default, calibrated on {res['scale_size']} tokens)\n\n" + markdown_table(
             ["factors", "median abs(U)", "median abs(V)", "max entry", "float32", "bfloat16", "int8 factors (bf16)",
              "int4 factors (bf16, group 128)"],
             [[label, f"{r['factors']['median_u']:.3g}", f"{r['factors']['median_v']:.3g}",

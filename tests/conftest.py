@@ -97,6 +97,28 @@ def record_of(model: torch.nn.Module):
 
 
 @pytest.fixture
+def crash_after_first_block(monkeypatch):
+    """A context in which a run stops (as if killed) right after committing its first block to the run folder."""
+    from contextlib import contextmanager
+
+    from svdllm.checkpoint import RunDir
+
+    real = RunDir.commit
+
+    def crash(self, i, *a, **k):
+        real(self, i, *a, **k)
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def active():
+        with monkeypatch.context() as m:
+            m.setattr(RunDir, "commit", crash)
+            yield
+
+    return active
+
+
+@pytest.fixture
 def make_model(tokenizer):
     return lambda arch="llama", seed=0, hidden=64: tiny_model(arch, len(tokenizer), seed, hidden)
 

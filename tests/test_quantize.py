@@ -17,7 +17,7 @@ from svdllm import CompressionConfig, CompressionResult, SvdllmRecord, compress,
     sample_windows, save
 from svdllm.cli import main
 from svdllm.generation import weight_bytes
-from svdllm.errors import FormatError
+from svdllm.errors import FormatError, OptionError
 from svdllm.folder import verify
 from svdllm.runtime import LatentCache, LowRankLinear, cache_argument, model_class
 from svdllm.quantize import QuantizeOptions, quantize_model
@@ -116,7 +116,7 @@ def test_bfloat16_factors_round_trip(make_model, tokenizer, calib_tokens, tmp_pa
     ids = calib_tokens[:40][None]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
-    with pytest.raises(FormatError, match="saved dtype"):
+    with pytest.raises(OptionError, match="saved dtype"):
         load(tmp_path / "q", dtype="float32")
 
 

@@ -24,9 +24,27 @@ def saved(make_model, tokenizer, calib_tokens, tmp_path):
 
 
 def edit_config(folder, change) -> None:
+    """Change config.json and rewrite the manifest to match, as a forger would: the deeper check must refuse it."""
     cfg = json.loads((folder / "config.json").read_text())
     change(cfg)
     (folder / "config.json").write_text(json.dumps(cfg))
+    refresh_manifest(folder)
+
+
+def refresh_manifest(folder) -> None:
+    from svdllm.files import sha256_file
+    from svdllm.folder import MANIFEST_FILE
+
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST_FILE}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}))
+
+
+def test_an_edited_config_is_refused_by_the_manifest(saved):
+    _, out = saved
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlamaForCausalLM"], extra=1)))
+    with pytest.raises(FormatError, match="config.json was changed after svdllm wrote it"):
+        load(out)
 
 
 def test_two_passes_keep_both_passes_ranks(make_model, tokenizer, calib_tokens, tmp_path):
@@ -181,12 +199,14 @@ def test_a_killed_save_leaves_nothing_for_long(make_model, tokenizer, calib_toke
     result = compress(model, windows(calib_tokens), CompressionConfig(ratio=0.4, method="svd"), progress=False)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has exited
-    for stale in (f".c.tmp-{pid}-abc", f".c.old-{pid}"):
-        (tmp_path / stale).mkdir()
-        (tmp_path / stale / "model.safetensors").write_bytes(b"0" * 1000)
-    (tmp_path / f".c.tmp-{os_getpid()}-live").mkdir()  # a live process's: kept
+    from svdllm.folder import _marked_folder
+
+    for kind in ("tmp", "old"):  # svdllm's own (marked), their process gone: removed
+        stale = _marked_folder(tmp_path / "c", kind, pid=pid)
+        (stale / "model.safetensors").write_bytes(b"0" * 1000)
+    live = _marked_folder(tmp_path / "c", "tmp")  # a live process's: kept
     save(result, tokenizer, tmp_path / "c")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", f".c.tmp-{os_getpid()}-live"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", live.name])
 
 
 def os_getpid() -> int:

@@ -56,30 +56,22 @@ def test_alternating_layer_types_report_what_eval_gives(gemma_dir, text_file, tm
 # ---------------------------------------------------------------- 3, 4. resume and concurrency
 
 
-def test_a_resume_with_other_block_weights_is_refused(model_dir, text_file, tmp_path, capsys, monkeypatch, tokenizer):
+def test_a_resume_with_other_block_weights_is_refused(model_dir, text_file, tmp_path, capsys, crash_after_first_block,
+                                                     tokenizer):
     """Same config, same embeddings, one block weight different (a LoRA merge is enough): not the same run."""
-    from svdllm.checkpoint import RunDir
-
     other = tmp_path / "other"
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
     model.save_pretrained(other)
     tokenizer.save_pretrained(other)
-    real = RunDir.commit
-
-    def crash(self, i, *a, **k):
-        real(self, i, *a, **k)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(RunDir, "commit", crash)
+    with crash_after_first_block():
         assert main(cli(model_dir, text_file, tmp_path / "o")) == 130
     capsys.readouterr()
     assert main(cli(other, text_file, tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert "belongs to another run" in err and "weights" in err
-    assert json.loads((tmp_path / ".o.svdllm-run" / "state.json").read_text())["next_block"] == 1  # nothing lost
+    assert json.loads((tmp_path / ".o.svdllm-run" / "state.json").read_text())["value"]["next_block"] == 1  # nothing lost
 
 
 def test_a_second_run_into_the_same_output_is_refused(model_dir, text_file, tmp_path, capsys):
@@ -100,8 +92,10 @@ def test_a_resume_with_another_process_count_names_it(model_dir, text_file, tmp_
     from svdllm.checkpoint import RunDir
     from svdllm.errors import RunFolderError
 
+    from svdllm.checkpoint import write_checked_json
+
     RunDir(tmp_path / "run", "fp", world_size=2).commit  # noqa: B018 (a folder made by two processes)
-    (tmp_path / "run" / "state.json").write_text(json.dumps({"fingerprint": "fp", "world_size": 2, "next_block": 1}))
+    write_checked_json(tmp_path / "run" / "state.json", {"fingerprint": "fp", "world_size": 2, "next_block": 1})
     with pytest.raises(RunFolderError, match="written by 2 processes; resume it with 2, not 1"):
         RunDir(tmp_path / "run", "fp", world_size=1)
 

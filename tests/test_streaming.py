@@ -180,7 +180,7 @@ def test_killed_run_resumes_to_identical_shards(sharded_dir, text_file, tmp_path
         with pytest.raises(Crash):
             svdllm.run_compression(options(sharded_dir, text_file, tmp_path / "resumed", low_memory=low_memory))
     run = tmp_path / ".resumed.svdllm-run"
-    assert json.loads((run / "state.json").read_text())["next_block"] == 2 and not (tmp_path / "resumed").exists()
+    assert json.loads((run / "state.json").read_text())["value"]["next_block"] == 2 and not (tmp_path / "resumed").exists()
     assert (run / "gradients.safetensors").is_file()  # the Fisher statistics are kept with the checkpoint
     calls: list[int] = []
     on_commit(monkeypatch, calls.append)

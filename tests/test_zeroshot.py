@@ -152,7 +152,7 @@ def test_a_rerun_does_not_score_the_dense_model_again(model_dir, text_file, tmp_
         assert len(scored) == 1 and kept_file.is_file()
         assert main(argv("3")) == 130  # another --limit: scored afresh
         assert len(scored) == 2
-    kept = json.loads(kept_file.read_text())["rows"]
+    kept = json.loads(kept_file.read_text())["value"]["rows"]
     assert main(argv("3")) == 0
     assert len(scored) == 3  # the compressed model only
     assert json.loads((out / "svdllm_report.json").read_text())["zero_shot"]["dense"] == kept
@@ -161,7 +161,7 @@ def test_a_rerun_does_not_score_the_dense_model_again(model_dir, text_file, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (("doc_to_text: context", "doc_to_text: \"{{nowhere}}\""), "cannot be built"),
-    (("doc_to_text: context", "doc_to_text: !function nothing.here"), "--include-path"),
+    (("doc_to_text: context", "doc_to_text: !function nothing.here"), "cannot be built"),  # imported only when asked
     (("  - metric: acc_norm", "  - metric: no_such_metric"), "cannot be built"),
     (("metric_list:", "metric_list: [unclosed"), "--include-path"),
 ])

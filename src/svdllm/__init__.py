@@ -1,8 +1,14 @@
 """svdllm: compress Hugging Face LLMs with SVD-LLM and beyond.
 
-    import svdllm
-    result = svdllm.run_compression(svdllm.CompressOptions(model="smollm2-135m", ratio=0.4, out="out/smol-40"))
-    model = svdllm.load("out/smol-40")
+>>> import svdllm
+>>> options = svdllm.CompressOptions(model="smollm2-135m", out="out/smol-40",
+...                                  compression=svdllm.CompressionConfig(ratio=0.4))
+>>> options.compression.ratio, options.compression.method.name
+(0.4, 'svdllm-ec')
+>>> options.out_dir()
+PosixPath('out/smol-40')
+
+``svdllm.run_compression(options)`` then compresses, evaluates and saves; ``svdllm.load("out/smol-40")`` loads it.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ exclusive lock on its output for its whole length, so two runs never share a run
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -15,13 +16,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import distributed
-from .errors import RunFolderError
-from .files import atomic_write_text
+from .errors import FormatError, RunFolderError
+from .files import atomic_write_text, load_tensors
 
 if TYPE_CHECKING:
     from .source import ModelSource
 
 STATE = "state.json"
+
+
+def write_checked_json(path: Path, value: Any) -> None:
+    """``value`` as JSON with the sha256 of its canonical text beside it, atomically."""
+    text = json.dumps(value, sort_keys=True)
+    atomic_write_text(path, json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "value": value}))
+
+
+def read_checked_json(path: Path, what: str) -> Any:
+    """What ``write_checked_json`` wrote, or RunFolderError naming ``what`` and the file when it does not check."""
+    try:
+        wrapped = json.loads(path.read_text(encoding="utf-8"))
+        value = wrapped["value"]
+        intact = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest() == wrapped["sha256"]
+    except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, not our layout
+        intact = False
+    if not intact:
+        raise RunFolderError(f"{what} is damaged ({path.name} does not match its checksum); remove it to start "
+                             "afresh")
+    return value
 
 
 class OutputLock:
@@ -69,10 +90,7 @@ class RunDir:
         self.state: dict[str, Any] = {}
         state_file = self.path / STATE
         if state_file.is_file():
-            try:
-                self.state = json.loads(state_file.read_text())
-            except json.JSONDecodeError:
-                raise RunFolderError(f"checkpoint {self.path} is damaged (state.json is not JSON); remove it") from None
+            self.state = read_checked_json(state_file, f"checkpoint {self.path}")
             saved_world = self.state.get("world_size", 1)
             if saved_world != world_size:
                 raise RunFolderError(f"checkpoint {self.path} was written by {saved_world} processes; resume it with "
@@ -81,11 +99,25 @@ class RunDir:
                 raise RunFolderError(f"checkpoint {self.path} belongs to another run (different model weights, data "
                                      "or options); rerun that command, or remove the folder to start afresh")
         self.world_size = world_size
+        if self.state:
+            self.verify()
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.state:  # the run exists from its start: a kill before block 0 (in the gradient pass) resumes too
             self.state = {"fingerprint": fingerprint, "world_size": world_size, "next_block": 0}
             if distributed.is_writer():
-                atomic_write_text(self.path / STATE, json.dumps(self.state))
+                write_checked_json(self.path / STATE, self.state)
+
+    def verify(self) -> None:
+        """Every tensor file the run kept (finished blocks, streams, gradient statistics, output Grams) against the
+        sha256 written with it, before any work depends on one: a damaged one refuses the run in one line."""
+        for path in sorted(self.path.rglob("*.safetensors")):
+            if path.name.startswith("."):
+                continue  # a write a kill interrupted: never renamed into place, never read
+            try:
+                load_tensors(path, keep=False)
+            except FormatError as exc:
+                raise RunFolderError(f"checkpoint {self.path} is damaged: {exc}; remove the folder to start "
+                                     "afresh") from None
 
     @property
     def done(self) -> int:
@@ -123,7 +155,7 @@ class RunDir:
         distributed.barrier()
         self.state = {"fingerprint": self.fingerprint, "world_size": self.world_size, "next_block": i + 1, **extra}
         if writer:
-            atomic_write_text(self.path / STATE, json.dumps(self.state))
+            write_checked_json(self.path / STATE, self.state)
             shutil.rmtree(self.streams_folder(i), ignore_errors=True)
 
     def remove(self) -> None:

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--low-memory", action="store_true", default=None,
                    help="never hold the whole model: read one block at a time from the safetensors shards "
                         "(automatic when the weights exceed half the available memory)")
+    c.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model folder's own Python code (config.json's auto_map) run; off: it never runs")
     c.add_argument("--dist-timeout", type=_positive, default=1800,
                    help="under torchrun: seconds a process waits for the others before the run fails (default 1800)")
     c.add_argument("--resume", action="store_true",
@@ -264,7 +266,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         model=args.model, compression=config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, eval=_specs(args.eval), eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens,
         eval_tasks=args.eval_tasks, include_path=args.include_path, limit=args.limit, low_memory=args.low_memory,
-        resume=args.resume, dist_timeout=args.dist_timeout, dtype=args.dtype, out=args.out, force=args.force,
+        resume=args.resume, dist_timeout=args.dist_timeout, trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype, out=args.out, force=args.force,
         finetune=_finetune_config(args, "ft-", data=args.calib) if args.finetune else None,
         quantize=QuantizeOptions(args.quantize, args.quantize_group_size) if args.quantize else None,
         progress=not args.quiet)
@@ -277,15 +280,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _print_summary(args: argparse.Namespace, outcome: Any) -> None:
+    from .folder import is_svdllm_folder
+
     report, p0, p1 = outcome.report, outcome.params_before, outcome.params_after
     before, after = report.perplexity.get("dense", {}), outcome.record.perplexity or {}
+    given = "before" if Path(args.model).is_dir() and is_svdllm_folder(Path(args.model)) else "dense"  # the input
     print(f"\nsvdllm compress {args.model}: method {args.method}, ratio {args.ratio}, {report.plan.get('n_blocks')} "
           f"blocks, {outcome.record.rank_rule} ranks, calibration {args.nsamples}×{args.seqlen} tokens of {args.calib}, "
           f"seed {args.seed}")
     if before:
         label = f"compressed, int{args.quantize} factors" if report.perplexity.get("quantized") else \
             f"compressed, {args.dtype}" if report.perplexity.get(args.dtype) else "compressed"
-        print(f"\n| perplexity ({args.eval_seqlen}-token windows, ≤{args.max_tokens} tokens) | dense | {label} | change |")
+        print(f"\n| perplexity ({args.eval_seqlen}-token windows, ≤{args.max_tokens} tokens) | {given} | {label} | "
+              "change |")
         print("|---|---:|---:|---:|")
         for k in before:
             print(f"| {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
@@ -294,7 +301,7 @@ def _print_summary(args: argparse.Namespace, outcome: Any) -> None:
 
         print(f"\nzero-shot (lm-eval{f', --limit {args.limit}' if args.limit else ''}):\n")
         print(markdown({k: report.zero_shot[k] for k in ("dense", "compressed")}))
-    print("\n| parameters | dense | compressed | reduction |\n|---|---:|---:|---:|")
+    print(f"\n| parameters | {given} | compressed | reduction |\n|---|---:|---:|---:|")
     print(f"| whole model | {p0:,} | {p1:,} | {100 * (1 - p1 / p0):.1f}% |")
     lb, la = report.linear_params_before, report.linear_params_after
     print(f"| compressed linears | {lb:,} | {la:,} | {100 * (1 - la / max(lb, 1)):.1f}% |")
@@ -481,7 +488,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("the prompt has no tokens")
     from .evaluate import check_positions
 
-    check_positions(model, ids["input_ids"].shape[1] + args.max_new_tokens)
+    check_positions(model, ids["input_ids"].shape[1] + args.max_new_tokens, "max_new_tokens")
     extra: dict[str, Any] = {}
     if args.fast:
         from .generation import fast_options
@@ -545,7 +552,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .folder import check_new_file, verify
+    from .folder import MANIFEST_FILE, check_new_file, verify
 
     if args.plot:
         check_new_file(args.plot, "plot")
@@ -556,6 +563,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     quantized = quantization.pop("modules", {})
     print(json.dumps(section, indent=2))
     print(f"shards: {', '.join(shards)} (sha256 verified)")
+    print(f"files: {checked.files}, each matching {MANIFEST_FILE}; code: {checked.code}")
     print(f"weight bytes: {tensor_bytes:,} ({tensor_bytes / 2**20:.1f} MiB) in the shards")
     if quantized:
         print(f"quantization: {json.dumps(quantization)}; {len(quantized)} linears, their stored tensors checked")
@@ -609,7 +617,7 @@ COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "quantize": cmd_
             "generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}
 # an option named in an error → its flag, where the flag is not --OPTION-NAME
 FLAGS = {
-    "compress": {"rank_rule": "--ranks", "eval_tasks": "--eval-tasks", "quantize.bits": "--quantize",
+    "compress": {"model": "MODEL", "rank_rule": "--ranks", "eval_tasks": "--eval-tasks", "quantize.bits": "--quantize",
                  "quantize.group_size": "--quantize-group-size", "low_memory": "--low-memory", "method": "--method",
                  **{f"finetune.{f}": f"--ft-{f.replace('_', '-')}" for f in ("order", "lora_r", "lora_alpha", "lr",
                                                                             "steps", "batch_size", "seqlen", "dtype")}},
@@ -676,8 +684,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("svdllm: interrupted", file=sys.stderr)
         return 130
-    finally:
-        distributed.shutdown()
+    finally:  # torchrun's SIGTERM, sent when a peer died, lands here after the one line: nothing left to clean up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            distributed.shutdown()
+        except KeyboardInterrupt:
+            pass
 
 
 if __name__ == "__main__":

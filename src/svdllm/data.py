@@ -93,8 +93,9 @@ def is_test_article(title: str) -> bool:
 
 
 def _read_utf8(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark (as Windows editors write) is not part of it."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (bad byte at offset {exc.start})") from None
 

@@ -120,11 +120,12 @@ def position_limit(model: nn.Module) -> int | None:
     return limit if tables else None
 
 
-def check_positions(model: nn.Module, longest: int) -> None:
-    """Refuse, before any work, a window longer than the model's learned positions (it fails deep inside)."""
+def check_positions(model: nn.Module, longest: int, option: str = "seqlen") -> None:
+    """Refuse, before any work, a window longer than the model's learned positions (it fails deep inside), naming
+    the option that set its length."""
     limit = position_limit(model)
     if limit is not None and longest > limit:
-        raise OptionError("seqlen", f"windows of {longest} tokens exceed the model's {limit} positions")
+        raise OptionError(option, f"windows of {longest} tokens exceed the model's {limit} positions")
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -37,12 +38,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 DIGEST_KEY = "svdllm_sha256"  # safetensors metadata: the sha256 of the file's tensors (``tensors_digest``)
 
 
-def tensors_digest(tensors: dict[str, Tensor]) -> str:
+def tensors_digest(tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]]) -> str:
     """sha256 of named tensors: each name, dtype, shape and raw bytes, in name order (read in place, no copy for a
-    contiguous CPU tensor)."""
+    contiguous CPU tensor).  Pairs in name order may be given instead of a mapping, one tensor alive at a time."""
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach()
+    for name, t in sorted(tensors.items()) if isinstance(tensors, Mapping) else tensors:
+        t = t.detach()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
         if t.numel():
             h.update(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
@@ -50,29 +51,42 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
 
 
 def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' ``save_file`` with the tensors' sha256 in the metadata (``load_tensors`` checks it); its I/O
-    failures raised as OSError (a full disk as ENOSPC) rather than its own."""
+    """safetensors' ``save_file``; its I/O failures raised as OSError (a full disk as ENOSPC) rather than its own.
+
+    Without ``metadata`` (svdllm's own files: checkpoints, streams, statistics) the metadata is the sha256 of the
+    tensors alone, which ``load_tensors`` checks (one key, so that the header's bytes are reproducible: safetensors
+    writes several in no fixed order).  A saved folder's shards give ``{"format": "pt"}`` for transformers, and are
+    checked by the folder's manifest instead."""
     import safetensors.torch
     from safetensors import SafetensorError
 
     try:
-        safetensors.torch.save_file(tensors, str(path), metadata={**(metadata or {}),
-                                                                   DIGEST_KEY: tensors_digest(tensors)})
+        safetensors.torch.save_file(tensors, str(path), metadata=metadata or {DIGEST_KEY: tensors_digest(tensors)})
     except SafetensorError as exc:
         text = str(exc)
         code = errno.ENOSPC if "os error 28" in text or "No space" in text else errno.EIO
         raise OSError(code, f"{os.strerror(code)}: {path}") from exc
 
 
-def load_tensors(path: Path) -> dict[str, Tensor]:
+def load_tensors(path: Path, keep: bool = True) -> dict[str, Tensor]:
     """The tensors of a file ``save_tensors`` wrote, checked against the sha256 it recorded: a truncated, damaged or
-    foreign file is a FormatError naming it, never a traceback or numbers used silently."""
+    foreign file is a FormatError naming it, never a traceback or numbers used silently.  ``keep=False`` only checks
+    (one tensor in memory at a time) and returns nothing."""
     from safetensors import SafetensorError, safe_open
 
+    tensors: dict[str, Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as fh:
             recorded = (fh.metadata() or {}).get(DIGEST_KEY)
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+
+            def each() -> Iterator[tuple[str, Tensor]]:
+                for key in sorted(fh.keys()):
+                    tensor = fh.get_tensor(key)
+                    if keep:
+                        tensors[key] = tensor
+                    yield key, tensor
+
+            digest = tensors_digest(each())
     except (SafetensorError, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise FormatError(f"{path} is missing") from None
@@ -80,7 +94,7 @@ def load_tensors(path: Path) -> dict[str, Tensor]:
             from None
     if recorded is None:
         raise FormatError(f"{path} carries no checksum: it was not written by this svdllm")
-    if tensors_digest(tensors) != recorded:
+    if digest != recorded:
         raise FormatError(f"{path} is damaged (its tensors do not match the sha256 recorded when it was written)")
     return tensors
 

@@ -102,6 +102,33 @@ def _stage(model: nn.Module, which: str, train: Tensor, cfg: FinetuneConfig, gen
     return restore_rank_major(peft_model.merge_and_unload()), losses  # a merge may hand back a row-major U
 
 
+def training_bytes(model: nn.Module, tokens: int, dtype: torch.dtype) -> int:
+    """A rough count of what a training step keeps for backward, for ``tokens`` tokens a batch: the float32 logits
+    three times over (logits, log-softmax, their gradient) and per block about 34·hidden + 4·intermediate values a
+    token (Korthikanti et al. 2022, without attention scores: SDPA does not keep them)."""
+    config = model.config.get_text_config()
+    hidden = getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)
+    inner = getattr(config, "intermediate_size", 0) or getattr(config, "ffn_dim", 0) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)
+    per_token = 12 * config.vocab_size + layers * (34 * hidden + 4 * inner) * torch.finfo(dtype).bits // 8
+    return tokens * per_token
+
+
+def _check_fits(model: nn.Module, cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before any work, windows past the model's positions and batches whose activations cannot fit."""
+    from .source import memory_available
+
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit and cfg.seqlen > limit:
+        raise OptionError("finetune.seqlen", f"windows of {cfg.seqlen} tokens exceed the model's {limit} positions")
+    need = training_bytes(model, cfg.batch_size * cfg.seqlen, dtype)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else memory_available()
+    if need > free:
+        raise OptionError("finetune.batch_size", f"{cfg.batch_size} windows of {cfg.seqlen} tokens need about "
+                          f"{need / 2**30:.1f} GiB of activations, {free / 2**30:.1f} GiB is free: lower it or "
+                          "`finetune.seqlen`")
+
+
 def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, tokens: Tensor | None = None,
              progress: bool = True) -> tuple[nn.Module, list[StageResult]]:
     """Run both LoRA stages on a compressed model; returns the merged model (same ranks) and per-stage results
@@ -112,6 +139,7 @@ def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, tokens: Tens
     device = next(model.parameters()).device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype or "") or (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
+    _check_fits(model, cfg, device, dtype)
     model.to(dtype)
     if tokens is None:
         from .data import load_text, tokenize

@@ -25,7 +25,7 @@ from torch import nn
 from .architecture import decoder_blocks
 from .errors import FormatError, OptionError
 from .record import SvdllmRecord
-from .runtime import LATENT_CACHE_FAMILIES, model_class
+from .runtime import LATENT_CACHE_FAMILIES, WeightsMismatch, model_class
 from .files import atomic_save_file, atomic_write_text, sha256_file
 
 MODELING_FILE = "modeling_svdllm.py"
@@ -127,15 +127,14 @@ def base_class(model: nn.Module) -> type:
     return next(c for c in type(model).__mro__ if c.__name__ != "SVDLLMForCausalLM")
 
 
-def runtime_files(model: nn.Module, record: SvdllmRecord) -> dict[str, str]:
-    """The runtime this model uses, file name → source: the low-rank layers always, the latent cache for the families
-    it supports, the quantized-factor loader for quantized factors; and the modeling file that joins them."""
-    base = base_class(model)
-    family = model.config.get_text_config(decoder=True).model_type
+def runtime_files(base: type, family: str, quantized: bool) -> dict[str, str]:
+    """The runtime a model of class ``base`` and ``family`` uses, file name → source: the low-rank layers always, the
+    latent cache for the families it supports, the quantized-factor loader for quantized factors; and the modeling
+    file that joins them.  The same arguments give the same bytes: ``verify`` compares a folder's code with them."""
     parts = {"svdllm_lowrank": ["svdllm_class"]}
     if family in LATENT_CACHE_FAMILIES:
         parts["svdllm_latent_cache"] = ["LatentCache"]
-    if record.quantization:
+    if quantized:
         parts["svdllm_quantized"] = ["load_quantized"]
     files = {f"{name}.py": (RUNTIME / f"{name}.py").read_text() for name in parts}
     hooks = [f"{hook}={name}" for hook, name, file in (("load_quantized", "load_quantized", "svdllm_quantized"),
@@ -240,7 +239,8 @@ def save(model: Any, tokenizer: Any, path: str | os.PathLike, record: SvdllmReco
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in runtime_files(model, record).items():
+        family = model.config.get_text_config(decoder=True).model_type
+        for name, text in runtime_files(base_class(model), family, bool(record.quantization)).items():
             (tmp / name).write_text(text)
         final = record.for_writing(shards)
         cfg = json.loads((tmp / "config.json").read_text())
@@ -311,6 +311,8 @@ class FolderInfo:
     record: SvdllmRecord
     dense_shapes: dict[str, list[int]]  # every low-rank linear → [out, in]
     tensor_bytes: int  # bytes of tensor data in the shards
+    files: int = 0  # files checked against the manifest
+    code: str = ""  # how the folder's Python files compare with this svdllm's runtime
 
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
@@ -318,7 +320,8 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16
 
 
 def verify(path: str | os.PathLike) -> FolderInfo:
-    """Check every shard (present, intact, sha256) and every factor shape against the recorded ranks."""
+    """Check every shard (present, intact, sha256), every factor shape against the recorded ranks, every file against
+    the manifest, and the folder's code against the runtime this svdllm writes."""
     folder = Path(path)
     record = read_record(folder)
     if not record.shards:
@@ -350,7 +353,59 @@ def verify(path: str | os.PathLike) -> FolderInfo:
         if u[1] != rank or v[0] != rank:
             raise FormatError(f"{folder}: {module} has factors {list(u)} and {list(v)} but config records rank {rank}")
     dense = {m: [shape(f"{m}.svd_u")[0], shape(f"{m}.svd_v")[1]] for m in record.ranks}
-    return FolderInfo(record, dense, tensor_bytes)
+    files = _check_manifest(folder)
+    return FolderInfo(record, dense, tensor_bytes, files, _check_code(folder, record))
+
+
+def _check_manifest(folder: Path) -> int:
+    """Every file of the folder is one the manifest lists, with its sha256, and every listed file is there: the
+    number of files.  Code appended to a runtime file, or a file added, is refused here."""
+    try:
+        files = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        raise FormatError(f"{folder}: no {MANIFEST_FILE}; a folder svdllm saved has one (written last)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{folder}: {MANIFEST_FILE} is damaged ({type(exc).__name__})") from None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise FormatError(f"{folder}: {MANIFEST_FILE} is damaged (its files are not name → sha256)")
+    extra = sorted({p.name for p in folder.iterdir()} - {MANIFEST_FILE} - set(files))
+    if extra:
+        raise FormatError(f"{folder}: {extra[0]} is not in {MANIFEST_FILE}: svdllm did not write it")
+    for name, digest in sorted(files.items()):
+        path = folder / name
+        if Path(name).name != name or not path.is_file() or path.is_symlink():
+            raise FormatError(f"{folder}: {name}, listed in {MANIFEST_FILE}, is missing or not a plain file")
+        if sha256_file(path) != digest:
+            raise FormatError(f"{folder}: {name} was changed after svdllm wrote it (sha256 differs from "
+                              f"{MANIFEST_FILE})")
+    return len(files)
+
+
+def _check_code(folder: Path, record: SvdllmRecord) -> str:
+    """The folder's Python files against the runtime this svdllm writes for it: identical (said), or, written by
+    another svdllm version, not comparable (said); different code from this version is refused."""
+    from ._version import __version__
+
+    code = sorted(p.name for p in folder.glob("*.py"))
+    if record.svdllm_version != __version__:
+        return (f"{len(code)} Python files written by svdllm {record.svdllm_version}, not compared with this "
+                f"svdllm's ({__version__}) runtime")
+    cfg = _config(folder)
+    base = causal_lm_class(cfg.get("architectures"), folder)
+    try:
+        family = transformers.CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg).get_text_config(decoder=True).model_type
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"{folder}: config.json's model_type {cfg.get('model_type')!r} is not one transformers "
+                          "knows") from None
+    expected = runtime_files(base, family, bool(record.quantization))
+    for name in code:
+        if name not in expected or (folder / name).read_text(encoding="utf-8", errors="replace") != expected[name]:
+            raise FormatError(f"{folder}: {name} is not the code svdllm {__version__} writes; do not load this folder "
+                              "with trust_remote_code")
+    missing = sorted(set(expected) - set(code))
+    if missing:
+        raise FormatError(f"{folder}: {missing[0]} is missing")
+    return f"{len(code)} Python files identical to svdllm {__version__}'s runtime"
 
 
 QUANTIZED_DTYPES = ("float32", "bfloat16", "float16")
@@ -415,17 +470,21 @@ def load(path: str | os.PathLike, dtype: str | torch.dtype | None = None, device
     runtime, never the folder's code).  With ``latent_cache`` its ``generate`` keeps the latents of low-rank
     k_proj/v_proj in the KV cache by default."""
     folder = Path(path)
-    verify(folder)
+    record = verify(folder).record
     base = causal_lm_class(_config(folder).get("architectures"), folder)
     kwargs: dict[str, Any] = {"dtype": "auto"}  # the saved dtype unless asked otherwise
     if dtype is not None:
         kwargs["dtype"] = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    saved = (record.quantization or {}).get("dtype")
+    if saved and kwargs["dtype"] not in ("auto", DTYPES[saved]):
+        raise OptionError("dtype", f"{folder} has quantized factors, which load in their saved dtype {saved}, not "
+                          f"{kwargs['dtype']}")
     if device_map is not None:
         kwargs["device_map"] = device_map
-    try:
+    try:  # any other ValueError from here is a bug, not the folder's: verify has checked every file
         model = model_class(base).from_pretrained(folder, **kwargs)
-    except ValueError as exc:
-        raise FormatError(f"{folder}: {str(exc).splitlines()[0]}") from None
+    except WeightsMismatch as exc:
+        raise FormatError(f"{folder}: {exc}") from None
     except ImportError as exc:  # a quantized model without its library
         raise FormatError(f"{folder}: {exc}") from None
     if device:

@@ -196,6 +196,8 @@ def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan
             target = dense_weight(module)[0].double() @ s
             if out_grams is not None and out_side is not None:
                 gram = out_grams[name]
+                if not torch.isfinite(gram).all():  # one-sided σ² here would mix activation units into loss units
+                    raise DataError(f"{name}: its output-gradient Gram is not finite; try float32")
                 r, _ = output_factor(gram, out_side.output_damp, out_side.shrinkage(gram.shape[0], stats.tokens))
                 target = left_whitened(r, target)
             out[name] = torch.linalg.svdvals(target).pow(2).cpu()

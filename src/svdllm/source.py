@@ -143,7 +143,7 @@ class ModelSource:
 
     def persist(self, i: int, path: Path) -> None:
         """Write finished block i to ``path`` (a checkpoint)."""
-        atomic_save_file(self.block_tensors(i), path, {"format": "pt"})
+        atomic_save_file(self.block_tensors(i), path)
 
     def restore(self, i: int, ranks: dict[str, int], path: Path) -> None:
         """Block i as a checkpoint left it: low-rank at ``ranks``, its tensors from ``path``."""
@@ -293,7 +293,7 @@ class StreamedSource(ModelSource):
 
     def finish(self, i: int) -> None:
         path = self._spill() / f"block-{i:05d}.safetensors"
-        atomic_save_file(super().block_tensors(i), path, {"format": "pt"})
+        atomic_save_file(super().block_tensors(i), path)
         self.finished[i] = path
         self.release(i)
 
@@ -336,19 +336,21 @@ def _tied_heads(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters(remove_duplicate=False) if p is out.weight}
 
 
-def open_streamed(folder: str | os.PathLike, device: str | torch.device | None = None) -> StreamedSource:
+def open_streamed(folder: str | os.PathLike, device: str | torch.device | None = None,
+                  trust_remote_code: bool = False) -> StreamedSource:
     """A plain Hugging Face folder as a float32 skeleton: everything outside the blocks is read now, each block
-    when a pass reaches it."""
+    when a pass reaches it.  The folder's own code runs only with ``trust_remote_code``."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     return_freed_memory()  # before anything large is allocated and freed
     shards = Shards(folder)
-    config = AutoConfig.from_pretrained(folder)
+    _refuse_own_code(Path(folder), trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if getattr(config, "svdllm", None):
         raise FormatError(f"{folder} is already compressed by svdllm; streaming reads dense models only")
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     shards.name_for(model)
     prefix, _ = decoder_blocks(model)
     tied = tied_parameter_names(model)
@@ -362,8 +364,27 @@ def open_streamed(folder: str | os.PathLike, device: str | torch.device | None =
     return StreamedSource(model.eval(), shards, device)
 
 
-def load_model(spec: str, dtype: Any = None, device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) in memory for a named model, a local folder (svdllm or plain), a .gguf file or a hub id."""
+def needs_own_code(folder: Path) -> bool:
+    """The folder's config names a model type transformers does not know, so only its own code (auto_map) builds it."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # transformers names the problem
+    return isinstance(cfg, dict) and bool(cfg.get("auto_map")) and cfg.get("model_type") not in CONFIG_MAPPING
+
+
+def _refuse_own_code(folder: Path | str, trust_remote_code: bool) -> None:
+    if isinstance(folder, Path) and not trust_remote_code and needs_own_code(folder):
+        raise OptionError("trust_remote_code", f"{folder} is a model type transformers does not know and would run the "
+                          "folder's own Python code (auto_map); allow it with `trust_remote_code` only if you trust it")
+
+
+def load_model(spec: str, dtype: Any = None, device: str | None = None,
+               trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) in memory for a named model, a local folder (svdllm or plain), a .gguf file or a hub id.
+    A folder's own Python code (``auto_map``) runs only with ``trust_remote_code``: never by a prompt mid-run."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import resolve_model
@@ -371,8 +392,10 @@ def load_model(spec: str, dtype: Any = None, device: str | None = None) -> tuple
 
     where, gguf = resolve_model(spec)
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
-    if isinstance(where, Path) and is_svdllm_folder(where):
-        return load(where, dtype=dtype, device=device), AutoTokenizer.from_pretrained(where)
+    kwargs["trust_remote_code"] = trust_remote_code
+    _refuse_own_code(where, trust_remote_code)
+    if isinstance(where, Path) and is_svdllm_folder(where):  # svdllm's own runtime, never the folder's code
+        return load(where, dtype=dtype, device=device), AutoTokenizer.from_pretrained(where, trust_remote_code=False)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kwargs)
         safe = {} if gguf else {"use_safetensors": True}  # never unpickle
@@ -434,15 +457,16 @@ def should_stream(spec: str, low_memory: bool | None) -> bool:
     return False
 
 
-def open_source(spec: str, low_memory: bool | None = None, device: str | None = None) -> tuple[ModelSource, Any]:
+def open_source(spec: str, low_memory: bool | None = None, device: str | None = None,
+                trust_remote_code: bool = False) -> tuple[ModelSource, Any]:
     """The model ``spec`` as a source, in memory or streamed from its shards (``low_memory``; None: automatic),
-    and its tokenizer."""
+    and its tokenizer; the folder's own code runs only with ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
     from .assets import resolve_model
 
     if not should_stream(spec, low_memory):
-        model, tok = load_model(spec)
+        model, tok = load_model(spec, trust_remote_code=trust_remote_code)
         return ModelSource(model, device), tok
     where, gguf = resolve_model(spec)
     if gguf:
@@ -450,4 +474,5 @@ def open_source(spec: str, low_memory: bool | None = None, device: str | None = 
                           "(convert it, or compress it in memory)")
     if not isinstance(where, Path):
         raise OptionError("low_memory", f"{spec} is not a local folder; streaming reads local safetensors folders")
-    return open_streamed(where, device), AutoTokenizer.from_pretrained(where)
+    return open_streamed(where, device, trust_remote_code), AutoTokenizer.from_pretrained(
+        where, trust_remote_code=trust_remote_code)

@@ -106,7 +106,8 @@ def output_factor(out_gram: Tensor, damp: float, shrink: float = 0.0) -> tuple[T
     a diagonal (as a vector) for a diagonal one (never shrunk: each of its entries is a mean over every token).
     A zero C_g (an output that never reaches the loss) gives R = 0: truncating it costs nothing, so its two-sided
     spectrum is zero and the factorisation falls back to one-sided whitening.  A non-finite C_g gives R = I
-    (one-sided, said in the remedy); a singular one is repaired like the input Gram."""
+    (one-sided, said in the remedy: the spectra refuse it, since its σ² would not be in loss units); a singular one
+    is repaired like the input Gram."""
     g = out_gram.double()
     if not torch.isfinite(g).all():
         return torch.ones(g.shape[0], dtype=torch.float64), "output Gram non-finite: one-sided whitening"

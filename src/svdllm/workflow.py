@@ -18,11 +18,10 @@ import torch
 from . import distributed
 from .architecture import count_parameters
 from .calibration import eval_windows, sample_windows
-from .checkpoint import OutputLock, RunDir
+from .checkpoint import OutputLock, RunDir, read_checked_json, write_checked_json
 from .data import bos_token
 from .evaluate import check_positions
 from .errors import OptionError
-from .files import atomic_write_text
 from .finetune import FinetuneConfig, StageResult
 from .folder import check_out_dir, save
 from .pipeline import CompressionConfig, CompressionReport, Timings, compress, fingerprint
@@ -61,6 +60,7 @@ class CompressOptions:
     include_path: str | None = None
     limit: int | None = None
     low_memory: bool | None = None  # stream blocks from the shards; None: when the weights exceed half the memory
+    trust_remote_code: bool = False  # let a model folder's own Python code (config.json's auto_map) run
     resume: bool = False  # insist on continuing an interrupted run (a rerun of the same run continues anyway)
     dist_timeout: int = 1800  # under torchrun: seconds a process waits for the others
     finetune: FinetuneConfig | None = None  # LoRA recovery after compressing
@@ -71,7 +71,7 @@ class CompressOptions:
     progress: bool = True
 
     def out_dir(self) -> Path:
-        if self.out:
+        if self.out is not None:  # '' is refused by the output check, never the default folder
             return Path(self.out)
         stem = Path(self.model).stem if self.model.endswith(".gguf") else Path(self.model).name
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem)
@@ -121,6 +121,7 @@ def validate(options: CompressOptions) -> _Checked:
         raise OptionError("resume", f"no interrupted run to continue for {out}")
     for spec in [options.calib, *options.eval]:
         check_spec(spec)
+    _check_not_quantized(options.model)
     if options.finetune is not None:
         options.finetune.validate()
     if options.quantize is not None:
@@ -149,6 +150,16 @@ def validate(options: CompressOptions) -> _Checked:
     return _Checked(out, run_path, streamed, tasks)
 
 
+def _check_not_quantized(model: str) -> None:
+    """A folder whose factors or weights are already quantized cannot be compressed (its integer tensors are no
+    weights to factorise)."""
+    from .folder import is_svdllm_folder, read_record
+
+    where = Path(model).expanduser()
+    if where.is_dir() and is_svdllm_folder(where) and read_record(where).quantization:
+        raise OptionError("model", f"{model} is already quantized; compress the folder it was quantized from")
+
+
 def run_compression(options: CompressOptions) -> CompressOutcome:
     """Validate, open the model once (in memory or streamed), compress with a resumable run folder, then fine-tune,
     quantize and score as asked, and save the folder with its record and report.  Under torchrun every process
@@ -163,9 +174,11 @@ def run_compression(options: CompressOptions) -> CompressOutcome:
     lock = OutputLock(checked.out)
     try:
         with timings.clock("load model"):
-            source, tok = open_source(options.model, checked.streamed, cfg.device)
+            source, tok = open_source(options.model, checked.streamed, cfg.device, options.trust_remote_code)
         params_before = count_parameters(source.model)
-        check_positions(source.model, max(options.seqlen, options.eval_seqlen))
+        check_positions(source.model, options.seqlen)
+        if options.eval:
+            check_positions(source.model, options.eval_seqlen, "eval_seqlen")
         bos = bos_token(tok, source.model.config)
         with timings.clock("load text"):
             windows = sample_windows(tokenize(tok, load_text(options.calib)), options.nsamples, options.seqlen,
@@ -253,11 +266,11 @@ def _dense_scores(run: RunDir, key: list, score: Callable[[], list]) -> list:
     """The dense model's zero-shot rows, kept in the run folder so that a resumed run does not score them again."""
     path, key = run.path / "zero_shot_dense.json", [run.fingerprint, *key]
     if path.is_file():
-        kept = json.loads(path.read_text())
+        kept = read_checked_json(path, f"checkpoint {run.path}")
         if kept.get("key") == key:
             return [tuple(row) for row in kept["rows"]]
     rows = score()
-    atomic_write_text(path, json.dumps({"key": key, "rows": rows}))
+    write_checked_json(path, {"key": key, "rows": rows})
     return rows
 
 

@@ -12,6 +12,7 @@ task YAML + JSONL written once to the cache, from text that never calibrates:
 """
 from __future__ import annotations
 
+import logging
 import json
 import math
 import os
@@ -33,6 +34,8 @@ OFFLINE_TASKS = ("svdllm_cloze", "svdllm_next_sentence")
 PAPER_TASKS = {"openbookqa": "acc_norm", "winogrande": "acc", "hellaswag": "acc_norm", "piqa": "acc",
                "mathqa": "acc_norm", "arc_easy": "acc", "arc_challenge": "acc_norm"}
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+log = logging.getLogger("svdllm")
 
 
 def _sentences(text: str) -> list[str]:
@@ -161,15 +164,18 @@ def resolve_tasks(spec: str, include_path: str | None = None) -> tuple[list[str]
     paths = [str(offline_tasks_dir())] if set(names) & set(OFFLINE_TASKS) else []
     if include_path:
         paths.append(str(Path(include_path).expanduser()))
-        _check_yaml_files(Path(paths[-1]))
-    manager = TaskManager(include_path=paths or None)
+    manager = TaskManager(include_path=paths or None)  # indexes the YAMLs without running their code
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
+        if include_path:  # lm-eval skips a YAML it cannot parse: name it rather than call the task unknown
+            _check_yaml_files(Path(paths[-1]))
         raise OptionError("eval_tasks", f"unknown lm-eval task {unknown[0]!r}: see `lm-eval ls tasks`, or give its "
                           f"YAML folder as `include_path` (offline: {', '.join(OFFLINE_TASKS)})")
-    if include_path:
-        _check_local_tasks([n for n in names if n not in OFFLINE_TASKS and _is_under(manager, n, Path(paths[-1]))],
-                           manager)
+    local = [n for n in names if include_path and n not in OFFLINE_TASKS and _is_under(manager, n, Path(paths[-1]))]
+    if local:  # only the tasks asked for, after saying so: their YAML's !function imports code from the folder
+        log.warning("tasks %s come from %s: building them runs any Python code their YAML names", ", ".join(local),
+                    paths[-1])
+        _check_local_tasks(local, manager)
     return names, manager
 
 
@@ -179,13 +185,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check_yaml_files(folder: Path) -> None:
-    """Every task YAML of a user's folder parses, its ``!function`` references included (lm-eval would skip a broken
-    one silently and then call the task unknown)."""
+    """Every task YAML of a user's folder parses (lm-eval would skip a broken one silently and then call the task
+    unknown); ``!function`` references are read as names, never imported."""
     from lm_eval.tasks._yaml_loader import load_yaml  # type: ignore[import-not-found]
 
     for path in sorted(folder.rglob("*.yaml")):
         try:
-            load_yaml(path, resolve_func=True)
+            load_yaml(path, resolve_func=False)
         except Exception as exc:  # yaml's, an import's, a missing file's: all the user's to fix
             raise OptionError("include_path", f"{path}: {_first_line(exc)}") from None
 

@@ -90,18 +90,26 @@ def _whitening_record(weight: Tensor, f: Factorization, gram: Tensor) -> dict[st
 @register(WhiteningOptions, frozenset({"gram"}), "SVD-LLM(W): truncation-aware whitening")
 def svdllm_w(weight: Tensor, stats: LayerStats, k: int, opts: WhiteningOptions) -> tuple[Factorization, dict[str, Any]]:
     assert stats.gram is not None
-    f = whiten(weight, stats.gram, k, opts.damp, **_output_side(stats, opts))
-    return f, _whitening_record(weight, f, stats.gram)
+    side = _output_side(stats, opts)
+    f = whiten(weight, stats.gram, k, opts.damp, **side)
+    return f, {**_whitening_record(weight, f, stats.gram), **_shrinkage_record(side)}
 
 
 @register(SVDLLMOptions, frozenset({"gram", "comp"}), "SVD-LLM(W) + layer-wise closed-form update of U")
 def svdllm(weight: Tensor, stats: LayerStats, k: int, opts: SVDLLMOptions) -> tuple[Factorization, dict[str, Any]]:
     """Whitening from the dense stream, then U re-solved against W·X′ on the compressed stream."""
     assert stats.gram is not None and stats.comp_gram is not None
-    f = whiten(weight, stats.gram, k, opts.damp, **_output_side(stats, opts))  # U re-solved below: R cancels
+    side = _output_side(stats, opts)
+    f = whiten(weight, stats.gram, k, opts.damp, **side)  # U re-solved below: R cancels
     before = relative_error(weight, f.u, f.v, stats.comp_gram)
     f.u = update_left(weight, f.v, stats.comp_gram, stats.comp_gram, opts.update_damp)
-    return f, {"loss_before_update": before, "loss": relative_error(weight, f.u, f.v, stats.comp_gram)}
+    return f, {**_shrinkage_record(side), "loss_before_update": before,
+               "loss": relative_error(weight, f.u, f.v, stats.comp_gram)}
+
+
+def _shrinkage_record(side: dict[str, Any]) -> dict[str, Any]:
+    """The α a full output Gram was shrunk by, for the report (a diagonal one is never shrunk)."""
+    return {"output_shrinkage": side["out_shrink"]} if side and side["out_gram"].dim() == 2 else {}
 
 
 def _output_side(stats: LayerStats, opts: OutputAwareOptions) -> dict[str, Any]:
@@ -137,7 +145,8 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
         if beta == 0 or not opts.norm_cap or ratio <= opts.norm_cap:
             break
         beta = beta / 2 if beta > 1 / 16 else 0.0
-    info: dict[str, Any] = {"loss": relative_error(weight, f.u, f.v, stats.comp_gram), "beta": beta,
+    info: dict[str, Any] = {**_shrinkage_record(output_side),
+                            "loss": relative_error(weight, f.u, f.v, stats.comp_gram), "beta": beta,
                             "norm_ratio": ratio}
     if beta != opts.beta:
         info["beta_requested"] = opts.beta

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .svdllm_latent_cache import LATENT_CACHE_FAMILIES, LatentCache, cache_argument, cache_bytes_per_token, latent_rank
 from .svdllm_lowrank import (
     LowRankLinear,
+    WeightsMismatch,
     apply_ranks,
     float_weight,
     rank_major,
@@ -29,4 +30,4 @@ def model_class(base: type) -> type:
 
 __all__ = ["LATENT_CACHE_FAMILIES", "LatentCache", "LowRankLinear", "apply_ranks", "cache_argument",
            "cache_bytes_per_token", "float_weight", "latent_rank", "load_quantized", "model_class", "quantize_modules", "rank_major",
-           "replace_module", "restore_rank_major", "svdllm_class", "swapped", "tied_parameter_names"]
+           "replace_module", "restore_rank_major", "svdllm_class", "swapped", "tied_parameter_names", "WeightsMismatch"]

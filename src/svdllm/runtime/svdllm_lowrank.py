@@ -19,6 +19,10 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+class WeightsMismatch(ValueError):
+    """The shards and config.json's svdllm section disagree: a tensor missing, unexpected or of another shape."""
+
+
 def rank_major(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (out, rank) with the same values, stored rank-major: ``.t()`` is contiguous.
 
@@ -162,7 +166,7 @@ def svdllm_class(base: type, load_quantized: Callable[..., nn.Module] | None = N
                 found = sorted(info.get(kind) or [])
                 if found:
                     name = found[0][0] if isinstance(found[0], tuple) else found[0]
-                    raise ValueError(f"the weights do not match config.json's svdllm ranks: "
+                    raise WeightsMismatch(f"the weights do not match config.json's svdllm ranks: "
                                      f"{kind.replace('_', ' ')[:-1]} {name} ({len(found)} in all)")
             restore_rank_major(model)
             return (model, info) if output_loading_info else model

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .svdllm_lowrank import restore_rank_major, tied_parameter_names
+from .svdllm_lowrank import WeightsMismatch, restore_rank_major, tied_parameter_names
 
 
 def _guard_int8_cpu_kernel() -> None:
@@ -89,7 +89,7 @@ def load_quantized(cls: type, path: str | os.PathLike, config: Any, quantization
     missing = sorted(set(result.missing_keys) - tied_parameter_names(model))
     for kind, found in (("missing key", missing), ("unexpected key", sorted(result.unexpected_keys))):
         if found:
-            raise ValueError(f"the weights do not match config.json's svdllm quantization: {kind} {found[0]} "
+            raise WeightsMismatch(f"the weights do not match config.json's svdllm quantization: {kind} {found[0]} "
                              f"({len(found)} in all)")
     restore_rank_major(model)
     return model.eval()
