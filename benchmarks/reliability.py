@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import subprocess
 import sys
 import time
@@ -72,6 +73,8 @@ def stored_as(model: torch.nn.Module, how: str, record) -> torch.nn.Module:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="4x128,8x256,8x512,16x512,32x512")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which of the variants, in this order")
+    ap.add_argument("--merge", default=None, help="a results.json of an earlier run to add these rows to (same commit)")
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--no-scale", action="store_true", help="skip the factor-scale table")
@@ -87,11 +90,16 @@ def main() -> None:
     res: dict = {"commit": commit(), "ratio": args.ratio, "max_tokens": args.max_tokens, "threads":
                  torch.get_num_threads(), "dense": perplexities(model, evals), "calibration": [], "scale": {},
                  "scale_size": args.scale_size}
+    if args.merge:  # rows of an earlier run of this script, kept as they were
+        earlier = json.loads(Path(args.merge).read_text())
+        res["calibration"], res["earlier_commit"] = earlier["calibration"], earlier["commit"]
     write_json(out / "results.json", res)
+    chosen = [v for v in args.variants.split(",") if v]
     for size in filter(None, args.sizes.split(",")):
         n, seqlen = map(int, size.split("x"))
         windows = sample_windows(train, n, seqlen, 0, bos)
-        for label, opts in VARIANTS.items():
+        for label in chosen:
+            opts = VARIANTS[label]
             t0 = time.perf_counter()
             result = compress(copy.deepcopy(model), windows, CompressionConfig(method=opts, ratio=args.ratio),
                               eval_windows=evals, progress=False)
