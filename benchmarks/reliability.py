@@ -134,10 +134,10 @@ def main() -> None:
 
 def write_tables(res: dict, out: Path) -> None:
     d = res["dense"]
+    commits = res["commit"][:7] + (f" (earlier rows: {res['earlier_commit'][:7]})" if res.get("earlier_commit") else "")
     text = (f"SmolLM2-135M, svdllm-ec at ratio {res['ratio']} (Fisher ranks, true-sequential), perplexity on "
             f"{res['max_tokens']} tokens of wiki-test / news (dense {d['wiki-test']:.2f} / {d['news']:.2f}); "
-            f"commit {res['commit'][:7]}, {res['threads']} threads, cores shared with other work (times are not "
-            "clean).\n")
+            f"commit {commits}, {res['threads']} threads, cores shared with other work (times are not clean).\n")
     sizes = list(dict.fromkeys(r["size"] for r in res["calibration"]))
     cell = {(r["size"], r["variant"]): r for r in res["calibration"]}
     if sizes:
