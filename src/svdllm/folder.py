@@ -41,13 +41,9 @@ RUNTIME = Path(__file__).parent / "runtime"
 def written_by_svdllm(folder: Path) -> bool:
     """Every file of ``folder`` is one its manifest lists, with the sha256 the manifest records."""
     try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        files = manifest["files"]
-        present = {p.name for p in folder.iterdir()} - {MANIFEST_FILE}
-        return isinstance(files, dict) and present == set(files) and all(
-            (folder / name).is_file() and not (folder / name).is_symlink() and sha256_file(folder / name) == digest
-            for name, digest in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
+        _check_manifest(folder)
+        return True
+    except (FormatError, OSError):
         return False
 
 
@@ -353,13 +349,14 @@ def verify(path: str | os.PathLike) -> FolderInfo:
         if u[1] != rank or v[0] != rank:
             raise FormatError(f"{folder}: {module} has factors {list(u)} and {list(v)} but config records rank {rank}")
     dense = {m: [shape(f"{m}.svd_u")[0], shape(f"{m}.svd_v")[1]] for m in record.ranks}
-    files = _check_manifest(folder)
+    files = _check_manifest(folder, record.shards)
     return FolderInfo(record, dense, tensor_bytes, files, _check_code(folder, record))
 
 
-def _check_manifest(folder: Path) -> int:
+def _check_manifest(folder: Path, hashed: dict[str, str] | None = None) -> int:
     """Every file of the folder is one the manifest lists, with its sha256, and every listed file is there: the
-    number of files.  Code appended to a runtime file, or a file added, is refused here."""
+    number of files.  Code appended to a runtime file, or a file added, is refused here.  ``hashed``: files whose
+    sha256 the caller has already checked (the shards), not read again when the manifest records the same."""
     try:
         files = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
@@ -375,7 +372,7 @@ def _check_manifest(folder: Path) -> int:
         path = folder / name
         if Path(name).name != name or not path.is_file() or path.is_symlink():
             raise FormatError(f"{folder}: {name}, listed in {MANIFEST_FILE}, is missing or not a plain file")
-        if sha256_file(path) != digest:
+        if (hashed or {}).get(name) != digest and sha256_file(path) != digest:
             raise FormatError(f"{folder}: {name} was changed after svdllm wrote it (sha256 differs from "
                               f"{MANIFEST_FILE})")
     return len(files)
