@@ -10,7 +10,7 @@ import torch
 from conftest import ARCHS, tiny_model
 from svdllm import CompressionConfig, compress, make_plan
 from svdllm.errors import OptionError
-from svdllm.importance import gradient_statistics, whitened_spectra
+from svdllm.importance import Spectra, gradient_statistics
 from svdllm.ranks import allocate, max_useful_rank, uniform
 from svdllm.source import ModelSource
 
@@ -86,11 +86,11 @@ def test_spectra_give_the_whitened_loss_and_allocation_keeps_the_budget():
     model = tiny_model("qwen2", 64)
     windows = torch.randint(0, 64, (16, 32))
     plan = make_plan(model, 0.4)
-    spectra = whitened_spectra(ModelSource(model), windows, plan)
+    spectra = gradient_statistics(ModelSource(model), windows, list(plan.ranks), spectra=Spectra()).spectra
     result = compress(model, windows, CompressionConfig(method="svdllm-w", ratio=0.4), progress=False)
-    for rec in result.report.records:  # svdllm-w sees the dense stream: the same Grams
-        s = spectra[rec["name"]]
-        assert float(s[rec["rank"]:].sum() / s.sum()) == pytest.approx(rec["loss_whitened"], rel=1e-6, abs=1e-12)
+    for rec in result.report.records:  # svdllm-w sees the dense stream: the same Grams, summed over windows one at
+        s = spectra[rec["name"]]  # a time in the reverse pass and four at a time in the loop (float32 products)
+        assert float(s[rec["rank"]:].sum() / s.sum()) == pytest.approx(rec["loss_whitened"], rel=1e-4, abs=1e-10)
     m = tiny_model("qwen2", 64)
     fisher = compress(m, windows, CompressionConfig(method="svdllm-ec", ratio=0.4, rank_rule="fisher"), progress=False)
     ranks, shapes = fisher.record.ranks, {n: tuple(plan.shapes[n]) for n in plan.ranks}

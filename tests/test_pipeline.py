@@ -140,7 +140,8 @@ def test_method_options_are_validated_and_named():
 
 
 def test_shared_inputs_share_one_gram_under_gqa(make_model, calib_tokens):
-    from svdllm.calibration import DENSE, ActivationStream, GramAccumulator, TensorStore
+    from svdllm.cache import MemoryStore
+    from svdllm.calibration import DENSE, ActivationStream, GramAccumulator, Stat
 
     model = make_model("mistral")  # 4 query heads, 2 key/value heads: k/v are narrower than q
     attn = model.model.layers[0].self_attn
@@ -149,8 +150,8 @@ def test_shared_inputs_share_one_gram_under_gqa(make_model, calib_tokens):
     linears = block_linears(block, "model.layers.0")
     cpu = torch.device("cpu")
     stream = ActivationStream.capture(model, model.model.layers, windows_of(calib_tokens, 2), 2, (DENSE,),
-                                      TensorStore(cpu), cpu)
-    acc = GramAccumulator(frozenset({"gram"}), cpu)
+                                      MemoryStore(cpu), cpu)
+    acc = GramAccumulator(frozenset({Stat.GRAM}), cpu)
     stream.record(block, 0, linears, acc)
     groups = sorted(sorted(n.rsplit(".", 1)[1] for n in g) for g in acc.groups)
     assert groups == [["down_proj"], ["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"], ["o_proj"]]
@@ -213,13 +214,13 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
     """The plainest loop: whole-model forwards with hooks, one block after another; returns name → (u, v).
     True-sequential: one linear after another in forward order, each fitted on the X′ of the
     model with the block's earlier linears already swapped."""
-    from svdllm.calibration import LayerStats
+    from svdllm.calibration import LayerStats, Stat
     from svdllm.ranks import rank_for_ratio
 
     opts, meth = options_for(method), METHODS[method]
     dense = copy.deepcopy(model)
     prefix, blocks = decoder_blocks(model)
-    fisher = fisher_rows(dense, windows, all_linears(dense)) if "fisher" in meth.needs else {}
+    fisher = fisher_rows(dense, windows, all_linears(dense)) if Stat.ROW_FISHER in meth.needs else {}
     out_grams = output_grams(dense, windows, list(all_linears(dense))) if getattr(opts, "output_whitening", False) \
         else {}
     factors = {}
@@ -250,9 +251,9 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
             weight, _ = dense_weight(model.get_submodule(name))
             stats = LayerStats(tokens=sum(b[name].shape[0] for b in x), fisher=fisher.get(name),
                                out_gram=out_grams.get(name))
-            if "gram" in meth.needs:
+            if Stat.GRAM in meth.needs:
                 stats.gram = gram(x, x, name)
-            if "abs" in meth.needs:
+            if Stat.ABS in meth.needs:
                 stats.abs_sum = sum(b[name].abs().sum(0).double() for b in x)
             if xc is not None:
                 stats.comp_gram = gram(xc, xc, name)

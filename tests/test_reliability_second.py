@@ -58,7 +58,8 @@ def test_alternating_layer_types_report_what_eval_gives(gemma_dir, text_file, tm
 
 def test_a_resume_with_other_block_weights_is_refused(model_dir, text_file, tmp_path, capsys, crash_after_first_block,
                                                      tokenizer):
-    """Same config, same embeddings, one block weight different (a LoRA merge is enough): not the same run."""
+    """Same config, same embeddings, one block weight different (a LoRA merge is enough): not the same run, so
+    `--resume` is refused (without it the blocks are made afresh: test_keyed_products)."""
     other = tmp_path / "other"
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
@@ -68,7 +69,7 @@ def test_a_resume_with_other_block_weights_is_refused(model_dir, text_file, tmp_
     with crash_after_first_block():
         assert main(cli(model_dir, text_file, tmp_path / "o")) == 130
     capsys.readouterr()
-    assert main(cli(other, text_file, tmp_path / "o")) == 2
+    assert main([*cli(other, text_file, tmp_path / "o"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "belongs to another run" in err and "weights" in err
     assert json.loads((tmp_path / ".o.svdllm-run" / "state.json").read_text())["value"]["next_block"] == 1  # nothing lost
@@ -89,15 +90,14 @@ def test_a_second_run_into_the_same_output_is_refused(model_dir, text_file, tmp_
 
 
 def test_a_resume_with_another_process_count_names_it(model_dir, text_file, tmp_path):
-    from svdllm.checkpoint import RunDir
+    from svdllm.checkpoint import RunDir, write_checked_json
     from svdllm.errors import RunFolderError
 
-    from svdllm.checkpoint import write_checked_json
-
-    RunDir(tmp_path / "run", "fp", world_size=2).commit  # noqa: B018 (a folder made by two processes)
-    write_checked_json(tmp_path / "run" / "state.json", {"fingerprint": "fp", "world_size": 2, "next_block": 1})
-    with pytest.raises(RunFolderError, match="written by 2 processes; resume it with 2, not 1"):
-        RunDir(tmp_path / "run", "fp", world_size=1)
+    RunDir(tmp_path / "run", "fp", world_size=2)  # a folder made by two processes, one block done
+    write_checked_json(tmp_path / "run" / "state.json", {"products": {}, "world_size": 2, "next_block": 1})
+    with pytest.raises(RunFolderError, match="written by 2 processes; resume it with that many, not 1"):
+        RunDir(tmp_path / "run", "fp", world_size=1, resume=True).finished_blocks(["blocks"])
+    assert RunDir(tmp_path / "run", "fp", world_size=1).finished_blocks(["blocks"]) == 0  # without resume: afresh
 
 
 # ---------------------------------------------------------------- 5, 6, 11, 12. what is read, and how strictly

@@ -145,14 +145,14 @@ def test_a_rerun_does_not_score_the_dense_model_again(model_dir, text_file, tmp_
     scored = []
     real = svdllm.zeroshot.zero_shot
     monkeypatch.setattr(svdllm.zeroshot, "zero_shot", lambda *a, **k: scored.append(1) or real(*a, **k))
-    kept_file = tmp_path / ".c.svdllm-run" / "zero_shot_dense.json"
+    kept_file = tmp_path / ".c.svdllm-run" / "zero-shot-dense" / "rows.json"
     with monkeypatch.context() as m:
         m.setattr(svdllm.workflow, "compress", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         assert main(argv("4")) == 130  # interrupted after the dense scores, before any block
         assert len(scored) == 1 and kept_file.is_file()
         assert main(argv("3")) == 130  # another --limit: scored afresh
         assert len(scored) == 2
-    kept = json.loads(kept_file.read_text())["value"]["rows"]
+    kept = json.loads(kept_file.read_text())["value"]
     assert main(argv("3")) == 0
     assert len(scored) == 3  # the compressed model only
     assert json.loads((out / "svdllm_report.json").read_text())["zero_shot"]["dense"] == kept

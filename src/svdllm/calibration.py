@@ -7,21 +7,20 @@ in safetensors files on disk.  ``GramAccumulator`` owns one block's statistics. 
 """
 from __future__ import annotations
 
+import enum
 import hashlib
-import os
-import shutil
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .cache import DiskStore, TensorStore
 from .errors import DataError, OptionError
-from .files import load_tensors, save_tensors
 
 DENSE, COMPRESSED = "dense", "compressed"
 
@@ -63,6 +62,25 @@ def windows_digest(windows: Tensor | None) -> str:
 
 
 # ---------------------------------------------------------------- statistics
+
+
+class Stat(enum.Enum):
+    """A statistic a factoriser reads (what a method declares it needs)."""
+
+    GRAM = "gram"  # XᵀX of the dense stream
+    ABS = "abs"  # Σ|x| per input dimension
+    COMP = "comp"  # X′ᵀX′ of the compressed stream (the method runs blocks in order: sequential)
+    CROSS = "cross"  # XᵀX′
+    ROW_FISHER = "row_fisher"  # Σ (∂L/∂W)² per output row, from the reverse pass
+    OUT_GRAM = "out_gram"  # Σ g gᵀ of the loss's gradient at the output, from the reverse pass
+
+    @classmethod
+    def from_reverse_pass(cls) -> frozenset["Stat"]:
+        return frozenset({cls.ROW_FISHER, cls.OUT_GRAM})
+
+    @classmethod
+    def from_forwards(cls) -> frozenset["Stat"]:
+        return frozenset({cls.GRAM, cls.ABS, cls.COMP, cls.CROSS})
 
 
 @dataclass
@@ -127,7 +145,7 @@ class GramAccumulator:
     rounding does not grow with the number of calibration tokens.
     """
 
-    def __init__(self, needs: frozenset[str], device: torch.device, fisher: dict[str, Tensor] | None = None,
+    def __init__(self, needs: frozenset[Stat], device: torch.device, fisher: dict[str, Tensor] | None = None,
                  out_grams: Mapping[str, Tensor] | None = None) -> None:
         self.needs, self.device, self.fisher = needs, device, fisher or {}  # fisher rows: from the gradient pass
         self.out_grams = out_grams or {}  # output-gradient Grams: from the gradient pass
@@ -139,21 +157,22 @@ class GramAccumulator:
         value = value.to(self.device, torch.float64)
         setattr(st, attr, value if cur is None else cur.add_(value))
 
+    @torch.no_grad()
     def add_batch(self, dense: dict[str, Tensor], comp: dict[str, Tensor] | None) -> None:
         if not self.groups:
             self.groups = shared_input_groups(dense)
         for group in self.groups:
             st = self.stats.setdefault(group[0], LayerStats())
-            x = dense[group[0]].reshape(-1, dense[group[0]].shape[-1]).float()
+            x = dense[group[0]].detach().reshape(-1, dense[group[0]].shape[-1]).float()
             st.tokens += x.shape[0]
-            if "gram" in self.needs:
+            if Stat.GRAM in self.needs:
                 self._add(st, "gram", x.T @ x)
-            if "abs" in self.needs:
+            if Stat.ABS in self.needs:
                 self._add(st, "abs_sum", x.abs().sum(0))
             if comp is not None:
                 xc = comp[group[0]].reshape(-1, x.shape[-1]).float()
                 self._add(st, "comp_gram", xc.T @ xc)
-                if "cross" in self.needs:
+                if Stat.CROSS in self.needs:
                     self._add(st, "cross", x.T @ xc)
 
     def all_reduce(self) -> None:
@@ -177,87 +196,6 @@ class GramAccumulator:
 
 
 # ---------------------------------------------------------------- the activation stream
-
-
-class TensorStore:
-    """Where the stream keeps its tensors: a device (``cuda``, ``cpu``) or a folder of safetensors files."""
-
-    def __init__(self, where: torch.device | Path) -> None:
-        self.folder = Path(where) if isinstance(where, (str, Path)) else None
-        self.device = None if self.folder else torch.device(where)
-        self._mem: dict[str, Tensor] = {}
-        if self.folder:
-            self.folder.mkdir(parents=True, exist_ok=True)
-
-    def put(self, key: str, value: Tensor) -> None:
-        if self.folder is None:
-            self._mem[key] = value.detach().to(self.device)
-        else:  # a new file renamed over the old: a checkpoint's hard link to the old one keeps its contents
-            tmp = self.folder / f".{key}.tmp"
-            save_tensors({"t": value.detach().cpu().contiguous()}, tmp)
-            os.replace(tmp, self.folder / f"{key}.safetensors")
-
-    def get(self, key: str, device: torch.device) -> Tensor:
-        if self.folder is None:
-            return self._mem[key].to(device)
-        return load_tensors(self.folder / f"{key}.safetensors")["t"].to(device)
-
-    def take(self, key: str, device: torch.device) -> Tensor:
-        """``get``, the store forgetting the key (its memory or its file freed once the caller lets go)."""
-        if self.folder is None:
-            return self._mem.pop(key).to(device)
-        value = self.get(key, device)
-        (self.folder / f"{key}.safetensors").unlink()
-        return value
-
-    def export(self, key: str, dest: Path) -> None:
-        """Write ``key`` to the file ``dest``: a hard link (or copy) from a disk store, one tensor in memory at most."""
-        if self.folder is None:
-            save_tensors({"t": self._mem[key].detach().cpu().contiguous()}, dest)
-            return
-        try:
-            os.link(self.folder / f"{key}.safetensors", dest)
-        except OSError:
-            shutil.copyfile(self.folder / f"{key}.safetensors", dest)
-
-    def restore(self, key: str, src: Path) -> None:
-        if self.folder is None:
-            self._mem[key] = load_tensors(src)["t"].to(self.device)
-        else:
-            shutil.copyfile(src, self.folder / f"{key}.safetensors")
-
-    def move(self, src: str, dst: str) -> None:
-        if self.folder is None:
-            self._mem[dst] = self._mem.pop(src)
-        else:
-            os.replace(self.folder / f"{src}.safetensors", self.folder / f"{dst}.safetensors")
-
-    def close(self) -> None:
-        self._mem.clear()
-        if self.folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-class StoredTensors(Mapping):
-    """A read-only mapping name → tensor whose values wait in a ``TensorStore`` (memory or files) until asked for:
-    per-linear statistics of a whole model (output-gradient Grams) without the whole model's worth in memory."""
-
-    def __init__(self, store: TensorStore, names: list[str], prefix: str) -> None:
-        self.store, self.names, self.prefix = store, names, prefix
-
-    def __getitem__(self, name: str) -> Tensor:
-        if name not in self.names:
-            raise KeyError(name)
-        return self.store.get(self.prefix + name, torch.device("cpu"))
-
-    def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's own would)
-        return name in self.names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 class _Stop(Exception):
@@ -330,6 +268,9 @@ class ActivationStream:
     def hidden(self, lane: str, j: int, device: torch.device) -> Tensor:
         return self.store.get(self._key(lane, j), device)
 
+    def put(self, lane: str, j: int, value: Tensor) -> None:
+        self.store.put(self._key(lane, j), value)
+
     @classmethod
     @torch.no_grad()
     def capture(cls, model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int,
@@ -339,7 +280,7 @@ class ActivationStream:
         block receives and what each block is passed besides (its own mask and rotary table).  The blocks' weights
         are never touched (they may be on the meta device); the run stops at the last block."""
         contexts: list[list[BlockContext]] = []
-        keep = torch.device("cpu") if store.folder else store.device
+        keep = torch.device("cpu") if isinstance(store, DiskStore) else store.device  # type: ignore[attr-defined]
         seen: list[BlockContext] = []
         hidden: list[Tensor] = []
 

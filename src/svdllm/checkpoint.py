@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+import logging
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from . import distributed
 from .errors import FormatError, RunFolderError
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from .source import ModelSource
 
 STATE = "state.json"
+T = TypeVar("T")
+log = logging.getLogger("svdllm")
 
 
 def write_checked_json(path: Path, value: Any) -> None:
@@ -85,27 +88,67 @@ class OutputLock:
 
 
 class RunDir:
-    def __init__(self, path: str | os.PathLike, fingerprint: str, world_size: int = 1) -> None:
-        self.path, self.fingerprint = Path(path), fingerprint
+    """A run's folder: every product a rerun may reuse (gradient statistics, ranks, dense zero-shot rows, finished
+    blocks), each kept under the digest of what it was made from.  ``model_key`` (the weights and config) and the
+    process count are part of every key; a product whose key differs is made again, never reused."""
+
+    def __init__(self, path: str | os.PathLike, model_key: str, world_size: int = 1, resume: bool = False) -> None:
+        self.path, self.model_key, self.world_size, self.resume = Path(path), model_key, world_size, resume
         self.state: dict[str, Any] = {}
-        state_file = self.path / STATE
-        if state_file.is_file():
-            self.state = read_checked_json(state_file, f"checkpoint {self.path}")
-            saved_world = self.state.get("world_size", 1)
-            if saved_world != world_size:
-                raise RunFolderError(f"checkpoint {self.path} was written by {saved_world} processes; resume it with "
-                                     f"{saved_world}, not {world_size}, or remove it to start afresh")
-            if self.state.get("fingerprint") != fingerprint:
-                raise RunFolderError(f"checkpoint {self.path} belongs to another run (different model weights, data "
-                                     "or options); rerun that command, or remove the folder to start afresh")
-        self.world_size = world_size
-        if self.state:
+        if (self.path / STATE).is_file():
+            self.state = read_checked_json(self.path / STATE, f"checkpoint {self.path}")
             self.verify()
+        distributed.barrier()  # every process has read the state before the writer changes it
         self.path.mkdir(parents=True, exist_ok=True)
-        if not self.state:  # the run exists from its start: a kill before block 0 (in the gradient pass) resumes too
-            self.state = {"fingerprint": fingerprint, "world_size": world_size, "next_block": 0}
+        if "products" not in self.state:  # the run exists from its start: a kill in the reverse pass resumes too
+            self.state = {"products": {}, "next_block": 0, "world_size": world_size}
             if distributed.is_writer():
                 write_checked_json(self.path / STATE, self.state)
+
+    def key(self, made_from: Any) -> str:
+        """The digest a product made from ``made_from`` is kept under."""
+        text = json.dumps([self.model_key, self.world_size, made_from], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def kept(self, name: str, made_from: Any, make: Callable[[Path], T], read: Callable[[Path], T]) -> T:
+        """The product ``name``: read from its folder when it was made from ``made_from``, else made there
+        (``make(folder)``, every process; the folder starts empty) and its key committed."""
+        key, folder = self.key(made_from), self.path / name
+        if self.state["products"].get(name) == key:
+            return read(folder)
+        if distributed.is_writer():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+        distributed.barrier()
+        value = make(folder)
+        distributed.barrier()
+        self._commit_product(name, key)
+        return value
+
+    def _commit_product(self, name: str, key: str, **extra: Any) -> None:
+        self.state = {**self.state, **extra, "products": {**self.state["products"], name: key}}
+        if distributed.is_writer():
+            write_checked_json(self.path / STATE, self.state)
+
+    def finished_blocks(self, made_from: Any) -> int:
+        """How many blocks a run made from ``made_from`` finished here; blocks of other options are removed (with
+        ``resume`` asked, they refuse the run instead: the user expected to continue)."""
+        key = self.key(made_from)
+        if self.state["products"].get("blocks") == key:
+            return self.done
+        if self.resume and self.state.get("world_size", 1) != self.world_size:
+            raise RunFolderError(f"checkpoint {self.path} was written by {self.state.get('world_size', 1)} "
+                                 f"processes; resume it with that many, not {self.world_size}, or remove it")
+        if self.resume and self.done:
+            raise RunFolderError(f"checkpoint {self.path} belongs to another run (different model weights, data or "
+                                 "options); rerun that command, or drop `resume` to start the blocks afresh")
+        if self.done:
+            log.warning("%s: its finished blocks were made with other options or data; compressing afresh", self.path)
+        if distributed.is_writer():
+            for old in [*self.path.glob("block-*.safetensors"), *self.path.glob("streams-*")]:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        self._commit_product("blocks", key, next_block=0, world_size=self.world_size)
+        return 0
 
     def verify(self) -> None:
         """Every tensor file the run kept (finished blocks, streams, gradient statistics, output Grams) against the
@@ -153,7 +196,7 @@ class RunDir:
         distributed.barrier()
         save_streams(folder)
         distributed.barrier()
-        self.state = {"fingerprint": self.fingerprint, "world_size": self.world_size, "next_block": i + 1, **extra}
+        self.state = {"products": self.state["products"], "world_size": self.world_size, "next_block": i + 1, **extra}
         if writer:
             write_checked_json(self.path / STATE, self.state)
             shutil.rmtree(self.streams_folder(i), ignore_errors=True)

@@ -26,7 +26,7 @@ from .architecture import decoder_blocks
 from .errors import FormatError, OptionError
 from .record import SvdllmRecord
 from .runtime import LATENT_CACHE_FAMILIES, WeightsMismatch, model_class
-from .files import atomic_save_file, atomic_write_text, sha256_file
+from .files import atomic_save_file, sha256_file
 
 MODELING_FILE = "modeling_svdllm.py"
 REPORT_FILE = "svdllm_report.json"

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from . import distributed
 from .architecture import dense_weight
 from .blas import release_workspace
-from .calibration import DENSE, ActivationStream, GramAccumulator, StoredTensors, TensorStore
+from .cache import MemoryStore, StoredTensors, TensorStore
+from .calibration import DENSE, ActivationStream, GramAccumulator, InputRecorder, LayerStats, Stat
 from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
-from .plan import CompressionPlan
 from .whitening import left_whitened, output_factor, repaired_cholesky
 
 if TYPE_CHECKING:
@@ -36,6 +36,16 @@ class GradientStats:
     sensitivity: dict[str, float] = field(default_factory=dict)  # E‖∂L/∂y‖² / m per linear output y
     row_fisher: dict[str, Tensor] = field(default_factory=dict)  # Σ (∂L/∂W)² summed over each output row (FWSVD)
     output_grams: Mapping[str, Tensor] = field(default_factory=dict)  # Σ g gᵀ of ∂L/∂y (m, m), or its diagonal (m,)
+    spectra: dict[str, Tensor] = field(default_factory=dict)  # whitened σ² per linear (``Spectra``), for allocation
+
+
+@dataclass(frozen=True)
+class Spectra:
+    """Ask the reverse pass for each linear's whitened truncation spectrum, from the dense input Grams its block
+    recomputation already sees: one-sided (σ² of W·S), or two-sided (of Rᵀ·W·S, R from the output Gram shrunk and
+    damped as ``out_side`` says, exactly as the factorisation will)."""
+
+    out_side: OutputAwareOptions | None = None
 
 
 # A full output-gradient Gram costs m²·8 bytes in float64: 512 MiB at m = 8192 (LLaMA-7B's q/k/v/o and down_proj are
@@ -44,86 +54,139 @@ FULL_GRAM_WIDTH = 8192
 GRAM_PREFIX = "gram."  # the store's key of a linear's output-gradient Gram
 
 
+@dataclass
+class _Sums:
+    """What the reverse pass accumulates, per linear."""
+
+    names: list[str]
+    sensitivity: bool
+    row_fisher: bool
+    grams: dict[str, Tensor] | None
+    full_width: int
+    gram_store: TensorStore
+    spectra: Spectra | None
+    sums: Tensor = field(init=False)
+    width: Tensor = field(init=False)
+    rows: dict[str, Tensor] = field(default_factory=dict)
+    out_spectra: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self.width = torch.zeros(len(self.names), dtype=torch.float64)
+
+
 def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], sensitivity: bool = True,
                         row_fisher: bool = False, store: TensorStore | None = None, output_grams: bool = False,
                         full_width: int = FULL_GRAM_WIDTH, logits_budget: int = 1 << 21,
-                        gram_store: TensorStore | None = None) -> GradientStats:
+                        gram_store: TensorStore | None = None, spectra: Spectra | None = None) -> GradientStats:
     """The one backward loop, streamed block by block: the LM loss of each window, backpropagated through one block
     at a time, never the whole model.
 
-    A forward pass keeps each block's input (``store``: CPU memory, or files on disk for a streamed model); the head
-    gives ∂L/∂h at the last block's output; then the blocks are onloaded in reverse, each recomputed from its kept
-    input and backpropagated alone, handing ∂L/∂h at its input to the block before.  On the way each named linear
-    gives the gradient at its output (``sensitivity``; with ``output_grams`` also Σ g gᵀ, the diagonal alone for
-    outputs wider than ``full_width``) and, if asked, at its weight (``row_fisher``, FWSVD's).  Each block's Grams
-    go to ``gram_store`` (CPU memory unless given) as soon as its windows are done, so that memory holds one block's
-    worth: the result reads them from there.  The result equals a whole-model backward's (a test holds it to one).
-    A non-finite loss or gradient is an error naming the window and the block, before anything is written.
+    A forward pass keeps each block's input (``store``: CPU memory unless given); the head gives ∂L/∂h at the last
+    block's output; then the blocks are onloaded in reverse, each recomputed from its kept input and backpropagated
+    alone, handing ∂L/∂h at its input to the block before.  On the way each named linear gives the gradient at its
+    output (``sensitivity``; with ``output_grams`` also Σ g gᵀ, the diagonal alone for outputs wider than
+    ``full_width``) and, if asked, at its weight (``row_fisher``, FWSVD's); with ``spectra`` the recomputation's
+    dense inputs give each linear's whitened spectrum, with no pass of its own.  Each block's Grams go to
+    ``gram_store`` (CPU memory unless given) as soon as its windows are done, so that memory holds one block's
+    worth.  The result equals a whole-model backward's (a test holds it to one).  A non-finite loss or gradient is
+    an error naming the window and the block, before anything is written.
     """
-    store = store or TensorStore(torch.device("cpu"))
-    gram_store = gram_store or TensorStore(torch.device("cpu"))
-    model, device, n = source.model, source.device, len(windows)
-    index = {name: j for j, name in enumerate(names)}
-    sums = torch.zeros(len(names), dtype=torch.float64)
-    width = torch.zeros(len(names), dtype=torch.float64)
-    rows: dict[str, Tensor] = {}
-    grams: dict[str, Tensor] | None = {} if output_grams else None
-    with source.outside_blocks():
-        stream = ActivationStream.capture(model, source.blocks, windows, 1, (DENSE,), store, device, "grad")
-    with torch.no_grad():
-        for i, block in source.walk():
-            for j in range(n):
-                h = stream.hidden(DENSE, j, device)
-                store.put(f"grad.in{i}.{j}", h)
-                stream.store.put(stream._key(DENSE, j), stream.run_block(block, i, j, h))
+    store = store or MemoryStore(torch.device("cpu"))
+    acc = _Sums(names, sensitivity, row_fisher, {} if output_grams else None, full_width,
+                gram_store or MemoryStore(torch.device("cpu")), spectra)
+    stream = _forward_keeping_inputs(source, windows, store)
     with source.outside_blocks():  # ∂L/∂h at the last block's output, from the model's own head
-        for j in range(n):
-            h = stream.hidden(DENSE, j, device).requires_grad_(True)
-            _head_backward(model, source.blocks, stream.tuple_output, h, windows[j : j + 1].to(device), j,
-                           logits_budget)
+        for j in range(len(windows)):
+            h = stream.hidden(DENSE, j, source.device).requires_grad_(True)
+            _head_backward(source.model, source.blocks, stream.tuple_output, h, windows[j : j + 1].to(source.device),
+                           j, logits_budget)
             store.put(f"grad.out.{j}", h.grad)
     for i, block in source.walk(reverse=True):
-        linears = {name: model.get_submodule(name) for name in names if name.startswith(f"{source.prefix}.{i}.")}
-        required = {p: p.requires_grad for p in block.parameters()}
-        for p in block.parameters():
-            p.requires_grad_(row_fisher and any(p is m.weight for m in linears.values()))
-        handles = [m.register_forward_hook(_output_hook(sums, width, index[name], name, grams, full_width))
-                   for name, m in linears.items() if sensitivity or output_grams]
-        try:
+        _backward_block(source, stream, store, acc, i, block, len(windows))
+    if not torch.isfinite(acc.sums).all():
+        raise DataError("a non-finite gradient in the calibration windows; try float32")
+    tokens = torch.tensor([float(windows.numel())], dtype=torch.float64)
+    distributed.all_reduce_([acc.sums, tokens, *(acc.rows[name] for name in names if name in acc.rows)])
+    return GradientStats({name: float(acc.sums[j] / (tokens * acc.width[j])) for j, name in enumerate(names)}
+                         if sensitivity else {}, {name: acc.rows[name] for name in names if name in acc.rows},
+                         StoredTensors(acc.gram_store, names, GRAM_PREFIX) if output_grams else {}, acc.out_spectra)
+
+
+@torch.no_grad()
+def _forward_keeping_inputs(source: ModelSource, windows: Tensor, store: TensorStore) -> ActivationStream:
+    """A dense forward, one window at a time, keeping every block's input (``grad.in{i}.{j}``) in ``store``; the
+    stream is left at the last block's output."""
+    with source.outside_blocks():
+        stream = ActivationStream.capture(source.model, source.blocks, windows, 1, (DENSE,), store, source.device,
+                                          "grad")
+    for i, block in source.walk():
+        for j in range(len(windows)):
+            h = stream.hidden(DENSE, j, source.device)
+            store.put(f"grad.in{i}.{j}", h)
+            stream.put(DENSE, j, stream.run_block(block, i, j, h))
+    return stream
+
+
+def _backward_block(source: ModelSource, stream: ActivationStream, store: TensorStore, acc: _Sums, i: int,
+                    block: nn.Module, n: int) -> None:
+    """Block i recomputed from its kept inputs and backpropagated, window by window; its statistics are complete
+    (summed over the processes) when it returns."""
+    model, device = source.model, source.device
+    index = {name: j for j, name in enumerate(acc.names)}
+    linears = {name: model.get_submodule(name) for name in acc.names if name.startswith(f"{source.prefix}.{i}.")}
+    inputs = GramAccumulator(frozenset({Stat.GRAM}), device) if acc.spectra is not None else None
+    required = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(acc.row_fisher and any(p is m.weight for m in linears.values()))
+    handles = [m.register_forward_hook(_output_hook(acc.sums, acc.width, index[name], name, acc.grams,
+                                                    acc.full_width))
+               for name, m in linears.items() if acc.sensitivity or acc.grams is not None]
+    try:
+        with InputRecorder(linears if inputs is not None else {}) as recorder:
             for j in range(n):
                 h = store.take(f"grad.in{i}.{j}", device).detach().requires_grad_(True)
-                g = store.get(f"grad.out.{j}", device)
                 with torch.enable_grad():
-                    torch.autograd.backward(stream.run_block(block, i, j, h), g)
+                    torch.autograd.backward(stream.run_block(block, i, j, h), store.get(f"grad.out.{j}", device))
                 if not torch.isfinite(h.grad).all():
                     raise DataError(f"non-finite gradient in calibration window {j} at block {i}; try float32")
                 store.put(f"grad.out.{j}", h.grad)
-                for name, m in linears.items() if row_fisher else ():
-                    g2 = m.weight.grad.detach().double() ** 2
-                    row = (g2.sum(0) if type(m).__name__ == "Conv1D" else g2.sum(1)).cpu()
-                    rows[name] = row if name not in rows else rows[name].add_(row)
-                    m.weight.grad = None
-            if grams is not None:  # this block's Grams are complete: summed over the processes, then stored
-                for name, m in linears.items():  # an output that never reached the loss: a zero Gram, repaired later
-                    if name not in grams:
-                        out = dense_weight(m)[0].shape[0]
-                        grams[name] = torch.zeros((out, out) if out <= full_width else (out,), dtype=torch.float64)
-                done = [name for name in names if name in linears]
-                distributed.all_reduce_([grams[name] for name in done])
-                for name in done:
-                    gram_store.put(GRAM_PREFIX + name, grams.pop(name))
-        finally:
-            for handle in handles:
-                handle.remove()
-            for p, flag in required.items():
-                p.requires_grad_(flag)
-    if not torch.isfinite(sums).all():
-        raise DataError("a non-finite gradient in the calibration windows; try float32")
-    tokens = torch.tensor([float(windows.numel())], dtype=torch.float64)
-    distributed.all_reduce_([sums, tokens, *(rows[name] for name in names if name in rows)])
-    return GradientStats({name: float(sums[j] / (tokens * width[j])) for j, name in enumerate(names)}
-                         if sensitivity else {}, {name: rows[name] for name in names if name in rows},
-                         StoredTensors(gram_store, names, GRAM_PREFIX) if output_grams else {})
+                if inputs is not None:
+                    inputs.add_batch(recorder.take(), None)
+                _add_row_fisher(acc, linears)
+        _finish_block(acc, linears, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in required.items():
+            p.requires_grad_(flag)
+
+
+def _add_row_fisher(acc: _Sums, linears: dict[str, nn.Module]) -> None:
+    for name, m in linears.items() if acc.row_fisher else ():
+        g2 = m.weight.grad.detach().double() ** 2
+        row = (g2.sum(0) if type(m).__name__ == "Conv1D" else g2.sum(1)).cpu()
+        acc.rows[name] = row if name not in acc.rows else acc.rows[name].add_(row)
+        m.weight.grad = None
+
+
+def _finish_block(acc: _Sums, linears: dict[str, nn.Module], inputs: GramAccumulator | None) -> None:
+    """This block's output Grams summed over the processes and stored; its spectra from its input Grams."""
+    grams: dict[str, Tensor] = {}
+    if acc.grams is not None:
+        for name, m in linears.items():  # an output that never reached the loss: a zero Gram, repaired later
+            out = dense_weight(m)[0].shape[0]
+            grams[name] = acc.grams.pop(name, None) if name in acc.grams else \
+                torch.zeros((out, out) if out <= acc.full_width else (out,), dtype=torch.float64)
+        distributed.all_reduce_(list(grams.values()))
+    if inputs is not None:
+        inputs.all_reduce()
+        two_sided = acc.spectra.out_side if acc.spectra is not None and grams else None
+        for name, module in linears.items():
+            acc.out_spectra[name] = whitened_spectrum(name, dense_weight(module)[0], inputs.for_linear(name),
+                                                      grams.get(name), two_sided)
+    for name, gram in grams.items():
+        acc.gram_store.put(GRAM_PREFIX + name, gram)
 
 
 def _head_backward(model: nn.Module, blocks: nn.ModuleList, tuple_output: bool, h: Tensor, ids: Tensor, window: int,
@@ -172,37 +235,18 @@ def _output_hook(sums: Tensor, width: Tensor, j: int, name: str, grams: dict[str
     return hook
 
 
-@torch.no_grad()
-def whitened_spectra(source: ModelSource, windows: Tensor, plan: CompressionPlan, batch_size: int = 4,
-                     out_grams: Mapping[str, Tensor] | None = None, out_side: OutputAwareOptions | None = None,
-                     store: TensorStore | None = None) -> dict[str, Tensor]:
-    """σ² of W·chol(XXᵀ) for every linear the plan factorises, from one dense pass, one block at a time; with
-    ``out_grams``, of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped and shrunk as ``out_side`` says, exactly as the
-    factorisation will): two-sided, in units of the loss, and zero for an output that never reaches the loss.
-    The pass's activations wait in ``store`` (the device unless given)."""
-    store = store or TensorStore(source.device)
-    with source.outside_blocks():
-        stream = ActivationStream.capture(source.model, source.blocks, windows, batch_size, (DENSE,), store,
-                                          source.device, "spectra")
-    out: dict[str, Tensor] = {}
-    for i, block in source.walk():
-        linears = {n: source.model.get_submodule(n) for n in plan.block(i) if n in plan.ranks}
-        acc = GramAccumulator(frozenset({"gram"}), source.device)
-        stream.record(block, i, linears, acc)
-        acc.all_reduce()
-        for name, module in linears.items():
-            stats = acc.for_linear(name)
-            s, _, _ = repaired_cholesky(stats.gram)
-            target = dense_weight(module)[0].double() @ s
-            if out_grams is not None and out_side is not None:
-                gram = out_grams[name]
-                if not torch.isfinite(gram).all():  # one-sided σ² here would mix activation units into loss units
-                    raise DataError(f"{name}: its output-gradient Gram is not finite; try float32")
-                r, _ = output_factor(gram, out_side.output_damp, out_side.shrinkage(gram.shape[0], stats.tokens))
-                target = left_whitened(r, target)
-            out[name] = torch.linalg.svdvals(target).pow(2).cpu()
-            release_workspace()
-        del acc
-        stream.advance(block, i)
-    store.close()
-    return out
+def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Tensor | None,
+                      out_side: OutputAwareOptions | None) -> Tensor:
+    """σ² of W·chol(XXᵀ), or with ``out_side`` of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped and shrunk as the factorisation
+    will): two-sided, in units of the loss, and zero for an output that never reaches the loss."""
+    assert stats.gram is not None
+    s, _, _ = repaired_cholesky(stats.gram)
+    target = weight.double() @ s
+    if out_gram is not None and out_side is not None:
+        if not torch.isfinite(out_gram).all():  # one-sided σ² here would mix activation units into loss units
+            raise DataError(f"{name}: its output-gradient Gram is not finite; try float32")
+        r, _ = output_factor(out_gram, out_side.output_damp, out_side.shrinkage(out_gram.shape[0], stats.tokens))
+        target = left_whitened(r, target)
+    spectrum = torch.linalg.svdvals(target).pow(2).cpu()
+    release_workspace()
+    return spectrum

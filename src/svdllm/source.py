@@ -103,6 +103,9 @@ class ModelSource:
     def park_outside(self) -> None:
         """Free the parts outside the blocks while the blocks are processed (streamed sources only)."""
 
+    def unpark_outside(self) -> None:
+        """The parts outside the blocks back where they live, after a walk (streamed sources only)."""
+
     def keep_finished_in(self, folder: Path) -> None:
         """Where finished blocks are written when they leave memory (streamed sources: the run folder's block files,
         so that a checkpoint costs no second write)."""
@@ -136,6 +139,7 @@ class ModelSource:
                 self.release(i)
             if then is not None:
                 then(i)
+        self.unpark_outside()
 
     def block_tensors(self, i: int) -> dict[str, Tensor]:
         """Finished block i's tensors under their model names, on the CPU, contiguous (U's rank-major is a view)."""
@@ -255,13 +259,16 @@ class StreamedSource(ModelSource):
 
     @contextmanager
     def outside_blocks(self) -> Iterator[None]:
+        self.unpark_outside()
+        with super().outside_blocks():
+            yield
+
+    def unpark_outside(self) -> None:
         head = self.prefix + "."
         parked = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(head)]
         if parked:  # a tied head is not in the shards: tie_weights restores it
             self.shards.load(self.model, {n: n for n in parked if n in self.shards.files}, self.home)
             self.model.tie_weights()
-        with super().outside_blocks():
-            yield
 
     def park_outside(self) -> None:
         """The embeddings and head are often the largest tensors of a model: freed while the blocks are processed,

@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -24,7 +24,7 @@ from .evaluate import check_positions
 from .errors import OptionError
 from .finetune import FinetuneConfig, StageResult
 from .folder import check_out_dir, save
-from .pipeline import CompressionConfig, CompressionReport, Timings, compress, fingerprint
+from .pipeline import CompressionConfig, CompressionReport, Timings, compress, model_key
 from .quantize import QuantizeOptions
 from .record import SvdllmRecord
 from .source import should_stream
@@ -164,88 +164,127 @@ def run_compression(options: CompressOptions) -> CompressOutcome:
     """Validate, open the model once (in memory or streamed), compress with a resumable run folder, then fine-tune,
     quantize and score as asked, and save the folder with its record and report.  Under torchrun every process
     calls this; rank 0 writes."""
-    from .data import load_text, tokenize
     from .source import open_source
 
-    checked = validate(options)
-    timings = Timings()
+    checked, timings = validate(options), Timings()
     cfg = replace(options.compression, device=distributed.init_from_env(
         default_device(options.compression.device), options.dist_timeout))
-    lock = OutputLock(checked.out)
-    try:
+    with OutputLock(checked.out):
         with timings.clock("load model"):
             source, tok = open_source(options.model, checked.streamed, cfg.device, options.trust_remote_code)
-        params_before = count_parameters(source.model)
-        check_positions(source.model, options.seqlen)
-        if options.eval:
-            check_positions(source.model, options.eval_seqlen, "eval_seqlen")
-        bos = bos_token(tok, source.model.config)
-        with timings.clock("load text"):
-            windows = sample_windows(tokenize(tok, load_text(options.calib)), options.nsamples, options.seqlen,
-                                     options.seed, bos)
-            evals = {s: eval_windows(tokenize(tok, load_text(s)), options.eval_seqlen, options.max_tokens, bos)
-                     for s in options.eval}
-        run = RunDir(checked.run_path, fingerprint(source, cfg, windows, evals), distributed.world()[1])
-        zero_shot: dict[str, list] = {}
-        if checked.tasks:
-            from .zeroshot import score_rows, zero_shot as run_tasks
-
-            key = [options.eval_tasks, options.include_path, options.limit]
-            with timings.clock("zero-shot tasks, dense"):
-                zero_shot["dense"] = _dense_scores(run, key, lambda: score_rows(
-                    run_tasks(source.model, tok, *checked.tasks, limit=options.limit)))
-        if run.done and distributed.is_writer():
-            log.warning("resuming %s after %d finished blocks", run.path, run.done)
+        data = _read_data(options, source.model, tok, timings)
+        run = RunDir(checked.run_path, model_key(source), distributed.world()[1], options.resume)
+        dense_rows = _dense_zero_shot(options, checked, run, source.model, tok, timings)
         with timings.clock("compress"):
-            result = compress(source, windows, cfg, eval_windows=evals, run_dir=run, progress=options.progress)
-        report, record = result.report, result.record
-        if not distributed.is_writer():
-            source.close()
-            return CompressOutcome(checked.out, report, record, params_before, count_parameters(source.model))
-        if report.calibration:
-            report.calibration.update(data=options.calib, seed=options.seed, bos=bos is not None)
-            record = record.with_parts(calibration=dict(report.calibration))
-        model, stages = source.model, []
-        if options.finetune is not None:
-            from .finetune import finetune, record_part
-
-            model.to(cfg.device)
-            with timings.clock("finetune"):
-                model, stages = finetune(model, tok, options.finetune, progress=options.progress)
-            with timings.clock("evaluate finetuned"):
-                report.perplexity["finetuned"] = _window_perplexities(model, evals, options.progress)
-            record = record.with_parts(finetune=record_part(options.finetune, stages))
-        if options.quantize is not None:
-            from .quantize import quantize_model
-
-            with timings.clock("quantize"):
-                _cast_parameters(model, options.dtype)
-                record = record.with_parts(quantization=quantize_model(model, options.quantize, record))
-            with timings.clock("evaluate quantized"):
-                report.perplexity["quantized"] = _window_perplexities(model, evals, options.progress)
-        if checked.tasks:
-            with timings.clock("zero-shot tasks, compressed"):
-                zero_shot["compressed"] = score_rows(run_tasks(model, tok, *checked.tasks, limit=options.limit))
-            report.zero_shot = {**zero_shot, "limit": options.limit}
-            record = record.with_parts(zero_shot={f"{t} {m}": v for t, m, v, _ in zero_shot["compressed"]})
-        if options.dtype != "float32" and options.quantize is None and not source.streamed:
-            with timings.clock(f"evaluate {options.dtype}"):  # the saved model's own figure, not float32's
-                _cast_parameters(model, options.dtype)
-                report.perplexity[options.dtype] = _window_perplexities(model, evals, options.progress)
-        final = report.perplexity.get("quantized") or report.perplexity.get(options.dtype) or \
-            report.perplexity.get("finetuned") or report.perplexity.get("compressed")
-        record = record.with_parts(perplexity=final or None)
-        report.timings = Timings({**timings, **{f"compress: {k}": v for k, v in report.timings.items()}})
-        with timings.clock("save"):
-            out = save(replace(result, record=record) if model is source.model else model, tok, checked.out, record,
-                       report=report, dtype=options.dtype, force=options.force,
-                       write_extra=(lambda folder: write_loss_curve(stages, folder)) if stages else None)
-        report.timings["save"] = timings["save"]
-        run.remove()
+            result = compress(source, data.windows, cfg, eval_windows=data.evals, run_dir=run,
+                              progress=options.progress)
+        if distributed.is_writer():
+            outcome = _finish(options, checked, result, tok, data, dense_rows, timings)
+            run.remove()
+        else:
+            outcome = CompressOutcome(checked.out, result.report, result.record, data.params_before,
+                                      count_parameters(source.model))
         source.close()
-        return CompressOutcome(out, report, record, params_before, count_parameters(model), stages)
-    finally:
-        lock.release()
+        return outcome
+
+
+@dataclass
+class _Data:
+    """The run's token windows, cut once."""
+
+    windows: torch.Tensor
+    evals: dict[str, torch.Tensor]
+    bos: int | None
+    params_before: int
+
+
+def _read_data(options: CompressOptions, model: Any, tok: Any, timings: Timings) -> _Data:
+    """Calibration and evaluation windows, after their lengths are checked against the model's positions."""
+    from .data import load_text, tokenize
+
+    check_positions(model, options.seqlen)
+    if options.eval:
+        check_positions(model, options.eval_seqlen, "eval_seqlen")
+    bos = bos_token(tok, model.config)
+    with timings.clock("load text"):
+        windows = sample_windows(tokenize(tok, load_text(options.calib)), options.nsamples, options.seqlen,
+                                 options.seed, bos)
+        evals = {s: eval_windows(tokenize(tok, load_text(s)), options.eval_seqlen, options.max_tokens, bos)
+                 for s in options.eval}
+    return _Data(windows, evals, bos, count_parameters(model))
+
+
+def _dense_zero_shot(options: CompressOptions, checked: _Checked, run: RunDir, model: Any, tok: Any,
+                     timings: Timings) -> list:
+    """The dense model's zero-shot rows, a product of the run folder (a resumed run does not score them again)."""
+    if not checked.tasks:
+        return []
+    from .zeroshot import score_rows, zero_shot
+
+    def make(folder: Path) -> list:
+        rows = score_rows(zero_shot(model, tok, *checked.tasks, limit=options.limit))
+        if distributed.is_writer():
+            write_checked_json(folder / "rows.json", rows)
+        return rows
+
+    with timings.clock("zero-shot tasks, dense"):
+        return run.kept("zero-shot-dense", [options.eval_tasks, options.include_path, options.limit], make,
+                        lambda folder: [tuple(r) for r in read_checked_json(folder / "rows.json", "the kept rows")])
+
+
+def _finish(options: CompressOptions, checked: _Checked, result: Any, tok: Any, data: _Data, dense_rows: list,
+            timings: Timings) -> CompressOutcome:
+    """Fine-tune, quantize, score and save what ``compress`` gave, as the options ask (the writing process)."""
+    report, record, model = result.report, result.record, result.source.model
+    if report.calibration:
+        report.calibration.update(data=options.calib, seed=options.seed, bos=data.bos is not None)
+        record = record.with_parts(calibration=dict(report.calibration))
+    model, record, stages = _recover(options, model, tok, data.evals, record, report, timings)
+    if checked.tasks:
+        from .zeroshot import score_rows, zero_shot
+
+        with timings.clock("zero-shot tasks, compressed"):
+            rows = score_rows(zero_shot(model, tok, *checked.tasks, limit=options.limit))
+        report.zero_shot = {"dense": dense_rows, "compressed": rows, "limit": options.limit}
+        record = record.with_parts(zero_shot={f"{t} {m}": v for t, m, v, _ in rows})
+    if options.dtype != "float32" and options.quantize is None and not result.source.streamed:
+        with timings.clock(f"evaluate {options.dtype}"):  # the saved model's own figure, not float32's
+            _cast_parameters(model, options.dtype)
+            report.perplexity[options.dtype] = _window_perplexities(model, data.evals, options.progress)
+    final = next((report.perplexity[k] for k in ("quantized", options.dtype, "finetuned", "compressed")
+                  if report.perplexity.get(k)), None)
+    record = record.with_parts(perplexity=final)
+    report.timings = Timings({**timings, **{f"compress: {k}": v for k, v in report.timings.items()}})
+    with timings.clock("save"):
+        out = save(replace(result, record=record) if model is result.source.model else model, tok, checked.out,
+                   record, report=report, dtype=options.dtype, force=options.force,
+                   write_extra=(lambda folder: write_loss_curve(stages, folder)) if stages else None)
+    report.timings["save"] = timings["save"]
+    return CompressOutcome(out, report, record, data.params_before, count_parameters(model), stages)
+
+
+def _recover(options: CompressOptions, model: Any, tok: Any, evals: dict[str, torch.Tensor], record: SvdllmRecord,
+             report: CompressionReport, timings: Timings) -> tuple[Any, SvdllmRecord, list[StageResult]]:
+    """LoRA fine-tuning, then quantized factors, each evaluated on the run's evaluation windows, as asked."""
+    stages: list[StageResult] = []
+    if options.finetune is not None:
+        from .finetune import finetune, record_part
+
+        model.to(options.compression.device or default_device())
+        with timings.clock("finetune"):
+            model, stages = finetune(model, tok, options.finetune, progress=options.progress)
+        with timings.clock("evaluate finetuned"):
+            report.perplexity["finetuned"] = _window_perplexities(model, evals, options.progress)
+        record = record.with_parts(finetune=record_part(options.finetune, stages))
+    if options.quantize is not None:
+        from .quantize import quantize_model
+
+        with timings.clock("quantize"):
+            _cast_parameters(model, options.dtype)
+            record = record.with_parts(quantization=quantize_model(model, options.quantize, record))
+        with timings.clock("evaluate quantized"):
+            report.perplexity["quantized"] = _window_perplexities(model, evals, options.progress)
+    return model, record, stages
 
 
 def _cast_parameters(model: Any, dtype: str) -> None:
@@ -260,18 +299,6 @@ def _window_perplexities(model: Any, windows: dict[str, torch.Tensor], progress:
 
     return {name: evaluate_perplexity(model, None, w.flatten(), w.shape[1], None, progress=progress).perplexity
             for name, w in windows.items()}
-
-
-def _dense_scores(run: RunDir, key: list, score: Callable[[], list]) -> list:
-    """The dense model's zero-shot rows, kept in the run folder so that a resumed run does not score them again."""
-    path, key = run.path / "zero_shot_dense.json", [run.fingerprint, *key]
-    if path.is_file():
-        kept = read_checked_json(path, f"checkpoint {run.path}")
-        if kept.get("key") == key:
-            return [tuple(row) for row in kept["rows"]]
-    rows = score()
-    write_checked_json(path, {"key": key, "rows": rows})
-    return rows
 
 
 def write_loss_curve(results: list[StageResult], out: Path) -> None:

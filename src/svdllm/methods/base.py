@@ -9,6 +9,8 @@ from torch import Tensor
 from ..errors import OptionError
 from ..whitening import Factorization
 
+from ..calibration import Stat
+
 if TYPE_CHECKING:
     from ..calibration import LayerStats
 
@@ -22,6 +24,10 @@ class MethodOptions:
 
     def validate(self) -> None:
         """Raise OptionError naming the field when a value is out of range."""
+
+    def extra_needs(self) -> frozenset[Stat]:
+        """Statistics these option values add to the method's own (output whitening: the output Grams)."""
+        return frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, **asdict(self)}
@@ -41,8 +47,11 @@ Factorizer = Callable[[Tensor, "LayerStats", int, Any], tuple[Factorization, dic
 class Method:
     options: type[MethodOptions]
     factorize: Factorizer
-    needs: frozenset[str]  # subset of {"gram", "abs", "fisher", "comp" (X′X′ᵀ), "cross" (XX′ᵀ)}
+    needs: frozenset[Stat]  # the statistics the factoriser reads whatever its options
     summary: str
+
+    def needs_for(self, options: MethodOptions) -> frozenset[Stat]:
+        return self.needs | options.extra_needs()
 
     @property
     def name(self) -> str:
@@ -51,14 +60,14 @@ class Method:
     @property
     def sequential(self) -> bool:
         """Needs the compressed model's own activations (X′), so blocks go in order."""
-        return "comp" in self.needs
+        return Stat.COMP in self.needs
 
 
 METHODS: dict[str, Method] = {}
 _BY_OPTIONS: dict[type[MethodOptions], Method] = {}
 
 
-def register(options: type[MethodOptions], needs: frozenset[str], summary: str) -> Callable[[Factorizer], Factorizer]:
+def register(options: type[MethodOptions], needs: frozenset[Stat], summary: str) -> Callable[[Factorizer], Factorizer]:
     """Decorator: ``factorize(weight, stats, rank, options)`` becomes the method for ``options``."""
 
     def deco(fn: Factorizer) -> Factorizer:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from ..whitening import Factorization, scaled_svd
+from ..calibration import Stat
 from .base import MethodOptions, check_range, register
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def svd(weight: Tensor, stats: LayerStats, k: int, opts: SVDOptions) -> tuple[Fa
     return scaled_svd(weight, k), {}
 
 
-@register(FWSVDOptions, frozenset({"fisher"}), "SVD of diag(√Fisher)·W (row importance from squared gradients)")
+@register(FWSVDOptions, frozenset({Stat.ROW_FISHER}), "SVD of diag(√Fisher)·W (row importance from squared gradients)")
 def fwsvd(weight: Tensor, stats: LayerStats, k: int, opts: FWSVDOptions) -> tuple[Factorization, dict[str, Any]]:
     assert stats.fisher is not None
     row = stats.fisher.double().sqrt()
@@ -47,7 +48,7 @@ def fwsvd(weight: Tensor, stats: LayerStats, k: int, opts: FWSVDOptions) -> tupl
     return scaled_svd(weight, k, row_scale=row), {}
 
 
-@register(ASVDOptions, frozenset({"abs"}), "SVD of W·diag(mean|x|)^α (activation-scaled)")
+@register(ASVDOptions, frozenset({Stat.ABS}), "SVD of W·diag(mean|x|)^α (activation-scaled)")
 def asvd(weight: Tensor, stats: LayerStats, k: int, opts: ASVDOptions) -> tuple[Factorization, dict[str, Any]]:
     assert stats.abs_sum is not None and stats.tokens > 0
     mean_abs = stats.abs_sum.double() / stats.tokens

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..errors import OptionError
 from ..whitening import Factorization, fit_product, output_shrinkage, relative_error, update_left, whiten
+from ..calibration import Stat
 from .base import MethodOptions, check_range, register
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ class OutputAwareOptions(MethodOptions):
             raise OptionError("output_full_width", f"must be a non-negative whole number, got {self.output_full_width!r}")
         if self.output_shrinkage is not None:
             check_range(self, "output_shrinkage", 0.0, 1.0)
+
+    def extra_needs(self) -> frozenset[Stat]:
+        return frozenset({Stat.OUT_GRAM}) if self.output_whitening else frozenset()
 
     def shrinkage(self, width: int, tokens: int) -> float:
         """α for a full output Gram of ``width`` outputs gathered over ``tokens`` calibration tokens."""
@@ -87,7 +91,7 @@ def _whitening_record(weight: Tensor, f: Factorization, gram: Tensor) -> dict[st
     return {"loss": relative_error(weight, f.u, f.v, gram), "loss_whitened": f.discarded_energy / max(total, 1e-300)}
 
 
-@register(WhiteningOptions, frozenset({"gram"}), "SVD-LLM(W): truncation-aware whitening")
+@register(WhiteningOptions, frozenset({Stat.GRAM}), "SVD-LLM(W): truncation-aware whitening")
 def svdllm_w(weight: Tensor, stats: LayerStats, k: int, opts: WhiteningOptions) -> tuple[Factorization, dict[str, Any]]:
     assert stats.gram is not None
     side = _output_side(stats, opts)
@@ -95,7 +99,7 @@ def svdllm_w(weight: Tensor, stats: LayerStats, k: int, opts: WhiteningOptions) 
     return f, {**_whitening_record(weight, f, stats.gram), **_shrinkage_record(side)}
 
 
-@register(SVDLLMOptions, frozenset({"gram", "comp"}), "SVD-LLM(W) + layer-wise closed-form update of U")
+@register(SVDLLMOptions, frozenset({Stat.GRAM, Stat.COMP}), "SVD-LLM(W) + layer-wise closed-form update of U")
 def svdllm(weight: Tensor, stats: LayerStats, k: int, opts: SVDLLMOptions) -> tuple[Factorization, dict[str, Any]]:
     """Whitening from the dense stream, then U re-solved against W·X′ on the compressed stream."""
     assert stats.gram is not None and stats.comp_gram is not None
@@ -122,7 +126,7 @@ def _output_side(stats: LayerStats, opts: OutputAwareOptions) -> dict[str, Any]:
             "out_shrink": opts.shrinkage(stats.out_gram.shape[0], stats.tokens)}
 
 
-@register(ErrorCorrectedOptions, frozenset({"comp", "cross"}),
+@register(ErrorCorrectedOptions, frozenset({Stat.COMP, Stat.CROSS}),
           "error-corrected whitening towards W(βX + (1−β)X′) (ours)")
 def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
               opts: ErrorCorrectedOptions) -> tuple[Factorization, dict[str, Any]]:
