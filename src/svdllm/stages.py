@@ -135,7 +135,8 @@ class ReversePass(Stage):
         names = list(run.get(CompressionPlan).ranks)
         out_side = self.spectra.out_side if self.spectra else None
         made_from = ["gradients", run.data_key[0], names, self.sensitivity, self.row_fisher, self.output_grams,
-                     self.full_width, self.spectra is not None, out_side.to_dict() if out_side else None]
+                     self.full_width, self.spectra is not None,  # and what the two-sided spectra read of the options
+                     [out_side.output_damp, out_side.output_shrinkage] if out_side else None]
         run.put(run.kept("gradients", made_from, lambda folder: self._make(run, names, folder),
                          lambda folder: self._read(folder, names)), made_from)
 
