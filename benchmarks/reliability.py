@@ -60,7 +60,7 @@ def factor_scale(model: torch.nn.Module) -> dict[str, float]:
 
 def stored_as(model: torch.nn.Module, how: str, record) -> torch.nn.Module:
     from svdllm.quantize import QuantizeOptions, quantize_model
-    from svdllm.workflow import _cast_parameters
+    from svdllm.folder import cast_parameters as _cast_parameters
 
     model = copy.deepcopy(model)
     if how != "float32":

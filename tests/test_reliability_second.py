@@ -215,7 +215,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(model_dir, text
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "{model}", ""], "the prompt is empty"),
+    (["generate", "{model}", ""], "PROMPT: is empty"),
     (["compress", "{model}", "--asvd-alpha", "nan", "--method", "asvd"], "must be a finite number"),
     (["compress", "{model}", "--finetune", "--ft-lr", "nan"], "must be a finite number"),
 ])

@@ -133,3 +133,46 @@ def test_one_block_loop_and_no_fork_on_the_source():
             assert not re.search(r"for \w+ in range\([^)]*n_blocks", text), path.name
     loops = [p.name for p in PACKAGE.rglob("*.py") if ".backward()" in p.read_text() and p.name != "finetune.py"]
     assert loops == ["importance.py"]  # the one backward loop (fine-tuning's optimiser steps aside)
+
+
+def test_the_default_command_lines_give_the_default_options():
+    """Each flag's default is the option dataclass's own (one place states a default): the command line with no
+    flags maps to exactly the options Python gets with none."""
+    from svdllm.cli import _eval_options, _finetune_config, build_parser, compress_options
+    from svdllm.commands import BenchOptions, EvalTexts, GenerateOptions, QuantizeFolderOptions
+    from svdllm.finetune import FinetuneConfig
+    from svdllm.workflow import CompressOptions
+
+    parse = build_parser().parse_args
+    assert compress_options(parse(["compress"])) == CompressOptions()
+    with_ft = compress_options(parse(["compress", "--finetune"]))
+    assert with_ft.finetune == FinetuneConfig()  # the same data and seed as Python's (0.8.1 trained on --calib)
+    assert _finetune_config(parse(["finetune", "m", "--out", "o"])) == FinetuneConfig()
+    q = parse(["quantize", "m", "--bits", "8", "--out", "o"])
+    assert (q.dtype, q.group_size, _eval_options(q, q.seqlen)) == (QuantizeFolderOptions("", "").dtype,
+                                                                   QuantizeFolderOptions("", "").quantize.group_size,
+                                                                   EvalTexts())
+    e = parse(["eval", "m"])
+    assert _eval_options(e, e.seqlen, e.data) == EvalTexts()
+    g, b = parse(["generate", "m", "p"]), parse(["bench", "m"])
+    assert (g.max_new_tokens, g.seed) == (GenerateOptions("", "").max_new_tokens, GenerateOptions("", "").seed)
+    assert (b.new_tokens, b.repeats) == (BenchOptions("").new_tokens, BenchOptions("").repeats)
+
+
+def test_only_svdllm_errors_become_one_line(monkeypatch, capsys):
+    """A ValueError from inside a library is a bug's traceback, not the user's mistake; svdllm's own errors and a
+    missing file are one line."""
+    from svdllm import cli
+    from svdllm.errors import DataError
+
+    def broken(args):
+        raise ValueError("shapes (3, 4) and (5, 6) do not match")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", broken)
+    with pytest.raises(ValueError, match="shapes"):
+        cli.main(["info", "x"])
+    monkeypatch.setitem(cli.COMMANDS, "info", lambda args: (_ for _ in ()).throw(DataError("the text is empty")))
+    assert cli.main(["info", "x"]) == 2
+    assert capsys.readouterr().err.strip() == "svdllm info: error: the text is empty"
+    monkeypatch.setitem(cli.COMMANDS, "info", lambda args: (_ for _ in ()).throw(FileNotFoundError("no such file")))
+    assert cli.main(["info", "x"]) == 2

@@ -134,6 +134,7 @@ def test_dense_smollm2_is_above_chance_on_the_offline_tasks(tmp_path):
     assert res["svdllm_next_sentence"]["acc_norm,none"] > 0.4  # chance: 0.25
 
 
+@pytest.mark.slow  # three runs through lm-eval: 35 s
 def test_a_rerun_does_not_score_the_dense_model_again(model_dir, text_file, tmp_path, monkeypatch):
     import svdllm
     import svdllm.workflow

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .errors import FormatError
+from .errors import FormatError, OptionError
 from .runtime import LowRankLinear
 
 
@@ -63,3 +63,23 @@ def dense_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with learned absolute position embeddings (GPT-2, OPT) can take: the size of its
+    position table, read from the config; None for rotary models, which have no table to index past."""
+    config = model.config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is None:
+        return None
+    inputs = model.get_input_embeddings()
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not inputs and m.num_embeddings >= limit]
+    return limit if tables else None
+
+
+def check_positions(model: nn.Module, longest: int, option: str = "seqlen") -> None:
+    """Refuse, before any work, a window longer than the model's learned positions (it fails deep inside), naming
+    the option that set its length."""
+    limit = position_limit(model)
+    if limit is not None and longest > limit:
+        raise OptionError(option, f"windows of {longest} tokens exceed the model's {limit} positions")

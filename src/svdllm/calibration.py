@@ -8,7 +8,6 @@ in safetensors files on disk.  ``GramAccumulator`` owns one block's statistics. 
 from __future__ import annotations
 
 import enum
-import hashlib
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,45 +19,9 @@ from torch import Tensor, nn
 
 from . import distributed
 from .cache import DiskStore, TensorStore
-from .errors import DataError, OptionError
+from .data import eval_windows, sample_windows, windows_digest  # noqa: F401  (their home is data; here for callers)
 
 DENSE, COMPRESSED = "dense", "compressed"
-
-
-def _with_bos(windows: Tensor, bos: int | None) -> Tensor:
-    if bos is None:
-        return windows
-    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
-
-
-def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None) -> Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens, reproducible from ``seed``; with ``bos`` each is that token
-    followed by ``seqlen`` − 1 tokens of text."""
-    body = seqlen - (bos is not None)
-    if tokens.numel() < body + 1:
-        raise DataError(f"calibration text has {tokens.numel()} tokens, shorter than one window of {seqlen}; "
-                        "give more text or a shorter window (seqlen)")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - body, (nsamples,), generator=gen)
-    return _with_bos(torch.stack([tokens[s : s + body] for s in starts.tolist()]), bos)
-
-
-def eval_windows(tokens: Tensor, seqlen: int, max_tokens: int | None = None, bos: int | None = None) -> Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens from the start of ``tokens`` (at most ``max_tokens`` of text);
-    with ``bos`` each is that token followed by ``seqlen`` − 1 tokens of text."""
-    if seqlen < 2 + (bos is not None):
-        raise OptionError("eval_seqlen", f"must be at least {2 + (bos is not None)} tokens, got {seqlen}")
-    body = seqlen - (bos is not None)
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
-    n = tokens.numel() // body
-    if n == 0:
-        raise DataError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seqlen}")
-    return _with_bos(tokens[: n * body].view(n, body), bos)
-
-
-def windows_digest(windows: Tensor | None) -> str:
-    return "" if windows is None else hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- statistics

@@ -15,16 +15,6 @@ from typing import Any
 EVAL_DEFAULT = "wiki-test,news"
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return value
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -82,18 +72,14 @@ def _zero_shot_options(p: argparse.ArgumentParser, flag: str) -> None:
     g.add_argument("--limit", type=_positive, default=None, help="at most N examples per task (quick runs)")
 
 
-def _common_eval(p: argparse.ArgumentParser, seqlen: bool = True) -> None:
-    if seqlen:
-        p.add_argument("--seqlen", type=_positive, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--max-tokens", type=_positive, default=8192, help="tokens read per evaluation set (default 8192)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-
-
 def _finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     from .finetune import FinetuneConfig
+    from .folder import DTYPES
 
     d = FinetuneConfig()
     g = p.add_argument_group("fine-tuning" + (" (with --finetune)" if prefix else ""))
+    g.add_argument(f"--{prefix}data", default=d.data, help=f"training DATA (.txt, .jsonl with text or Alpaca rows; "
+                   f"default {d.data})")
     g.add_argument(f"--{prefix}order", default=d.order, choices=["u-first", "v-first"])
     g.add_argument(f"--{prefix}lora-r", type=int, default=d.lora_r)
     g.add_argument(f"--{prefix}lora-alpha", type=int, default=d.lora_alpha)
@@ -101,146 +87,160 @@ def _finetune_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}steps", type=int, default=d.steps, help="optimizer steps per stage")
     g.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size)
     g.add_argument(f"--{prefix}seqlen" if prefix else "--seqlen", type=int, default=d.seqlen)
-    g.add_argument(f"--{prefix}dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    g.add_argument(f"--{prefix}seed", type=int, default=d.seed)
+    g.add_argument(f"--{prefix}dtype", default=d.dtype, choices=[t for t in DTYPES if t != "float16"],
                    help="training dtype (default float32 on CPU, bfloat16 on GPU; float16 is refused)")
     g.add_argument(f"--{prefix}keep-best", action="store_true", help="undo a stage that worsens validation perplexity")
-    if not prefix:
-        g.add_argument("--seed", type=int, default=d.seed)
 
 
-def _finetune_config(args: argparse.Namespace, prefix: str = "", data: str | None = None) -> Any:
+def _finetune_config(args: argparse.Namespace, prefix: str = "") -> Any:
     from .finetune import FinetuneConfig
 
     a, key = vars(args), prefix.replace("-", "_")
-    return FinetuneConfig(data=data or args.data, seed=args.seed, **{f: a[f"{key}{f}"] for f in (
-        "order", "lora_r", "lora_alpha", "lr", "steps", "batch_size", "seqlen", "dtype", "keep_best")})
+    return FinetuneConfig(**{f: a[f"{key}{f}"] for f in ("data", "order", "lora_r", "lora_alpha", "lr", "steps",
+                                                          "batch_size", "seqlen", "seed", "dtype", "keep_best")})
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's flags; each default is read from the option dataclass the flag maps to (one place states a
+    default, and ``tests/test_workflow.py`` checks that the default command line gives the default options)."""
+    from .commands import BenchOptions, EvalTexts, GenerateOptions, QuantizeFolderOptions
+    from .folder import DTYPES
     from .methods import METHODS
+    from .quantize import QuantizeOptions
+    from .workflow import CompressOptions
 
+    D, Q, T = CompressOptions(), QuantizeOptions(), EvalTexts()
+    C = D.compression
+    evals = ",".join(T.data)
     parser = argparse.ArgumentParser(prog="svdllm", description="Compress LLMs with SVD-LLM and friends.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or SVDLLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="compress a model, report perplexity, save it")
-    c.add_argument("model", nargs="?", default="smollm2-135m", help="named model, folder, .gguf or hub id")
-    c.add_argument("--ratio", type=_ratio, default=0.2, help="parameter reduction per matrix, in (0, 1)")
-    c.add_argument("--method", default="svdllm-ec", help=f"one of {', '.join(METHODS)} (default svdllm-ec)")
-    c.add_argument("--calib", default="wiki-train", help="calibration DATA (default wiki-train)")
-    c.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    c.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
-    c.add_argument("--seed", type=int, default=0, help="seeds the calibration sampling")
-    m = c.add_argument_group("method options (each applies to the methods named)")
-    m.add_argument("--beta", type=float, default=None,
-                   help="svdllm-ec: target blend in [0, 1] (1 = dense inputs; default 0.25)")
+    c.add_argument("model", nargs="?", default=D.model, help="named model, folder, .gguf or hub id")
+    c.add_argument("--ratio", type=_number, default=C.ratio, help=f"parameter reduction per matrix, in (0, 1) "
+                   f"(default {C.ratio})")
+    c.add_argument("--method", default=C.method.name, help=f"one of {', '.join(METHODS)} (default {C.method.name})")
+    c.add_argument("--calib", default=D.calib, help=f"calibration DATA (default {D.calib})")
+    c.add_argument("--nsamples", type=int, default=D.nsamples, help=f"calibration windows (default {D.nsamples})")
+    c.add_argument("--seqlen", type=int, default=D.seqlen, help=f"calibration window length (default {D.seqlen})")
+    c.add_argument("--seed", type=int, default=D.seed, help="seeds the calibration sampling")
+    m = c.add_argument_group("method options (each applies to the methods named; unset: the method's default)")
+    m.add_argument("--beta", type=float, default=None, help="svdllm-ec: target blend in [0, 1] (1 = dense inputs)")
     m.add_argument("--norm-cap", type=float, default=None,
-                   help="svdllm-ec: halve β for a matrix while ||W'|| > cap·||W|| (default 1.5; 0 turns it off)")
-    m.add_argument("--damp", type=float, default=None, help="svdllm-w, svdllm: whitening ridge (default 0: only when needed)")
+                   help="svdllm-ec: halve β for a matrix while ||W'|| > cap·||W|| (0 turns it off)")
+    m.add_argument("--damp", type=float, default=None, help="svdllm-w, svdllm: whitening ridge (0: only when needed)")
     m.add_argument("--output-whitening", action=argparse.BooleanOptionalAction, default=None,
                    help="svdllm-w, svdllm, svdllm-ec: whiten the output side too, with the Gram of the loss's gradient "
-                        "at each output (K-FAC, docs/output-aware.md; default: on for svdllm-ec, off for the others)")
+                        "at each output (K-FAC, docs/output-aware.md; on for svdllm-ec, off for the others)")
     m.add_argument("--output-damp", type=_number, default=None,
-                   help="with --output-whitening: ridge on that Gram, relative to its mean diagonal (default 0.01)")
+                   help="with --output-whitening: ridge on that Gram, relative to its mean diagonal")
     m.add_argument("--output-full-width", type=int, default=None,
-                   help="with --output-whitening: outputs wider than this keep the Gram's diagonal only (default 8192; "
-                        "a full Gram costs width²×8 bytes)")
+                   help="with --output-whitening: outputs wider than this keep the Gram's diagonal only (a full Gram "
+                        "costs width²×8 bytes)")
     m.add_argument("--output-shrinkage", type=float, default=None,
                    help="with --output-whitening: weight in [0, 1] of the scaled identity in each full output Gram "
-                        "(default: outputs/(outputs + calibration tokens); 0: the Gram alone, as 0.8.0)")
-    m.add_argument("--asvd-alpha", type=_number, default=None, help="asvd: activation exponent (default 0.5)")
-    c.add_argument("--ranks", default="auto", choices=["auto", "uniform", "fisher"],
+                        "(unset: outputs/(outputs + calibration tokens); 0: the Gram alone, as 0.8.0)")
+    m.add_argument("--asvd-alpha", type=_number, default=None, help="asvd: activation exponent")
+    c.add_argument("--ranks", default=C.rank_rule, choices=["auto", "uniform", "fisher"],
                    help="rank per matrix: uniform (the paper), or allocated under the same parameter budget from the "
                         "whitened spectra weighted by the loss's sensitivity to each output (fisher); auto (default): "
-                        "fisher for svdllm-ec (in memory, --low-memory and torchrun alike), else uniform")
-    c.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                        "fisher for svdllm-ec, else uniform")
+    c.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=C.true_sequential,
                    help="svdllm, svdllm-ec: fit q/k/v, then o, then gate/up, then down, each on the inputs the "
                         "already compressed ones produce (default; --no-true-sequential fits a block's linears at once)")
-    c.add_argument("--rank-floor", type=float, default=0.5, help="allocated ranks stay ≥ floor × uniform (default 0.5)")
-    c.add_argument("--rank-cap", type=float, default=2.0, help="allocated ranks stay ≤ cap × uniform (default 2)")
-    c.add_argument("--targets", default="*", help="globs over module names, e.g. '*mlp*'")
-    c.add_argument("--skip-layers", type=_layers, default=[], help="blocks to leave dense, e.g. '0,29' or '0-2'")
-    c.add_argument("--batch-size", type=int, default=None,
+    c.add_argument("--rank-floor", type=float, default=C.rank_floor,
+                   help=f"allocated ranks stay ≥ floor × uniform (default {C.rank_floor})")
+    c.add_argument("--rank-cap", type=float, default=C.rank_cap,
+                   help=f"allocated ranks stay ≤ cap × uniform (default {C.rank_cap:g})")
+    c.add_argument("--targets", default=",".join(C.targets), help="globs over module names, e.g. '*mlp*'")
+    c.add_argument("--skip-layers", type=_layers, default=list(C.skip_layers),
+                   help="blocks to leave dense, e.g. '0,29' or '0-2'")
+    c.add_argument("--batch-size", type=int, default=C.batch_size,
                    help="windows per forward (default 4 in memory, 1 with --low-memory)")
-    c.add_argument("--offload", default="auto", choices=["auto", "none", "cpu", "disk"],
-                   help="where activations wait between blocks: none (on the device), cpu, disk; auto (default): on "
-                        "the device, or on disk with --low-memory")
-    c.add_argument("--low-memory", action="store_true", default=None,
+    c.add_argument("--offload", default=C.offload, choices=["auto", "none", "cpu", "disk"],
+                   help="where every pass's activations wait: none (on the device), cpu, disk; auto (default): CPU "
+                        "memory, or disk with --low-memory")
+    c.add_argument("--low-memory", action="store_true", default=D.low_memory,
                    help="never hold the whole model: read one block at a time from the safetensors shards "
                         "(automatic when the weights exceed half the available memory)")
     c.add_argument("--trust-remote-code", action="store_true",
                    help="let the model folder's own Python code (config.json's auto_map) run; off: it never runs")
-    c.add_argument("--dist-timeout", type=_positive, default=1800,
-                   help="under torchrun: seconds a process waits for the others before the run fails (default 1800)")
+    c.add_argument("--dist-timeout", type=_positive, default=D.dist_timeout,
+                   help=f"under torchrun: seconds a process waits for the others (default {D.dist_timeout})")
     c.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run of the same command (rerunning it does too)")
-    c.add_argument("--eval", default=EVAL_DEFAULT, help=f"evaluation DATA, comma-separated (default {EVAL_DEFAULT}); '' skips")
-    c.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="saved dtype")
-    c.add_argument("--out", default=None, help="output folder (default out/MODEL-METHOD-RATIO)")
+                   help="insist on continuing an interrupted run of the same command (rerunning it continues too)")
+    c.add_argument("--eval", default=",".join(D.eval), help=f"evaluation DATA, comma-separated (default "
+                   f"{','.join(D.eval)}); '' skips")
+    c.add_argument("--eval-seqlen", type=int, default=D.eval_seqlen, help=f"evaluation window (default {D.eval_seqlen})")
+    c.add_argument("--max-tokens", type=_positive, default=D.max_tokens,
+                   help=f"tokens read per evaluation set (default {D.max_tokens})")
+    c.add_argument("--device", default=C.device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    c.add_argument("--dtype", default=D.dtype, choices=list(DTYPES), help=f"saved dtype (default {D.dtype})")
+    c.add_argument("--out", default=D.out, help="output folder (default out/MODEL-METHOD-RATIO)")
     c.add_argument("--force", action="store_true", help="replace a non-empty --out")
     c.add_argument("--finetune", action="store_true", help="then run the LoRA recovery step (see `finetune`)")
     c.add_argument("--quantize", type=int, default=None, choices=[8, 4, 2], metavar="BITS",
                    help="then quantize the factors to 8, 4 or 2 bits (see `quantize`; --dtype bfloat16 for the "
                         "smallest folder)")
-    c.add_argument("--quantize-group-size", type=int, default=128, help="with --quantize 4 (default 128)")
-    _common_eval(c, seqlen=False)
+    c.add_argument("--quantize-group-size", type=int, default=Q.group_size,
+                   help=f"with --quantize 4 or 2 (default {Q.group_size})")
     _zero_shot_options(c, "--eval-tasks")
     _finetune_options(c, prefix="ft-")
 
     f = sub.add_parser("finetune", help="LoRA on the Wu then Wv factors of a compressed model, merged back")
     f.add_argument("model", help="a folder written by svdllm compress")
-    f.add_argument("--data", default="wiki-train", help="training DATA (.txt, .jsonl with text or Alpaca rows)")
     f.add_argument("--out", required=True)
     f.add_argument("--force", action="store_true")
-    f.add_argument("--eval", default=EVAL_DEFAULT, help="evaluation DATA before and after; '' skips")
-    f.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window (default 512, as compress)")
-    _common_eval(f, seqlen=False)
+    _eval_texts(f, T, "--eval-seqlen")
     _finetune_options(f)
 
     e = sub.add_parser("eval", help="perplexity of a model")
     e.add_argument("model")
-    e.add_argument("--data", default=EVAL_DEFAULT, help="comma-separated DATA")
+    e.add_argument("--data", default=evals, help=f"comma-separated DATA (default {evals})")
     e.add_argument("--json", default=None, help="write results here (with --tasks: lm-eval's whole output too)")
-    _common_eval(e)
+    _eval_texts(e, T, "--seqlen", texts=False)
     _zero_shot_options(e, "--tasks")
 
+    G = GenerateOptions("", "")
     g = sub.add_parser("generate", help="greedy or sampled generation")
     g.add_argument("model")
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--max-new-tokens", type=int, default=G.max_new_tokens)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None)
+    g.add_argument("--seed", type=int, default=G.seed)
+    g.add_argument("--device", default=G.device)
     g.add_argument("--fast", action="store_true",
                    help="static KV cache and a compiled decode step (torch.compile; the first call compiles)")
     g.add_argument("--latent-cache", action="store_true",
                    help="keep the rank-r latents of low-rank k_proj/v_proj in the KV cache instead of keys and values")
 
+    B = BenchOptions("")
     b = sub.add_parser("bench", help="batch-1 decode speed and weight bytes, against a dense model and its limit")
     b.add_argument("model")
-    b.add_argument("--dense", default=None, help="the uncompressed model to compare with (MODEL)")
+    b.add_argument("--dense", default=B.dense, help="the uncompressed model to compare with (MODEL)")
     b.add_argument("--fast", action="store_true", help="also through the fast path (static cache, compiled decode)")
-    b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--device", default=None)
-    b.add_argument("--json", default=None, help="write the figures here")
+    b.add_argument("--new-tokens", type=int, default=B.new_tokens)
+    b.add_argument("--repeats", type=int, default=B.repeats)
+    b.add_argument("--device", default=B.device)
+    b.add_argument("--json", default=B.json, help="write the figures here")
 
+    QF = QuantizeFolderOptions("", "")
     q = sub.add_parser("quantize", help="int8/int4/int2 weights for the factors of a compressed model (optimum-quanto)")
     q.add_argument("model", help="a folder written by svdllm (or, with --dense, any model)")
     q.add_argument("--bits", type=int, required=True, choices=[8, 4, 2])
-    q.add_argument("--group-size", type=int, default=128,
-                   help="4 and 2 bits: weights per scale and shift along a row (default 128; smaller where it does "
-                        "not divide a factor's width)")
-    q.add_argument("--dense", default="", help="globs over dense linears in the decoder blocks to quantize too, "
-                                               "e.g. '*' (every one: quantization alone)")
-    q.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of everything left in floating point, scales included (default bfloat16)")
+    q.add_argument("--group-size", type=int, default=Q.group_size,
+                   help=f"4 and 2 bits: weights per scale and shift along a row (default {Q.group_size}; smaller "
+                        "where it does not divide a factor's width)")
+    q.add_argument("--dense", default=",".join(Q.dense), help="globs over dense linears in the decoder blocks to "
+                   "quantize too, e.g. '*' (every one: quantization alone)")
+    q.add_argument("--dtype", default=QF.dtype, choices=list(DTYPES),
+                   help=f"dtype of everything left in floating point, scales included (default {QF.dtype})")
     q.add_argument("--out", required=True)
     q.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    q.add_argument("--eval", default=EVAL_DEFAULT, help="evaluation DATA before and after; '' skips")
-    _common_eval(q)
+    _eval_texts(q, T, "--seqlen")
 
     i = sub.add_parser("info", help="the svdllm section and per-module ranks of a saved model")
     i.add_argument("model")
@@ -248,11 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
+def _eval_texts(p: argparse.ArgumentParser, d: Any, seqlen: str, texts: bool = True) -> None:
+    """The evaluation flags of finetune, eval and quantize (``commands.EvalTexts``)."""
+    if texts:
+        p.add_argument("--eval", default=",".join(d.data), help=f"evaluation DATA before and after (default "
+                       f"{','.join(d.data)}); '' skips")
+    p.add_argument(seqlen, type=_positive, default=d.seqlen, help=f"window length in tokens (default {d.seqlen})")
+    p.add_argument("--max-tokens", type=_positive, default=d.max_tokens,
+                   help=f"tokens read per evaluation set (default {d.max_tokens})")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def compress_options(args: argparse.Namespace) -> Any:
+    """``svdllm compress``'s flags as ``CompressOptions``."""
     from .methods import options_for
     from .pipeline import CompressionConfig
     from .quantize import QuantizeOptions
-    from .workflow import CompressOptions, run_compression
+    from .workflow import CompressOptions
 
     method = options_for(args.method, beta=args.beta, norm_cap=args.norm_cap, damp=args.damp,
                          asvd_alpha=args.asvd_alpha, output_whitening=args.output_whitening,
@@ -262,18 +274,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                skip_layers=args.skip_layers, rank_rule=args.ranks, rank_floor=args.rank_floor,
                                rank_cap=args.rank_cap, batch_size=args.batch_size, device=args.device,
                                offload=args.offload, true_sequential=args.true_sequential)
-    options = CompressOptions(
+    return CompressOptions(
         model=args.model, compression=config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, eval=_specs(args.eval), eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens,
         eval_tasks=args.eval_tasks, include_path=args.include_path, limit=args.limit, low_memory=args.low_memory,
         resume=args.resume, dist_timeout=args.dist_timeout, trust_remote_code=args.trust_remote_code,
         dtype=args.dtype, out=args.out, force=args.force,
-        finetune=_finetune_config(args, "ft-", data=args.calib) if args.finetune else None,
+        finetune=_finetune_config(args, "ft-") if args.finetune else None,
         quantize=QuantizeOptions(args.quantize, args.quantize_group_size) if args.quantize else None,
         progress=not args.quiet)
-    outcome = run_compression(options)
-    from . import distributed
 
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .workflow import run_compression
+
+    outcome = run_compression(compress_options(args))
     if distributed.is_writer():
         _print_summary(args, outcome)
     return 0
@@ -313,239 +329,94 @@ def _print_summary(args: argparse.Namespace, outcome: Any) -> None:
     print(f"\nsaved to {outcome.out}")
 
 
-def _perplexities(model: Any, tok: Any, specs: tuple[str, ...], seqlen: int, max_tokens: int, quiet: bool,
-                  cache: dict) -> dict[str, float]:
-    from .data import load_text, tokenize
-    from .evaluate import evaluate_perplexity
+def _eval_options(args: argparse.Namespace, seqlen: int, data: str | None = None) -> Any:
+    from .commands import EvalTexts
 
-    out = {}
-    for spec in specs:
-        if spec not in cache:
-            cache[spec] = tokenize(tok, load_text(spec))
-        out[spec] = evaluate_perplexity(model, tok, cache[spec], seqlen, max_tokens, progress=not quiet).perplexity
-    return out
+    return EvalTexts(_specs(args.eval if data is None else data), seqlen, args.max_tokens)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .checkpoint import OutputLock
-    from .folder import check_out_dir
+    from .commands import FinetuneOptions, run_finetune
 
-    ft = _finetune_config(args)
-    ft.validate()
-    out = check_out_dir(args.out, args.force)
-    with OutputLock(out):
-        return _finetune_into(args, ft, out)
-
-
-def _finetune_into(args: argparse.Namespace, ft: Any, out: Path) -> int:
-    from .data import check_spec
-    from .finetune import finetune, record_part
-    from .folder import read_record, save
-    from .source import load_model
-    from .workflow import default_device, write_loss_curve
-
-    record = read_record(args.model)
-    if record.quantization:
-        raise ValueError(f"{args.model} has quantized weights: fine-tune before quantizing (compress --finetune "
-                         "--quantize does both in that order)")
-    evals = _specs(args.eval)
-    for spec in [ft.data, *evals]:
-        check_spec(spec)
-    model, tok = load_model(args.model, device=default_device(args.device))
-    before = _perplexities(model, tok, evals, args.eval_seqlen, args.max_tokens, args.quiet, {})
-    model, stages = finetune(model, tok, ft, progress=not args.quiet)
-    for r in stages:
+    done = run_finetune(FinetuneOptions(args.model, args.out, _finetune_config(args),
+                                        _eval_options(args, args.eval_seqlen), args.device, args.force,
+                                        not args.quiet))
+    for r in done.stages:
         flag = "" if r.kept else " (reverted by --keep-best)"
         print(f"LoRA on {r.stage}: validation perplexity {r.val_before:.3f} -> {r.val_after:.3f}{flag}; "
               f"training loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}")
-    after = _perplexities(model, tok, evals, args.eval_seqlen, args.max_tokens, args.quiet, {})
-    for k in after:
-        print(f"{k}: perplexity {before[k]:.3f} -> {after[k]:.3f}")
-    record = record.with_parts(finetune=record_part(ft, stages), perplexity=after or None)
-    save(model, tok, out, record, force=args.force, write_extra=lambda folder: write_loss_curve(stages, folder))
-    print(f"saved to {out}")
+    for k in done.after:
+        print(f"{k}: perplexity {done.before[k]:.3f} -> {done.after[k]:.3f}")
+    print(f"saved to {done.out}")
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .checkpoint import OutputLock
-    from .folder import check_out_dir
-    from .quantize import QuantizeOptions, require_library
+    from .commands import QuantizeFolderOptions, run_quantize
+    from .quantize import QuantizeOptions
 
     options = QuantizeOptions(bits=args.bits, group_size=args.group_size, dense=tuple(_globs(args.dense)))
-    options.validate()
-    require_library()  # before any model is loaded
-    out = check_out_dir(args.out, args.force)
-    with OutputLock(out):
-        return _quantize_into(args, options, out)
-
-
-def _quantize_into(args: argparse.Namespace, options: Any, out: Path) -> int:
-    import torch
-
-    from .data import check_spec
-    from .errors import FormatError
-    from .folder import read_record, save
-    from .generation import weight_bytes
-    from .quantize import quantize_model
-    from .record import SvdllmRecord
-    from .source import load_model
-    from .workflow import default_device
-
-    try:
-        record = read_record(args.model)
-    except FormatError:  # not an svdllm folder: a dense model, or a name load_model resolves
-        if not options.dense:
-            raise ValueError(f"{args.model} is not compressed by svdllm: compress it first, or quantize its dense "
-                             "linears with --dense '*'") from None
-        record = SvdllmRecord(ranks={})
-    if record.quantization:
-        raise ValueError(f"{args.model}: the model's weights are already quantized")
-    evals = _specs(args.eval)
-    for spec in evals:
-        check_spec(spec)
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=default_device(args.device))
-    tokens: dict = {}
-    before_bytes = weight_bytes(model)
-    before = _perplexities(model, tok, evals, args.seqlen, args.max_tokens, args.quiet, tokens)
-    part = quantize_model(model, options, record)
-    after_bytes = weight_bytes(model)
-    after = _perplexities(model, tok, evals, args.seqlen, args.max_tokens, args.quiet, tokens)
-    groups = sorted({str(m["group_size"] or "row") for m in part["modules"].values()}) if args.bits < 8 else []
-    print(f"\nsvdllm quantize {args.model}: {len(part['modules'])} linears to int{args.bits} with "
+    done = run_quantize(QuantizeFolderOptions(args.model, args.out, options, args.dtype,
+                                              _eval_options(args, args.seqlen), args.device, args.force,
+                                              not args.quiet))
+    part, bits = done.part, args.bits
+    groups = sorted({str(m["group_size"] or "row") for m in part["modules"].values()}) if bits < 8 else []
+    print(f"\nsvdllm quantize {args.model}: {len(part['modules'])} linears to int{bits} with "
           f"{part['library']} {part['library_version']}" + (f", groups {', '.join(groups)}" if groups else ""))
-    print(f"\n| | {args.dtype} | int{args.bits} | change |\n|---|---:|---:|---:|")
-    print(f"| weight bytes | {before_bytes:,} | {after_bytes:,} | {100 * (after_bytes / before_bytes - 1):+.1f}% |")
-    for k in before:
-        print(f"| perplexity {k} | {before[k]:.2f} | {after[k]:.2f} | {100 * (after[k] / before[k] - 1):+.1f}% |")
-    save(model, tok, out, record.with_parts(quantization=part, perplexity=after or record.perplexity),
-         force=args.force)
-    print(f"\nsaved to {out}")
+    print(f"\n| | {args.dtype} | int{bits} | change |\n|---|---:|---:|---:|")
+    print(f"| weight bytes | {done.bytes_before:,} | {done.bytes_after:,} | "
+          f"{100 * (done.bytes_after / done.bytes_before - 1):+.1f}% |")
+    for k, v in done.before.items():
+        print(f"| perplexity {k} | {v:.2f} | {done.after[k]:.2f} | {100 * (done.after[k] / v - 1):+.1f}% |")
+    print(f"\nsaved to {done.out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .architecture import count_parameters
-    from .generation import weight_bytes
-    from .data import check_spec
-    from .folder import check_new_file
-    from .source import load_model
-    from .workflow import default_device
+    from .commands import EvalOptions, run_eval
 
-    specs = _specs(args.data)
-    for spec in specs:
-        check_spec(spec)
-    if args.json:
-        check_new_file(args.json, "json")
-    tasks = _tasks(args.tasks, args.include_path)
-    model, tok = load_model(args.model, device=default_device(args.device))
-    ppl = _perplexities(model, tok, specs, args.seqlen, args.max_tokens, args.quiet, {})
-    result: dict[str, Any] = {"model": args.model, "perplexity": ppl, "parameters": count_parameters(model),
-                              "seqlen": args.seqlen, "max_tokens": args.max_tokens}
-    for k, v in ppl.items():
+    result = run_eval(EvalOptions(args.model, _eval_options(args, args.seqlen, args.data), args.tasks,
+                                  args.include_path, args.limit, args.device, args.json, not args.quiet))
+    for k, v in result["perplexity"].items():
         print(f"{k}: perplexity {v:.3f}")
-    result["weight_bytes"] = weight_bytes(model)
     print(f"parameters: {result['parameters']:,}")
     print(f"weight bytes: {result['weight_bytes']:,} ({result['weight_bytes'] / 2**20:.1f} MiB)")
-    if tasks:
-        from .zeroshot import markdown, score_rows, zero_shot
+    if "lm_eval" in result:
+        from .zeroshot import markdown, score_rows
 
-        result["lm_eval"] = zero_shot(model, tok, *tasks, limit=args.limit)
         print("\n" + markdown({"value": score_rows(result["lm_eval"])}))
-    if args.json:
-        from .files import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(result, indent=2, default=str) + "\n")
     return 0
 
 
-def _tasks(spec: str, include_path: str | None) -> tuple[list[str], Any] | None:
-    """lm-eval task names and manager for ``--tasks``/``--eval-tasks``, checked before any model is loaded."""
-    if not spec.strip():
-        if include_path:
-            raise ValueError("--include-path needs --tasks naming the tasks to run")
-        return None
-    from .zeroshot import resolve_tasks
-
-    return resolve_tasks(spec, include_path)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from .commands import GenerateOptions, run_generate
 
-    from .runtime import LatentCache, cache_argument, cache_bytes_per_token
-    from .source import load_model
-    from .workflow import default_device
-
-    if args.fast and args.latent_cache:
-        raise ValueError("--fast and --latent-cache do not combine: the latent cache grows, the static cache is fixed")
-    if not args.prompt:
-        raise ValueError("the prompt is empty")
-    torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, device=default_device(args.device))
-    ids = tok(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
-    if ids["input_ids"].shape[1] == 0:
-        raise ValueError("the prompt has no tokens")
-    from .evaluate import check_positions
-
-    check_positions(model, ids["input_ids"].shape[1] + args.max_new_tokens, "max_new_tokens")
-    extra: dict[str, Any] = {}
-    if args.fast:
-        from .generation import fast_options
-
-        extra |= fast_options(model)
-    if args.latent_cache:
-        try:
-            extra[cache_argument(model)] = LatentCache(model)
-        except ValueError as exc:  # the reason, in one line
-            print(f"svdllm generate: {exc}; using the ordinary cache", file=sys.stderr)
-        else:
-            dense, latent = cache_bytes_per_token(model, False), cache_bytes_per_token(model, True)
-            print(f"svdllm generate: KV cache {latent} bytes/token latent against {dense} dense "
-                  f"({latent / dense:.3f}x)", file=sys.stderr)
-    out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                         pad_token_id=tok.pad_token_id or tok.eos_token_id, **extra)
-    print(tok.decode(out[0], skip_special_tokens=True))
+    done = run_generate(GenerateOptions(args.model, args.prompt, args.max_new_tokens, args.sample, args.seed,
+                                        args.device, args.fast, args.latent_cache))
+    for note in done.notes:
+        print(f"svdllm generate: {note}", file=sys.stderr)
+    print(done.text)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .data import load_text, tokenize
-    from .generation import bytes_read_per_token, decode_speed, weight_bytes
-    from .folder import check_new_file
-    from .source import load_model
-    from .workflow import default_device
+    from .commands import DEFAULT_PROMPT_TOKENS, BenchOptions, run_bench
 
-    if args.new_tokens < 1 or args.repeats < 1:
-        raise ValueError("--new-tokens and --repeats must be at least 1")
-    if args.json:
-        check_new_file(args.json, "json")
-    models, tok = {}, None
-    for spec in [args.model] + ([args.dense] if args.dense else []):
-        models[spec], tok = load_model(spec, device=default_device(args.device))
-    prompt = tokenize(tok, load_text("wiki-test"))[:16]
-    paths = {"eager": decode_speed(models, prompt, args.new_tokens, args.repeats, fast=False)}
-    if args.fast:
-        paths["fast"] = decode_speed(models, prompt, args.new_tokens, args.repeats, fast=True)
-    rows = {spec: {"weight_bytes": weight_bytes(m), "bytes_read_per_token": bytes_read_per_token(m),
-                   **{f"{p}_tok_s": speed[spec] for p, speed in paths.items()}} for spec, m in models.items()}
-    print(f"batch-1 greedy decode, {args.new_tokens} tokens after a 16-token prompt, median of {args.repeats}\n")
+    rows = run_bench(BenchOptions(args.model, args.dense, args.fast, args.new_tokens, args.repeats, args.device,
+                                  args.json))
+    paths = [k[: -len("_tok_s")] for k in rows[args.model] if k.endswith("_tok_s")]
+    print(f"batch-1 greedy decode, {args.new_tokens} tokens after a {DEFAULT_PROMPT_TOKENS}-token prompt, median of "
+          f"{args.repeats}\n")
     print("| model | weights MiB | read per token MiB | " + " | ".join(f"{p} tok/s" for p in paths) + " |")
     print("|---|---:|---:|" + "---:|" * len(paths))
     for spec, r in rows.items():
-        print(f"| {spec} | {r['weight_bytes'] / 2**20:.1f} | {r['bytes_read_per_token'] / 2**20:.1f} | "
-              + " | ".join(f"{r[f'{p}_tok_s']:.1f}" for p in paths) + " |")
-    if args.dense:
-        c, d = rows[args.model], rows[args.dense]
-        limit = d["bytes_read_per_token"] / c["bytes_read_per_token"]
-        rows["speed_up"] = {p: c[f"{p}_tok_s"] / d[f"{p}_tok_s"] for p in paths} | {"limit": limit}
-        print("\nspeed-up over dense: " + ", ".join(f"{p} {c[f'{p}_tok_s'] / d[f'{p}_tok_s']:.2f}x "
-                                                   f"({100 * c[f'{p}_tok_s'] / d[f'{p}_tok_s'] / limit:.0f}% of the "
-                                                   f"{limit:.2f}x bytes limit)" for p in paths))
-    if args.json:
-        from .files import atomic_write_text
-
-        atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
+        if spec != "speed_up":
+            print(f"| {spec} | {r['weight_bytes'] / 2**20:.1f} | {r['bytes_read_per_token'] / 2**20:.1f} | "
+                  + " | ".join(f"{r[f'{p}_tok_s']:.1f}" for p in paths) + " |")
+    if "speed_up" in rows:
+        up = rows["speed_up"]
+        print("\nspeed-up over dense: " + ", ".join(f"{p} {up[p]:.2f}x ({100 * up[p] / up['limit']:.0f}% of the "
+                                                   f"{up['limit']:.2f}x bytes limit)" for p in paths))
     return 0
 
 
@@ -617,19 +488,20 @@ COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "quantize": cmd_
             "generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}
 # an option named in an error → its flag, where the flag is not --OPTION-NAME
 FLAGS = {
-    "compress": {"model": "MODEL", "rank_rule": "--ranks", "eval_tasks": "--eval-tasks", "quantize.bits": "--quantize",
-                 "quantize.group_size": "--quantize-group-size", "low_memory": "--low-memory", "method": "--method",
-                 **{f"finetune.{f}": f"--ft-{f.replace('_', '-')}" for f in ("order", "lora_r", "lora_alpha", "lr",
-                                                                            "steps", "batch_size", "seqlen", "dtype")}},
-    "finetune": {f"finetune.{f}": f"--{f.replace('_', '-')}" for f in ("order", "lora_r", "lora_alpha", "lr", "steps",
-                                                                       "batch_size", "seqlen", "dtype", "data")},
-    "quantize": {"quantize.bits": "--bits", "quantize.group_size": "--group-size", "quantize.dense": "--dense"},
-    "eval": {"eval_tasks": "--tasks", "eval_seqlen": "--seqlen"},
+    "compress": {"rank_rule": "--ranks", "quantize.bits": "--quantize", "quantize.group_size": "--quantize-group-size",
+                 **{f"finetune.{f}": f"--ft-{f.replace('_', '-')}" for f in (
+                     "data", "order", "lora_r", "lora_alpha", "lr", "steps", "batch_size", "seqlen", "seed", "dtype")}},
+    "quantize": {"quantize.bits": "--bits", "quantize.group_size": "--group-size", "quantize.dense": "--dense",
+                 "eval_seqlen": "--seqlen"},
+    "eval": {"eval_seqlen": "--seqlen"},
+    "generate": {"prompt": "PROMPT"},
 }
 
 
 def flag_for(command: str, option: str) -> str:
-    """The flag of ``command`` that sets ``option`` (a library field name)."""
+    """The flag of ``command`` that sets ``option`` (a library field name): FLAGS where it is not --OPTION-NAME."""
+    if option == "model":
+        return "MODEL"
     return FLAGS.get(command, {}).get(option) or "--" + option.rsplit(".", 1)[-1].replace("_", "-")
 
 
@@ -669,8 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return COMMANDS[args.command](args)
-    except (SvdllmError, ValueError, FileNotFoundError, FileExistsError, PermissionError, torch.OutOfMemoryError,
-            OSError) as exc:
+    except (SvdllmError, torch.OutOfMemoryError, OSError) as exc:  # a ValueError of torch's is a bug's traceback
         user = not isinstance(exc, OSError) or isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError)) \
             or exc.errno in (errno.ENOSPC, errno.EDQUOT)
         if debug or not user:

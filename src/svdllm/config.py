@@ -13,6 +13,7 @@ from .errors import OptionError
 from .files import atomic_write_text
 from .methods import ErrorCorrectedOptions, MethodOptions, options_for
 from .methods.base import check_range
+from .ranks import check_ratio
 
 RANK_RULES = ("auto", "uniform", "fisher")
 
@@ -38,8 +39,7 @@ class CompressionConfig:
             raise OptionError("method", f"must be a method name or its options, got {type(self.method).__name__}")
 
     def validate(self) -> None:
-        if not 0.0 < self.ratio < 1.0:
-            raise OptionError("ratio", f"must be in (0, 1), got {self.ratio}")
+        check_ratio(self.ratio)
         if isinstance(self.targets, (str, bytes)) or not isinstance(self.targets, (list, tuple)) or not self.targets \
                 or not all(isinstance(p, str) and p.strip() for p in self.targets):
             raise OptionError("targets", f"must be a non-empty list of non-empty glob patterns, got {self.targets!r}")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import assets
-from .errors import DataError
+from .errors import DataError, OptionError
 
 NAMED = ("wiki-train", "wiki-test", "news")
 HUB_DATASETS = {  # name → (path, config, split, field)
@@ -235,3 +235,51 @@ def tokenize(tokenizer: Any, text: str) -> Tensor:
     if not seamless:
         cuts = [0, len(text)]
     return torch.cat([torch.tensor(_encode(tokenizer, text[a:b]), dtype=torch.long) for a, b in zip(cuts, cuts[1:])])
+
+
+# ---------------------------------------------------------------- token windows
+
+
+def _with_bos(windows: Tensor, bos: int | None) -> Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None) -> Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens, reproducible from ``seed``; with ``bos`` each is that token
+    followed by ``seqlen`` − 1 tokens of text."""
+    body = seqlen - (bos is not None)
+    if tokens.numel() < body + 1:
+        raise DataError(f"calibration text has {tokens.numel()} tokens, shorter than one window of {seqlen}; "
+                        "give more text or a shorter window (seqlen)")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - body, (nsamples,), generator=gen)
+    return _with_bos(torch.stack([tokens[s : s + body] for s in starts.tolist()]), bos)
+
+
+def eval_windows(tokens: Tensor, seqlen: int, max_tokens: int | None = None, bos: int | None = None) -> Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start of ``tokens`` (at most ``max_tokens`` of text);
+    with ``bos`` each is that token followed by ``seqlen`` − 1 tokens of text."""
+    if seqlen < 2 + (bos is not None):
+        raise OptionError("eval_seqlen", f"must be at least {2 + (bos is not None)} tokens, got {seqlen}")
+    body = seqlen - (bos is not None)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    n = tokens.numel() // body
+    if n == 0:
+        raise DataError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seqlen}")
+    return _with_bos(tokens[: n * body].view(n, body), bos)
+
+
+def windows_digest(windows: Tensor | None) -> str:
+    return "" if windows is None else hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def token_windows(tok: Any, config: Any, calib: str, nsamples: int, seqlen: int, seed: int, evals: tuple[str, ...],
+                  eval_seqlen: int, max_tokens: int | None) -> tuple[Tensor, dict[str, Tensor], int | None]:
+    """A run's calibration windows, its evaluation windows (name → windows) and the BOS token each starts with
+    (None where the model needs none), cut from the texts ``calib`` and ``evals`` read once each."""
+    bos = bos_token(tok, config)
+    windows = sample_windows(tokenize(tok, load_text(calib)), nsamples, seqlen, seed, bos)
+    return windows, {s: eval_windows(tokenize(tok, load_text(s)), eval_seqlen, max_tokens, bos) for s in evals}, bos

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import DataError, SvdllmError
+from .errors import DataError, OptionError, SvdllmError
 
 DEFAULT_TIMEOUT_S = 1800  # the longest one rank may wait for another (a whole block's decompositions)
 
@@ -70,11 +70,22 @@ def launched() -> bool:
     return env_int("WORLD_SIZE", 1) > 1
 
 
-def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
-    """Join the process group torchrun describes (NCCL for CUDA, gloo for CPU); the device this rank computes on.
+def default_device(name: str | None = None) -> str:
+    """``name`` if this machine has it; else CUDA where available, or the CPU."""
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise OptionError("device", f"{name}: CUDA is not available here")
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_from_env(device: str | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """Join the process group torchrun describes (NCCL for CUDA, gloo for CPU); the device this rank computes on
+    (``device``, or the default one).
 
     Every collective then fails after ``timeout_s`` instead of waiting forever for a rank that died.
     """
+    device = default_device(device)
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return device
     cuda = device.startswith("cuda")

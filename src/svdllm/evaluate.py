@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .calibration import ActivationStream, eval_windows
-from .errors import DataError, OptionError
+from .architecture import check_positions, position_limit  # noqa: F401  (check_positions: callers import it here)
+from .calibration import ActivationStream
+from .data import eval_windows
+from .errors import DataError
 
 
 class NonFiniteLossError(DataError):
@@ -89,15 +91,21 @@ def evaluate_perplexity(
     """
     from .data import bos_token, load_text, tokenize
 
+    check_positions(model, seqlen)
     tokens = data if isinstance(data, Tensor) else tokenize(tokenizer, load_text(data))
     if bos == "auto":
         bos = bos_token(tokenizer, model.config) if tokenizer is not None else None
-    check_positions(model, seqlen)
-    windows = eval_windows(tokens, seqlen, max_tokens, bos)  # type: ignore[arg-type]
+    return windows_perplexity(model, eval_windows(tokens, seqlen, max_tokens, bos), batch_size,  # type: ignore[arg-type]
+                              progress)
+
+
+def windows_perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = False
+                       ) -> PerplexityResult:
+    """Perplexity of ``model`` on windows already cut (windows × seqlen token ids)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    acc = NLLSum(seqlen)
+    acc = NLLSum(windows.shape[1])
     try:
         for first in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
             batch = windows[first : first + batch_size].to(device)
@@ -106,26 +114,6 @@ def evaluate_perplexity(
         model.train(was_training)
     acc.windows = len(windows)
     return acc.result()
-
-
-def position_limit(model: nn.Module) -> int | None:
-    """How many positions a model with learned absolute position embeddings (GPT-2, OPT) can take: the size of its
-    position table, read from the config; None for rotary models, which have no table to index past."""
-    config = model.config.get_text_config()
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is None:
-        return None
-    inputs = model.get_input_embeddings()
-    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not inputs and m.num_embeddings >= limit]
-    return limit if tables else None
-
-
-def check_positions(model: nn.Module, longest: int, option: str = "seqlen") -> None:
-    """Refuse, before any work, a window longer than the model's learned positions (it fails deep inside), naming
-    the option that set its length."""
-    limit = position_limit(model)
-    if limit is not None and longest > limit:
-        raise OptionError(option, f"windows of {longest} tokens exceed the model's {limit} positions")
 
 
 @contextmanager
@@ -175,3 +163,9 @@ def head_logits(model: nn.Module, blocks: nn.ModuleList, tuple_output: bool, hid
             b = min(a + chunk, count)
             slot[:] = [hidden[:, a:b]]
             yield model(input_ids=ids[:, a:b], use_cache=False).logits, ids[:, a + 1 : b + 1]
+
+
+def window_perplexities(model: nn.Module, windows: dict[str, Tensor], progress: bool = True) -> dict[str, float]:
+    """Perplexity on evaluation windows already cut (name → windows × seqlen token ids; whoever cut them checked
+    their length against the model's positions), as compress reports it."""
+    return {name: windows_perplexity(model, w, progress=progress).perplexity for name, w in windows.items()}

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .evaluate import evaluate_perplexity
+from .evaluate import windows_perplexity
 from .errors import DataError, OptionError
 from .runtime import LowRankLinear, restore_rank_major
 
@@ -141,14 +141,14 @@ def finetune(model: nn.Module, tokenizer: Any, cfg: FinetuneConfig, tokens: Tens
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     _check_fits(model, cfg, device, dtype)
     model.to(dtype)
-    if tokens is None:
-        from .data import load_text, tokenize
+    from .data import bos_token, eval_windows, load_text, tokenize
 
-        tokens = tokenize(tokenizer, load_text(cfg.data))
+    tokens = tokenize(tokenizer, load_text(cfg.data)) if tokens is None else tokens
     train, held = _split(tokens, cfg)
+    held_windows = eval_windows(held, cfg.seqlen, None, bos_token(tokenizer, model.config) if tokenizer is not None else None)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    val = lambda m: evaluate_perplexity(m, tokenizer, held, cfg.seqlen, None).perplexity  # noqa: E731
+    val = lambda m: windows_perplexity(m, held_windows).perplexity  # noqa: E731
     results: list[StageResult] = []
     for which in ("u", "v") if cfg.order == "u-first" else ("v", "u"):
         before = val(model)

@@ -230,36 +230,8 @@ def save(model: Any, tokenizer: Any, path: str | os.PathLike, record: SvdllmReco
     tmp = _marked_folder(out, "tmp")
     try:
         shards = _write_shards(tmp, model, blocks, target)
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        family = model.config.get_text_config(decoder=True).model_type
-        for name, text in runtime_files(base_class(model), family, bool(record.quantization)).items():
-            (tmp / name).write_text(text)
-        final = record.for_writing(shards)
-        cfg = json.loads((tmp / "config.json").read_text())
-        if target is not None:
-            cfg["dtype"] = str(target).removeprefix("torch.")
-        cfg["architectures"] = [base_class(model).__name__]
-        cfg["svdllm"] = final.to_dict()
-        cfg["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SVDLLMForCausalLM"}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(final))
-        if report is not None:
-            report.write(tmp / REPORT_FILE)
-        if write_extra is not None:
-            write_extra(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # made private; a saved model is for sharing
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        (tmp / PARTIAL_MARKER).unlink()
-        manifest = {"files": {f.name: shards.get(f.name) or sha256_file(f) for f in sorted(tmp.iterdir())}}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp / MANIFEST_FILE, 0o666 & ~umask)
+        _write_parts(tmp, model, tokenizer, record.for_writing(shards), target, report, write_extra)
+        _seal(tmp, shards)
         if out.exists():  # the old folder waits inside a marked one until the new one is in place
             old = _marked_folder(out, "old")
             os.replace(out, old / "previous")
@@ -271,6 +243,58 @@ def save(model: Any, tokenizer: Any, path: str | os.PathLike, record: SvdllmReco
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_not_quantized(model: str) -> None:
+    """A folder whose factors or weights are already quantized cannot be compressed (its integer tensors are no
+    weights to factorise)."""
+    where = Path(model).expanduser()
+    if where.is_dir() and is_svdllm_folder(where) and read_record(where).quantization:
+        raise OptionError("model", f"{model} is already quantized; compress the folder it was quantized from")
+
+
+def cast_parameters(model: Any, dtype: str) -> None:
+    """The parameters in ``dtype``; buffers (RoPE frequencies) keep float32, as a load of the saved folder gives them."""
+    for param in model.parameters():
+        param.data = param.data.to(DTYPES[dtype])
+
+
+def _write_parts(tmp: Path, model: Any, tokenizer: Any, final: SvdllmRecord, target: torch.dtype | None,
+                 report: Any, write_extra: Callable[[Path], None] | None) -> None:
+    """Everything but the shards: config (with the record and the auto_map), tokenizer, runtime, card, report."""
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    family = model.config.get_text_config(decoder=True).model_type
+    for name, text in runtime_files(base_class(model), family, bool(final.quantization)).items():
+        (tmp / name).write_text(text)
+    cfg = json.loads((tmp / "config.json").read_text())
+    if target is not None:
+        cfg["dtype"] = str(target).removeprefix("torch.")
+    cfg["architectures"] = [base_class(model).__name__]
+    cfg["svdllm"] = final.to_dict()
+    cfg["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.SVDLLMForCausalLM"}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (tmp / "README.md").write_text(model_card(final))
+    if report is not None:
+        report.write(tmp / REPORT_FILE)
+    if write_extra is not None:
+        write_extra(tmp)
+
+
+def _seal(tmp: Path, shards: dict[str, str]) -> None:
+    """Permissions for sharing (the temporary folder was private), the marker out, the manifest in."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+    (tmp / PARTIAL_MARKER).unlink()
+    manifest = {"files": {f.name: shards.get(f.name) or sha256_file(f) for f in sorted(tmp.iterdir())}}
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    os.chmod(tmp / MANIFEST_FILE, 0o666 & ~umask)
 
 
 # ---------------------------------------------------------------- reading
@@ -405,7 +429,7 @@ def _check_code(folder: Path, record: SvdllmRecord) -> str:
     return f"{len(code)} Python files identical to svdllm {__version__}'s runtime"
 
 
-QUANTIZED_DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZED_DTYPES = tuple(DTYPES)
 
 
 def quantized_tensor_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:

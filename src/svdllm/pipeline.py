@@ -6,8 +6,6 @@ on.  What to do with the result (fine-tune, quantize, save) is the workflow's.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -30,7 +28,7 @@ from .plan import CompressionPlan
 from .stages import AllocateRanks, Evaluate, ReversePass, Run, Stage, open_run
 
 __all__ = ["RANK_RULES", "CompressionConfig", "CompressionReport", "CompressionResult", "Timings", "compress",
-           "model_key"]
+           "plan_passes"]
 
 
 @dataclass
@@ -70,15 +68,6 @@ def plan_passes(cfg: CompressionConfig, evaluate: bool) -> list[Stage]:
         assert not missing, f"{type(stage).__name__} needs {missing}, which no earlier stage makes"
         made.update(stage.makes)
     return stages
-
-
-def model_key(source: ModelSource) -> str:
-    """What every kept product of a run is made from first: every weight of the model (the shards' bytes when
-    streamed) and its config."""
-    h = hashlib.sha256()
-    source.digest_update(h)
-    h.update(json.dumps(source.model.config.to_diff_dict(), sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 @torch.no_grad()

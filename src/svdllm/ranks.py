@@ -7,10 +7,15 @@ import math
 from .errors import OptionError
 
 
-def rank_for_ratio(m: int, n: int, ratio: float) -> int:
-    """k = ⌊(1−r)·m·n/(m+n)⌋: the factors u (m×k) and v (k×n) keep (1−r) of m·n."""
+def check_ratio(ratio: float) -> None:
+    """The one check of a parameter-reduction ratio (nan and ±inf fail it too)."""
     if not 0.0 < ratio < 1.0:
         raise OptionError("ratio", f"must be in (0, 1), got {ratio}")
+
+
+def rank_for_ratio(m: int, n: int, ratio: float) -> int:
+    """k = ⌊(1−r)·m·n/(m+n)⌋: the factors u (m×k) and v (k×n) keep (1−r) of m·n."""
+    check_ratio(ratio)
     return max(1, math.floor((1.0 - ratio) * m * n / (m + n)))
 
 

@@ -9,6 +9,7 @@ kind of source it has.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -156,6 +157,14 @@ class ModelSource:
         state = {k[len(head):]: v for k, v in load_tensors(path).items()}
         self.blocks[i].load_state_dict(state, strict=True)
         restore_rank_major(self.blocks[i])
+
+    def key(self) -> str:
+        """What every kept product of a run is made from first: every weight of the model (the shards' bytes when
+        streamed) and its config."""
+        h = hashlib.sha256()
+        self.digest_update(h)
+        h.update(json.dumps(self.model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+        return h.hexdigest()
 
     def digest_update(self, h: Any) -> None:
         """Feed every tensor of the model into the hash ``h`` (what a resume must match)."""
@@ -392,12 +401,18 @@ def load_model(spec: str, dtype: Any = None, device: str | None = None,
                trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) in memory for a named model, a local folder (svdllm or plain), a .gguf file or a hub id.
     A folder's own Python code (``auto_map``) runs only with ``trust_remote_code``: never by a prompt mid-run."""
+    from .assets import resolve_model
+
+    return _load_resolved(spec, *resolve_model(spec), dtype, device, trust_remote_code)
+
+
+def _load_resolved(spec: str, where: Path | str, gguf: str | None, dtype: Any, device: str | None,
+                   trust_remote_code: bool) -> tuple[Any, Any]:
+    """``load_model`` of what ``assets.resolve_model`` made of ``spec``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import resolve_model
     from .folder import is_svdllm_folder, load
 
-    where, gguf = resolve_model(spec)
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
     kwargs["trust_remote_code"] = trust_remote_code
     _refuse_own_code(where, trust_remote_code)
@@ -472,10 +487,10 @@ def open_source(spec: str, low_memory: bool | None = None, device: str | None = 
 
     from .assets import resolve_model
 
-    if not should_stream(spec, low_memory):
-        model, tok = load_model(spec, trust_remote_code=trust_remote_code)
-        return ModelSource(model, device), tok
     where, gguf = resolve_model(spec)
+    if not should_stream(spec, low_memory):
+        model, tok = _load_resolved(spec, where, gguf, None, None, trust_remote_code)
+        return ModelSource(model, device), tok
     if gguf:
         raise OptionError("low_memory", f"{spec} is a GGUF file; streaming reads safetensors folders only "
                           "(convert it, or compress it in memory)")

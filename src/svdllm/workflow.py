@@ -16,31 +16,22 @@ from typing import Any
 import torch
 
 from . import distributed
-from .architecture import count_parameters
-from .calibration import eval_windows, sample_windows
-from .checkpoint import OutputLock, RunDir, read_checked_json, write_checked_json
-from .data import bos_token
-from .evaluate import check_positions
+from .architecture import check_positions
+from .checkpoint import OutputLock, RunDir
+from .data import token_windows
+from .distributed import default_device  # noqa: F401  (its home is distributed; callers import it here too)
+from .evaluate import window_perplexities
 from .errors import OptionError
 from .finetune import FinetuneConfig, StageResult
-from .folder import check_out_dir, save
-from .pipeline import CompressionConfig, CompressionReport, Timings, compress, model_key
+from .folder import DTYPES, check_not_quantized, check_out_dir, save
+from .pipeline import CompressionConfig, CompressionReport, Timings, compress
 from .quantize import QuantizeOptions
 from .record import SvdllmRecord
+from .zeroshot import kept_rows
 from .source import should_stream
 
 log = logging.getLogger("svdllm")
 EVAL_DEFAULT = ("wiki-test", "news")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def default_device(name: str | None = None) -> str:
-    """``name`` if this machine has it; else CUDA where available, or the CPU."""
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise OptionError("device", f"{name}: CUDA is not available here")
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -83,9 +74,17 @@ class CompressOutcome:
     out: Path
     report: CompressionReport
     record: SvdllmRecord
-    params_before: int
-    params_after: int
     finetune_stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        return self.report.params_before
+
+    @property
+    def params_after(self) -> int:
+        """The compressed model's (fine-tuning merges its LoRA; quantization stores the same weights in fewer
+        bytes)."""
+        return self.report.params_after
 
 
 @dataclass
@@ -100,47 +99,22 @@ class _Checked:
 
 def validate(options: CompressOptions) -> _Checked:
     """Every option and every combination, before any model is loaded; raises OptionError naming the field."""
-    from .data import check_spec
+    from .zeroshot import resolve_tasks
 
-    cfg = options.compression
-    cfg.validate()
-    if options.nsamples < 1:
-        raise OptionError("nsamples", f"must be positive, got {options.nsamples}")
-    for name in ("seqlen", "eval_seqlen"):
-        if getattr(options, name) < 2:
-            raise OptionError(name, f"must be at least 2 tokens, got {getattr(options, name)}")
-    if options.max_tokens is not None and options.max_tokens < 1:
-        raise OptionError("max_tokens", f"must be positive, got {options.max_tokens}")
-    if options.dtype not in DTYPES:
-        raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
-    if options.dist_timeout < 1:
-        raise OptionError("dist_timeout", f"must be positive, got {options.dist_timeout}")
-    out = check_out_dir(options.out_dir(), options.force)
+    out_dir = options.out_dir()
+    _check_values(options)
+    asked = options.eval_tasks.strip() or options.include_path  # else lm-eval is not imported
+    tasks = resolve_tasks(options.eval_tasks, options.include_path) if asked else None
+    out = check_out_dir(out_dir, options.force)
     run_path = out.parent / f".{out.name}.svdllm-run"
     if options.resume and not (run_path / "state.json").is_file():
         raise OptionError("resume", f"no interrupted run to continue for {out}")
-    for spec in [options.calib, *options.eval]:
-        check_spec(spec)
-    _check_not_quantized(options.model)
-    if options.finetune is not None:
-        options.finetune.validate()
-    if options.quantize is not None:
-        from .quantize import require_library
-
-        options.quantize.validate()
-        require_library()  # before any model is loaded or compressed
+    check_not_quantized(options.model)
     streamed = should_stream(options.model, options.low_memory)
     many = distributed.launched()
-    tasks = None
-    if options.eval_tasks.strip():
-        from .zeroshot import resolve_tasks
-
-        if streamed or many:
-            raise OptionError("eval_tasks", "needs the whole model in one process: compress, then score the saved "
-                              "folder with svdllm eval")
-        tasks = resolve_tasks(options.eval_tasks, options.include_path)
-    elif options.include_path:
-        raise OptionError("include_path", "needs eval_tasks naming the tasks to run")
+    if options.eval_tasks.strip() and (streamed or many):
+        raise OptionError("eval_tasks", "needs the whole model in one process: compress, then score the saved "
+                          "folder with svdllm eval")
     for part, name in ((options.finetune, "finetune"), (options.quantize, "quantize")):
         if part is not None and streamed:
             raise OptionError(name, f"needs the whole model in memory: compress without `low_memory`, or run "
@@ -150,14 +124,27 @@ def validate(options: CompressOptions) -> _Checked:
     return _Checked(out, run_path, streamed, tasks)
 
 
-def _check_not_quantized(model: str) -> None:
-    """A folder whose factors or weights are already quantized cannot be compressed (its integer tensors are no
-    weights to factorise)."""
-    from .folder import is_svdllm_folder, read_record
+def _check_values(options: CompressOptions) -> None:
+    """Each option alone: ranges, names, texts, the parts' own options, the libraries they need."""
+    from .data import check_spec
 
-    where = Path(model).expanduser()
-    if where.is_dir() and is_svdllm_folder(where) and read_record(where).quantization:
-        raise OptionError("model", f"{model} is already quantized; compress the folder it was quantized from")
+    options.compression.validate()
+    for name, least in (("nsamples", 1), ("seqlen", 2), ("eval_seqlen", 2), ("dist_timeout", 1)):
+        if getattr(options, name) < least:
+            raise OptionError(name, f"must be at least {least}, got {getattr(options, name)}")
+    if options.max_tokens is not None and options.max_tokens < 1:
+        raise OptionError("max_tokens", f"must be positive, got {options.max_tokens}")
+    if options.dtype not in DTYPES:
+        raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    for spec in [options.calib, *options.eval]:
+        check_spec(spec)
+    if options.finetune is not None:
+        options.finetune.validate()
+    if options.quantize is not None:
+        from .quantize import require_library
+
+        options.quantize.validate()
+        require_library()  # before any model is loaded or compressed
 
 
 def run_compression(options: CompressOptions) -> CompressOutcome:
@@ -167,79 +154,43 @@ def run_compression(options: CompressOptions) -> CompressOutcome:
     from .source import open_source
 
     checked, timings = validate(options), Timings()
-    cfg = replace(options.compression, device=distributed.init_from_env(
-        default_device(options.compression.device), options.dist_timeout))
+    cfg = replace(options.compression, device=distributed.init_from_env(options.compression.device,
+                                                                         options.dist_timeout))
     with OutputLock(checked.out):
         with timings.clock("load model"):
             source, tok = open_source(options.model, checked.streamed, cfg.device, options.trust_remote_code)
-        data = _read_data(options, source.model, tok, timings)
-        run = RunDir(checked.run_path, model_key(source), distributed.world()[1], options.resume)
-        dense_rows = _dense_zero_shot(options, checked, run, source.model, tok, timings)
+        check_positions(source.model, options.seqlen)
+        if options.eval:
+            check_positions(source.model, options.eval_seqlen, "eval_seqlen")
+        with timings.clock("load text"):
+            windows, evals, bos = token_windows(tok, source.model.config, options.calib, options.nsamples,
+                                                options.seqlen, options.seed, options.eval, options.eval_seqlen,
+                                                options.max_tokens)
+        run = RunDir(checked.run_path, source.key(), distributed.world()[1], options.resume)
+        with timings.clock("zero-shot tasks, dense"):
+            dense_rows = kept_rows(run, [options.eval_tasks, options.include_path, options.limit], source.model, tok,
+                                   *checked.tasks, options.limit) if checked.tasks else []
         with timings.clock("compress"):
-            result = compress(source, data.windows, cfg, eval_windows=data.evals, run_dir=run,
-                              progress=options.progress)
+            result = compress(source, windows, cfg, eval_windows=evals, run_dir=run, progress=options.progress)
         if distributed.is_writer():
-            outcome = _finish(options, checked, result, tok, data, dense_rows, timings)
+            outcome = _finish(options, checked, result, tok, evals, bos, dense_rows, timings, cfg.device)
             run.remove()
         else:
-            outcome = CompressOutcome(checked.out, result.report, result.record, data.params_before,
-                                      count_parameters(source.model))
+            outcome = CompressOutcome(checked.out, result.report, result.record)
         source.close()
         return outcome
 
 
-@dataclass
-class _Data:
-    """The run's token windows, cut once."""
-
-    windows: torch.Tensor
-    evals: dict[str, torch.Tensor]
-    bos: int | None
-    params_before: int
-
-
-def _read_data(options: CompressOptions, model: Any, tok: Any, timings: Timings) -> _Data:
-    """Calibration and evaluation windows, after their lengths are checked against the model's positions."""
-    from .data import load_text, tokenize
-
-    check_positions(model, options.seqlen)
-    if options.eval:
-        check_positions(model, options.eval_seqlen, "eval_seqlen")
-    bos = bos_token(tok, model.config)
-    with timings.clock("load text"):
-        windows = sample_windows(tokenize(tok, load_text(options.calib)), options.nsamples, options.seqlen,
-                                 options.seed, bos)
-        evals = {s: eval_windows(tokenize(tok, load_text(s)), options.eval_seqlen, options.max_tokens, bos)
-                 for s in options.eval}
-    return _Data(windows, evals, bos, count_parameters(model))
-
-
-def _dense_zero_shot(options: CompressOptions, checked: _Checked, run: RunDir, model: Any, tok: Any,
-                     timings: Timings) -> list:
-    """The dense model's zero-shot rows, a product of the run folder (a resumed run does not score them again)."""
-    if not checked.tasks:
-        return []
-    from .zeroshot import score_rows, zero_shot
-
-    def make(folder: Path) -> list:
-        rows = score_rows(zero_shot(model, tok, *checked.tasks, limit=options.limit))
-        if distributed.is_writer():
-            write_checked_json(folder / "rows.json", rows)
-        return rows
-
-    with timings.clock("zero-shot tasks, dense"):
-        return run.kept("zero-shot-dense", [options.eval_tasks, options.include_path, options.limit], make,
-                        lambda folder: [tuple(r) for r in read_checked_json(folder / "rows.json", "the kept rows")])
-
-
-def _finish(options: CompressOptions, checked: _Checked, result: Any, tok: Any, data: _Data, dense_rows: list,
-            timings: Timings) -> CompressOutcome:
+def _finish(options: CompressOptions, checked: _Checked, result: Any, tok: Any, evals: dict[str, torch.Tensor],
+            bos: int | None, dense_rows: list, timings: Timings, device: str) -> CompressOutcome:
     """Fine-tune, quantize, score and save what ``compress`` gave, as the options ask (the writing process)."""
+    from .folder import cast_parameters
+
     report, record, model = result.report, result.record, result.source.model
     if report.calibration:
-        report.calibration.update(data=options.calib, seed=options.seed, bos=data.bos is not None)
+        report.calibration.update(data=options.calib, seed=options.seed, bos=bos is not None)
         record = record.with_parts(calibration=dict(report.calibration))
-    model, record, stages = _recover(options, model, tok, data.evals, record, report, timings)
+    model, record, stages = _recover(options, model, tok, evals, record, report, timings, device)
     if checked.tasks:
         from .zeroshot import score_rows, zero_shot
 
@@ -249,8 +200,8 @@ def _finish(options: CompressOptions, checked: _Checked, result: Any, tok: Any, 
         record = record.with_parts(zero_shot={f"{t} {m}": v for t, m, v, _ in rows})
     if options.dtype != "float32" and options.quantize is None and not result.source.streamed:
         with timings.clock(f"evaluate {options.dtype}"):  # the saved model's own figure, not float32's
-            _cast_parameters(model, options.dtype)
-            report.perplexity[options.dtype] = _window_perplexities(model, data.evals, options.progress)
+            cast_parameters(model, options.dtype)
+            report.perplexity[options.dtype] = window_perplexities(model, evals, options.progress)
     final = next((report.perplexity[k] for k in ("quantized", options.dtype, "finetuned", "compressed")
                   if report.perplexity.get(k)), None)
     record = record.with_parts(perplexity=final)
@@ -260,45 +211,33 @@ def _finish(options: CompressOptions, checked: _Checked, result: Any, tok: Any, 
                    record, report=report, dtype=options.dtype, force=options.force,
                    write_extra=(lambda folder: write_loss_curve(stages, folder)) if stages else None)
     report.timings["save"] = timings["save"]
-    return CompressOutcome(out, report, record, data.params_before, count_parameters(model), stages)
+    return CompressOutcome(out, report, record, stages)
 
 
 def _recover(options: CompressOptions, model: Any, tok: Any, evals: dict[str, torch.Tensor], record: SvdllmRecord,
-             report: CompressionReport, timings: Timings) -> tuple[Any, SvdllmRecord, list[StageResult]]:
+             report: CompressionReport, timings: Timings, device: str) -> tuple[Any, SvdllmRecord, list[StageResult]]:
     """LoRA fine-tuning, then quantized factors, each evaluated on the run's evaluation windows, as asked."""
+    from .folder import cast_parameters
+
     stages: list[StageResult] = []
     if options.finetune is not None:
         from .finetune import finetune, record_part
 
-        model.to(options.compression.device or default_device())
+        model.to(device)
         with timings.clock("finetune"):
             model, stages = finetune(model, tok, options.finetune, progress=options.progress)
         with timings.clock("evaluate finetuned"):
-            report.perplexity["finetuned"] = _window_perplexities(model, evals, options.progress)
+            report.perplexity["finetuned"] = window_perplexities(model, evals, options.progress)
         record = record.with_parts(finetune=record_part(options.finetune, stages))
     if options.quantize is not None:
         from .quantize import quantize_model
 
         with timings.clock("quantize"):
-            _cast_parameters(model, options.dtype)
+            cast_parameters(model, options.dtype)
             record = record.with_parts(quantization=quantize_model(model, options.quantize, record))
         with timings.clock("evaluate quantized"):
-            report.perplexity["quantized"] = _window_perplexities(model, evals, options.progress)
+            report.perplexity["quantized"] = window_perplexities(model, evals, options.progress)
     return model, record, stages
-
-
-def _cast_parameters(model: Any, dtype: str) -> None:
-    """The parameters in ``dtype``; buffers (RoPE frequencies) keep float32, as a load of the saved folder gives them."""
-    for param in model.parameters():
-        param.data = param.data.to(getattr(torch, dtype))
-
-
-def _window_perplexities(model: Any, windows: dict[str, torch.Tensor], progress: bool) -> dict[str, float]:
-    """Perplexity on evaluation windows already cut (name → windows × seqlen token ids), as compress reports it."""
-    from .evaluate import evaluate_perplexity
-
-    return {name: evaluate_perplexity(model, None, w.flatten(), w.shape[1], None, progress=progress).perplexity
-            for name, w in windows.items()}
 
 
 def write_loss_curve(results: list[StageResult], out: Path) -> None:

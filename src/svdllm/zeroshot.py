@@ -26,6 +26,7 @@ from .errors import OptionError, SvdllmError
 from .files import atomic_write_text
 
 if TYPE_CHECKING:
+    from .checkpoint import RunDir
     from torch import nn
 
 TASKS_VERSION = 2  # v2: the cloze task reports acc only (v1 also reported perplexity)
@@ -148,9 +149,15 @@ def _lm_eval() -> Any:
     return lm_eval
 
 
-def resolve_tasks(spec: str, include_path: str | None = None) -> tuple[list[str], Any]:
+def resolve_tasks(spec: str, include_path: str | None = None, option: str = "eval_tasks"
+                  ) -> tuple[list[str], Any] | None:
     """Task names from ``spec`` (``paper`` is the paper's seven, ``offline`` ours) and lm-eval's TaskManager
-    with our folder (and ``include_path``) included; an unknown name is an error naming the fix."""
+    with our folder (and ``include_path``) included, checked before any model is loaded; None when ``spec`` names
+    none.  An unknown name is an error naming the fix; ``option`` names the field that holds the tasks."""
+    if not spec.strip():
+        if include_path:
+            raise OptionError("include_path", f"needs `{option}` naming the tasks to run")
+        return None
     _lm_eval()
     from lm_eval.tasks import TaskManager  # type: ignore[import-not-found]
 
@@ -158,7 +165,7 @@ def resolve_tasks(spec: str, include_path: str | None = None) -> tuple[list[str]
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         names += list(PAPER_TASKS) if part == "paper" else list(OFFLINE_TASKS) if part == "offline" else [part]
     if not names:
-        raise OptionError("eval_tasks", "names no task")
+        raise OptionError(option, "names no task")
     if include_path and not Path(include_path).expanduser().is_dir():
         raise OptionError("include_path", f"{include_path}: no such folder")
     paths = [str(offline_tasks_dir())] if set(names) & set(OFFLINE_TASKS) else []
@@ -169,7 +176,7 @@ def resolve_tasks(spec: str, include_path: str | None = None) -> tuple[list[str]
     if unknown:
         if include_path:  # lm-eval skips a YAML it cannot parse: name it rather than call the task unknown
             _check_yaml_files(Path(paths[-1]))
-        raise OptionError("eval_tasks", f"unknown lm-eval task {unknown[0]!r}: see `lm-eval ls tasks`, or give its "
+        raise OptionError(option, f"unknown lm-eval task {unknown[0]!r}: see `lm-eval ls tasks`, or give its "
                           f"YAML folder as `include_path` (offline: {', '.join(OFFLINE_TASKS)})")
     local = [n for n in names if include_path and n not in OFFLINE_TASKS and _is_under(manager, n, Path(paths[-1]))]
     if local:  # only the tasks asked for, after saying so: their YAML's !function imports code from the folder
@@ -275,3 +282,20 @@ def markdown(rows_by_model: dict[str, list[tuple[str, str, float, float]]]) -> s
     lines = ["| task | metric | " + " | ".join(heads) + " |", "|---|---|" + "---:|" * len(heads)]
     lines += [f"| {t} | {m} | " + " | ".join(cell.get((h, t, m), "") for h in heads) + " |" for t, m in keys]
     return "\n".join(lines)
+
+
+def kept_rows(run: "RunDir", made_from: list, model: "nn.Module", tokenizer: Any, tasks: list[str], manager: Any,
+              limit: int | None) -> list[tuple[str, str, float, float]]:
+    """``score_rows`` of the model, a product of the run folder made from ``made_from`` (a resumed run does not
+    score the dense model again)."""
+    from . import distributed
+    from .checkpoint import read_checked_json, write_checked_json
+
+    def make(folder: Path) -> list:
+        rows = score_rows(zero_shot(model, tokenizer, tasks, manager, limit=limit))
+        if distributed.is_writer():
+            write_checked_json(folder / "rows.json", rows)
+        return rows
+
+    return run.kept("zero-shot-dense", made_from, make,
+                    lambda folder: [tuple(r) for r in read_checked_json(folder / "rows.json", "the kept rows")])

@@ -130,6 +130,30 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
 
 
+def _check_loading_info(info: dict) -> None:
+    """Every tensor of the model came from the shards and every tensor of the shards was used."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        found = sorted(info.get(kind) or [])
+        if found:
+            name = found[0][0] if isinstance(found[0], tuple) else found[0]
+            raise WeightsMismatch(f"the weights do not match config.json's svdllm ranks: "
+                                  f"{kind.replace('_', ' ')[:-1]} {name} ({len(found)} in all)")
+
+
+def _quantized(cls: type, path: Any, config: Any, quantization: dict, kwargs: dict,
+               load_quantized: Callable[..., nn.Module] | None) -> nn.Module:
+    """A folder with quantized factors, through the loader it ships, on the one device asked for."""
+    if load_quantized is None:
+        raise ValueError("config.json records quantized factors, but the folder has no svdllm_quantized.py")
+    model = load_quantized(cls, path, config, quantization, kwargs.get("dtype"))
+    device_map = kwargs.get("device_map")
+    if isinstance(device_map, (str, torch.device)):
+        model.to(device_map)
+    elif device_map is not None:
+        raise ValueError("models with quantized factors take one device, not a device map")
+    return model
+
+
 def svdllm_class(base: type, load_quantized: Callable[..., nn.Module] | None = None,
                  latent_cache: Callable[[nn.Module], Any] | None = None) -> type:
     """A subclass of a transformers model class that builds its low-rank layers from config.svdllm.
@@ -152,22 +176,10 @@ def svdllm_class(base: type, load_quantized: Callable[..., nn.Module] | None = N
                 config = cls.config_class.from_pretrained(path)
             quantization = (getattr(config, "svdllm", None) or {}).get("quantization")
             if quantization:
-                if load_quantized is None:
-                    raise ValueError("config.json records quantized factors, but the folder has no svdllm_quantized.py")
-                model = load_quantized(cls, path, config, quantization, kwargs.get("dtype"))
-                device_map = kwargs.get("device_map")
-                if isinstance(device_map, (str, torch.device)):
-                    model.to(device_map)
-                elif device_map is not None:
-                    raise ValueError("models with quantized factors take one device, not a device map")
+                model = _quantized(cls, path, config, quantization, kwargs, load_quantized)
                 return (model, {}) if output_loading_info else model
             model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
-            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-                found = sorted(info.get(kind) or [])
-                if found:
-                    name = found[0][0] if isinstance(found[0], tuple) else found[0]
-                    raise WeightsMismatch(f"the weights do not match config.json's svdllm ranks: "
-                                     f"{kind.replace('_', ' ')[:-1]} {name} ({len(found)} in all)")
+            _check_loading_info(info)
             restore_rank_major(model)
             return (model, info) if output_loading_info else model
 
