@@ -211,7 +211,7 @@ def test_tensor_files_are_checked_when_read(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage, target", [("truncate", "block-00000.safetensors"), ("flip", "output-grams")])
+@pytest.mark.parametrize("damage, target", [("truncate", "block-00000.safetensors"), ("flip", "gradients/grams")])
 def test_a_damaged_run_folder_file_is_refused_before_any_work(damage, target, model_dir, text_file, tmp_path,
                                                             monkeypatch, capsys, crash_after_first_block):
     with crash_after_first_block():
@@ -221,10 +221,10 @@ def test_a_damaged_run_folder_file_is_refused_before_any_work(damage, target, mo
     path = run / target if target.endswith(".safetensors") else sorted((run / target).glob("*.safetensors"))[0]
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3] if damage == "truncate" else data[:-8] + bytes(b ^ 1 for b in data[-8:]))
-    from svdllm import pipeline
+    from svdllm import blockloop
 
     calls = []
-    monkeypatch.setattr(pipeline, "_fit_block", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(blockloop, "_fit_group", lambda *a, **k: calls.append(1))
     assert main(cli(model_dir, text_file, tmp_path / "o")) == 2
     err = one_line(capsys)
     assert path.name in err and "damaged" in err and not calls

@@ -13,17 +13,22 @@ PosixPath('out/smol-40')
 from __future__ import annotations
 
 from ._version import __version__
-from .calibration import eval_windows, sample_windows
+from .commands import (BenchOptions, EvalOptions, EvalTexts, FinetuneOptions, GenerateOptions, QuantizeFolderOptions,
+                       run_bench, run_eval, run_finetune, run_generate, run_quantize)
+from .data import eval_windows, sample_windows
 from .errors import DataError, FormatError, OptionError, SvdllmError
 from .evaluate import evaluate_perplexity
 from .folder import load, read_record, save, verify
 from .pipeline import CompressionConfig, CompressionReport, CompressionResult, compress
 from .plan import CompressionPlan, make_plan
+from .quantize import QuantizeOptions
 from .record import SvdllmRecord
 from .source import ModelSource, StreamedSource, load_model, open_source
 from .workflow import CompressOptions, CompressOutcome, run_compression
 
-__all__ = ["CompressOptions", "CompressOutcome", "CompressionConfig", "CompressionPlan", "CompressionReport",
+__all__ = ["BenchOptions", "EvalOptions", "EvalTexts", "FinetuneOptions", "GenerateOptions", "QuantizeFolderOptions",
+           "QuantizeOptions", "run_bench", "run_eval", "run_finetune", "run_generate", "run_quantize",
+           "CompressOptions", "CompressOutcome", "CompressionConfig", "CompressionPlan", "CompressionReport",
            "CompressionResult", "DataError", "FormatError", "ModelSource", "OptionError", "StreamedSource",
            "SvdllmError", "SvdllmRecord", "compress", "eval_windows", "evaluate_perplexity", "load", "load_model",
            "make_plan", "open_source", "read_record", "run_compression", "sample_windows", "save", "verify",

@@ -338,9 +338,8 @@ def _eval_options(args: argparse.Namespace, seqlen: int, data: str | None = None
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .commands import FinetuneOptions, run_finetune
 
-    done = run_finetune(FinetuneOptions(args.model, args.out, _finetune_config(args),
-                                        _eval_options(args, args.eval_seqlen), args.device, args.force,
-                                        not args.quiet))
+    done = run_finetune(FinetuneOptions(args.model, args.out, _eval_options(args, args.eval_seqlen), args.device,
+                                        args.force, not args.quiet, finetune=_finetune_config(args)))
     for r in done.stages:
         flag = "" if r.kept else " (reverted by --keep-best)"
         print(f"LoRA on {r.stage}: validation perplexity {r.val_before:.3f} -> {r.val_after:.3f}{flag}; "
@@ -356,9 +355,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import QuantizeOptions
 
     options = QuantizeOptions(bits=args.bits, group_size=args.group_size, dense=tuple(_globs(args.dense)))
-    done = run_quantize(QuantizeFolderOptions(args.model, args.out, options, args.dtype,
-                                              _eval_options(args, args.seqlen), args.device, args.force,
-                                              not args.quiet))
+    done = run_quantize(QuantizeFolderOptions(args.model, args.out, _eval_options(args, args.seqlen), args.device,
+                                              args.force, not args.quiet, quantize=options, dtype=args.dtype))
     part, bits = done.part, args.bits
     groups = sorted({str(m["group_size"] or "row") for m in part["modules"].values()}) if bits < 8 else []
     print(f"\nsvdllm quantize {args.model}: {len(part['modules'])} linears to int{bits} with "

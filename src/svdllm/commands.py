@@ -57,14 +57,22 @@ def perplexities(model: Any, tok: Any, texts: EvalTexts, progress: bool = True) 
 
 
 @dataclass
-class FinetuneOptions:
-    model: str  # a folder written by svdllm compress
+class FolderCommand:
+    """What every command that reads a model and writes a new folder takes."""
+
+    model: str
     out: str
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    eval: EvalTexts = field(default_factory=EvalTexts)
+    eval: EvalTexts = field(default_factory=EvalTexts)  # perplexity before and after
     device: str | None = None
-    force: bool = False
+    force: bool = False  # replace an output folder svdllm wrote
     progress: bool = True
+
+
+@dataclass
+class FinetuneOptions(FolderCommand):
+    """``model``: a folder written by svdllm compress."""
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass
@@ -106,15 +114,11 @@ def run_finetune(options: FinetuneOptions) -> FinetuneOutcome:
 
 
 @dataclass
-class QuantizeFolderOptions:
-    model: str  # a folder written by svdllm (or, with quantize.dense, any model)
-    out: str
+class QuantizeFolderOptions(FolderCommand):
+    """``model``: a folder written by svdllm (or, with ``quantize.dense``, any model)."""
+
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     dtype: str = "bfloat16"  # of everything left in floating point, scales included
-    eval: EvalTexts = field(default_factory=EvalTexts)
-    device: str | None = None
-    force: bool = False
-    progress: bool = True
 
 
 @dataclass
