@@ -49,23 +49,34 @@ def run(tree: Path, out: Path, extra: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", required=True, help="a worktree of the commit to compare with")
+    ap.add_argument("--base", default=None, help="a worktree of the commit to compare with")
     ap.add_argument("--extra", default="", help="more compress flags, space-separated")
+    ap.add_argument("--render", action="store_true", help="only redraw table.md and phases.png from results.json")
     args, work, results = folders(ap, RESULTS, "svdllm-passes-")
-    extra = args.extra.split()
-    rows = {"base": run(Path(args.base), work / "base", extra), "this": run(HERE, work / "this", extra)}
+    if args.render:
+        res = json.loads((results / "results.json").read_text())
+    elif not args.base:
+        ap.error("--base is needed to run (or --render to redraw)")
+    else:
+        extra = args.extra.split()
+        runs = {"base": run(Path(args.base), work / "base", extra), "this": run(HERE, work / "this", extra)}
+        res = {"command": "svdllm compress" + (f" {args.extra}" if args.extra else ""), "runs": runs,
+               "threads": os.cpu_count(), "same_shards": runs["base"]["shards"] == runs["this"]["shards"],
+               "same_ranks": runs["base"]["ranks"] == runs["this"]["ranks"], "alone": True}
+        write_json(results / "results.json", res)
+    render(res, results)
+
+
+def render(res: dict, results: Path) -> None:
+    rows = res["runs"]
     base, this = rows["base"], rows["this"]
-    res = {"command": "svdllm compress" + (f" {args.extra}" if args.extra else ""), "runs": rows,
-           "threads": os.cpu_count(), "same_shards": base["shards"] == this["shards"],
-           "same_ranks": base["ranks"] == this["ranks"], "alone": True}
-    write_json(results / "results.json", res)
     phases = sorted({k for r in rows.values() for k in r["timings"]}, key=lambda k: (not k.startswith("compress"), k))
     table = [[k, *(f"{r['timings'].get(k, 0.0):.1f}" for r in rows.values())] for k in phases]
     table += [["wall (s)", *(f"{r['wall_s']:.1f}" for r in rows.values())],
               ["peak RSS (MiB)", *(f"{r['peak_rss_mib']:.0f}" for r in rows.values())]]
     table += [[f"perplexity {name}", *(f"{r['perplexity']['compressed'][name]:.2f}" for r in rows.values())]
-              for name in this["perplexity"]["compressed"]]
-    text = (f"# The README's command: {base['commit'][:7]} against {this['commit'][:7]}\n\n"
+              for name in this["perplexity"].get("compressed", {})]
+    text = (f"# `{res['command']}`: {base['commit'][:7]} against {this['commit'][:7]}\n\n"
             f"Each run alone on the machine, one after the other, {res['threads']} cores. Shards identical byte for "
             f"byte: {res['same_shards']}; ranks identical: {res['same_ranks']}.\n\n"
             + markdown_table(["phase (s)", base["commit"][:7], this["commit"][:7]], table)
