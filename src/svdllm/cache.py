@@ -134,8 +134,7 @@ class Offload:
     def store(self, name: str) -> TensorStore:
         """A pass's own store (one folder per pass and process on disk)."""
         if self.where == "disk":
-            rank, size = distributed.world()
-            store: TensorStore = DiskStore(self.folder / (name if size == 1 else f"{name}-rank{rank}"))  # type: ignore
+            store: TensorStore = DiskStore(self.folder / distributed.process_name(name))  # type: ignore[operator]
         else:
             store = MemoryStore(self.device if self.where == "device" else torch.device("cpu"))
         self.stores.append(store)

@@ -167,16 +167,6 @@ class RunDir:
         """Blocks already finished (the next block to process)."""
         return int(self.state.get("next_block", 0))
 
-    def process_folder(self, name: str) -> Path:
-        """A folder of the run that is this process's own (``name``, or ``name-rankN`` under torchrun)."""
-        rank, size = distributed.world()
-        return self.path / (name if size == 1 else f"{name}-rank{rank}")
-
-    @property
-    def stream_folder(self) -> Path:
-        """Where a disk-offloaded stream lives while the run goes on (one folder per process)."""
-        return self.process_folder("stream")
-
     def block_file(self, i: int) -> Path:
         return self.path / f"block-{i:05d}.safetensors"
 

@@ -49,6 +49,12 @@ def active() -> bool:
     return world()[1] > 1
 
 
+def process_name(name: str) -> str:
+    """``name``, or ``name-rankN`` under torchrun: a file or folder that is this process's own."""
+    rank, size = world()
+    return name if size == 1 else f"{name}-rank{rank}"
+
+
 def is_writer() -> bool:
     """Whether this process writes files (rank 0, or the only process)."""
     return world()[0] == 0

@@ -168,8 +168,7 @@ def _gram_store(folder: Path | None) -> TensorStore:
     """Output-gradient Grams: files of the run's gradient product (one folder per process), else CPU memory."""
     if folder is None:
         return MemoryStore(torch.device("cpu"))
-    rank, size = distributed.world()
-    return DiskStore(folder / ("grams" if size == 1 else f"grams-rank{rank}"))
+    return DiskStore(folder / distributed.process_name("grams"))
 
 
 @dataclass
