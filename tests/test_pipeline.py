@@ -155,7 +155,33 @@ def test_shared_inputs_share_one_gram_under_gqa(make_model, calib_tokens):
     stream.record(block, 0, linears, acc)
     groups = sorted(sorted(n.rsplit(".", 1)[1] for n in g) for g in acc.groups)
     assert groups == [["down_proj"], ["gate_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"], ["o_proj"]]
-    assert acc.for_linear("model.layers.0.self_attn.k_proj") is acc.for_linear("model.layers.0.self_attn.q_proj")
+    assert acc.for_linear("model.layers.0.self_attn.k_proj").gram is acc.for_linear("model.layers.0.self_attn.q_proj").gram
+    attn_names = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    taken = [acc.take(n) for n in attn_names[:2]]
+    assert len(acc.stats) == 4  # k/v not all taken: the group's tensors stay
+    taken.append(acc.take(attn_names[2]))
+    assert len(acc.stats) == 3 and all(t.gram is taken[0].gram for t in taken)  # let go, still shared
+    taken[0].gram = None
+    assert taken[1].gram is not None  # each record is its own
+
+
+def test_grams_are_summed_in_slabs_exactly(monkeypatch):
+    """Slab by slab (3 rows at a time here) the Grams equal X·Xᵀ, X′·X′ᵀ and X·X′ᵀ made from the inputs at once."""
+    import svdllm.calibration as calibration
+    from svdllm.calibration import GramAccumulator, Stat
+
+    monkeypatch.setattr(calibration, "GRAM_SLAB", 3)
+    g = torch.Generator().manual_seed(0)
+    x, xc = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    acc = GramAccumulator(frozenset({Stat.GRAM, Stat.COMP, Stat.CROSS}), torch.device("cpu"))
+    for _ in range(2):
+        acc.add_batch({"a": x, "b": x}, {"a": xc, "b": xc})
+    st = acc.take("a")
+    flat, flat_c = x.reshape(-1, 16).double(), xc.reshape(-1, 16).double()
+    for got, want in ((st.gram, flat.T @ flat), (st.comp_gram, flat_c.T @ flat_c), (st.cross, flat.T @ flat_c)):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, 2 * want, rtol=1e-5, atol=1e-5)
+    assert st.tokens == 20
 
 
 def test_low_rank_linear_stores_u_rank_major_through_copies_and_casts():

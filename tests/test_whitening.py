@@ -9,7 +9,9 @@ from svdllm.whitening import (
     cholesky_factor,
     output_error,
     scaled_svd,
+    sigma_squared,
     target_error,
+    truncate,
     update_left,
     whiten,
     whiten_towards,
@@ -275,3 +277,47 @@ def test_output_whitening_end_to_end(method, make_model, calib_tokens):
     assert result.record.options["output_whitening"] is True and result.record.rank_rule == "fisher"
     with torch.no_grad():
         assert torch.isfinite(model(calib_tokens[:32][None]).logits).all()
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30), (20, 20)])
+@pytest.mark.parametrize("deficient", [False, True])
+def test_truncation_is_the_svds_best_rank_k(shape, deficient):
+    """The eigen route gives the Eckart–Young optimum: the same product and σ as LAPACK's SVD, for tall, wide and
+    square targets, and for a target of rank 4 truncated at 7 (its vanished components come back as zeros)."""
+    g = torch.Generator().manual_seed(3)
+    m, n = shape
+    t = torch.randn(m, n, generator=g, dtype=torch.float64) * torch.logspace(0, -4, n, dtype=torch.float64)
+    if deficient:
+        t = t[:, :4] @ torch.randn(4, n, generator=g, dtype=torch.float64)
+    k = 7
+    u, v, sigma = truncate(t, k)
+    uu, ss, vh = torch.linalg.svd(t, full_matrices=False)
+    torch.testing.assert_close(u @ v, uu[:, :k] * ss[:k] @ vh[:k], rtol=0, atol=1e-10 * float(ss[0]))
+    torch.testing.assert_close(sigma, ss, rtol=0, atol=1e-7 * float(ss[0]))
+    torch.testing.assert_close(sigma_squared(t), ss**2, rtol=0, atol=1e-12 * float(ss[0]) ** 2)
+    assert u.shape == (m, k) and v.shape == (k, n) and torch.isfinite(u).all() and torch.isfinite(v).all()
+
+
+def test_relative_error_expanded_equals_the_direct_form(problem):
+    """The expanded loss (with and without W·C given) equals ‖(W − uv)X‖²/‖WX‖² computed on the activations."""
+    from svdllm.whitening import relative_error
+
+    w, x = problem
+    gram = x.T @ x
+    f = whiten(w, gram, 5)
+    direct = float(((w - f.u @ f.v) @ x.T).pow(2).sum() / (w @ x.T).pow(2).sum())
+    assert relative_error(w, f.u, f.v, gram) == pytest.approx(direct, rel=1e-9)
+    assert relative_error(w, f.u, f.v, gram, w @ gram) == pytest.approx(direct, rel=1e-9)
+
+
+@pytest.mark.parametrize("damp", [0.0, 1e-2])
+def test_v_gram_is_v_c_vt_for_the_gram_given(problem, damp):
+    """fit_product's k×k v·C·vᵀ equals the product made from C itself, ridge or not; the loss from it equals the direct one."""
+    from svdllm.whitening import fit_product, relative_error
+
+    w, x = problem
+    gram = x.T @ x
+    f = fit_product(w, (w @ gram) * 1.1, gram, 5, damp)
+    torch.testing.assert_close(f.v_gram, f.v @ gram @ f.v.T, rtol=1e-8, atol=1e-8 * float(gram.diagonal().mean()))
+    direct = float(((w - f.u @ f.v) @ x.T).pow(2).sum() / (w @ x.T).pow(2).sum())
+    assert relative_error(w, f.u, f.v, None, w @ gram, f.v_gram) == pytest.approx(direct, rel=1e-7)

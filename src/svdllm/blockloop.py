@@ -138,7 +138,7 @@ def _decompose_block(linears: dict[str, nn.Module], acc: GramAccumulator, plan: 
     rank = distributed.world()[0]
     shapes = {name: plan.shapes[name] for name in linears if name in plan.ranks}
     owner = distributed.owners({name: m * n * min(m, n) for name, (m, n) in shapes.items()})
-    out = {name: _factorise(name, m, acc.for_linear(name), plan.ranks.get(name), opts)
+    out = {name: _factorise(name, m, acc.take(name), plan.ranks.get(name), opts)
            for name, m in linears.items() if owner.get(name, rank) == rank}
     for name, src in owner.items() if distributed.active() else ():
         factors, record = out.get(name, (None, None))

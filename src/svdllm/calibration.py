@@ -22,6 +22,7 @@ from .cache import DiskStore, TensorStore
 from .data import eval_windows, sample_windows, windows_digest  # noqa: F401  (their home is data; here for callers)
 
 DENSE, COMPRESSED = "dense", "compressed"
+GRAM_SLAB = 2048  # rows of a Gram summed at a time
 
 
 # ---------------------------------------------------------------- statistics
@@ -62,6 +63,7 @@ class LayerStats:
     abs_sum: Tensor | None = None
     fisher: Tensor | None = None
     out_gram: Tensor | None = None  # Σ g gᵀ of the loss's gradient at the output (or its diagonal), output whitening
+    handed_over: bool = False  # given by ``GramAccumulator.take``: the factoriser may drop what it has used
 
 
 class InputRecorder:
@@ -114,11 +116,13 @@ class GramAccumulator:
         self.out_grams = out_grams or {}  # output-gradient Grams: from the gradient pass
         self.groups: list[list[str]] = []
         self.stats: dict[str, LayerStats] = {}
+        self._taken: set[str] = set()
 
     def _add(self, st: LayerStats, attr: str, value: Tensor) -> None:
+        """Sum a float32 batch product into the float64 total, promoting element by element (no float64 copy)."""
         cur = getattr(st, attr)
-        value = value.to(self.device, torch.float64)
-        setattr(st, attr, value if cur is None else cur.add_(value))
+        value = value.to(self.device)
+        setattr(st, attr, value.double() if cur is None else cur.add_(value))
 
     @torch.no_grad()
     def add_batch(self, dense: dict[str, Tensor], comp: dict[str, Tensor] | None) -> None:
@@ -129,14 +133,25 @@ class GramAccumulator:
             x = dense[group[0]].detach().reshape(-1, dense[group[0]].shape[-1]).float()
             st.tokens += x.shape[0]
             if Stat.GRAM in self.needs:
-                self._add(st, "gram", x.T @ x)
+                self._add_product(st, "gram", x, x)
             if Stat.ABS in self.needs:
                 self._add(st, "abs_sum", x.abs().sum(0))
             if comp is not None:
                 xc = comp[group[0]].reshape(-1, x.shape[-1]).float()
-                self._add(st, "comp_gram", xc.T @ xc)
+                self._add_product(st, "comp_gram", xc, xc)
                 if Stat.CROSS in self.needs:
-                    self._add(st, "cross", x.T @ xc)
+                    self._add_product(st, "cross", x, xc)
+
+    def _add_product(self, st: LayerStats, attr: str, a: Tensor, b: Tensor) -> None:
+        """Sum aᵀb (float32 products, float64 total) in slabs of ``GRAM_SLAB`` rows: the float32 temporary is a slab,
+        not an n×n matrix (485 MB for a 7B down_proj, 3.3 GB for a 70B one)."""
+        n = a.shape[1]
+        total = getattr(st, attr)
+        if total is None:
+            total = torch.zeros(n, b.shape[1], dtype=torch.float64, device=self.device)
+            setattr(st, attr, total)
+        for r in range(0, n, GRAM_SLAB):
+            total[r:r + GRAM_SLAB].add_((a[:, r:r + GRAM_SLAB].T @ b).to(self.device))
 
     def all_reduce(self) -> None:
         """Sum the statistics over the ranks of a process group (each saw its share of the windows)."""
@@ -149,13 +164,24 @@ class GramAccumulator:
             st.tokens = int(tokens.item())
 
     def for_linear(self, name: str) -> LayerStats:
+        """The statistics of ``name``: a record of its own whose tensors are its group's (shared, never copied)."""
         if name in self.fisher:
             return LayerStats(fisher=self.fisher[name])
         for group in self.groups:
             if name in group:
-                shared = self.stats[group[0]]
-                return replace(shared, out_gram=self.out_grams[name]) if name in self.out_grams else shared
+                return replace(self.stats[group[0]], out_gram=self.out_grams.get(name))
         return LayerStats(out_gram=self.out_grams.get(name))
+
+    def take(self, name: str) -> LayerStats:
+        """``for_linear``, handing the statistics over: once every linear of a group has taken its record the
+        accumulator lets go of the group's tensors, so a factoriser that drops a tensor from its record frees it
+        (a 7B down_proj's Grams are 970 MB each)."""
+        stats = replace(self.for_linear(name), handed_over=True)
+        self._taken.add(name)
+        for group in self.groups:
+            if name in group and self._taken.issuperset(group):
+                self.stats.pop(group[0], None)
+        return stats
 
 
 # ---------------------------------------------------------------- the activation stream

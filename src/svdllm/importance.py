@@ -23,7 +23,7 @@ from .calibration import DENSE, ActivationStream, GramAccumulator, InputRecorder
 from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
-from .whitening import left_whitened, output_factor, repaired_cholesky
+from .whitening import left_whitened, output_factor, repaired_cholesky, sigma_squared
 
 if TYPE_CHECKING:
     from .methods import OutputAwareOptions
@@ -247,6 +247,6 @@ def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Te
             raise DataError(f"{name}: its output-gradient Gram is not finite; try float32")
         r, _ = output_factor(out_gram, out_side.output_damp, out_side.shrinkage(out_gram.shape[0], stats.tokens))
         target = left_whitened(r, target)
-    spectrum = torch.linalg.svdvals(target).pow(2).cpu()
+    spectrum = sigma_squared(target).cpu()
     release_workspace()
     return spectrum

@@ -1,0 +1,202 @@
+"""What the default compression costs, in plain forwards of the same model over the same calibration windows.
+
+    python benchmarks/cost.py                       # SmolLM2 at 0.2, 0.4 and 0.6 (about 35 min on 2 cores)
+    python benchmarks/cost.py --ratios 0.2          # one ratio
+    python benchmarks/cost.py --render              # table and plot again from results.json
+
+In one process, alone on the machine: a plain forward of the model over the calibration windows (no gradient, the
+batch compress uses), a forward with the loss's backward over them (the floor of any pass that needs gradients), then
+for each ratio the default ``CompressionConfig`` run stage by stage on a fresh copy of the model, each stage timed and
+its decoder-block calls counted (a call stopped early by a recording hook counts whole: an upper bound).  Evaluation
+is not timed: the perplexity on 8192 tokens of wiki-test and news is taken after, on the compressed model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, save_figure, write_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cost"
+
+
+def commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True).stdout
+    return sha + ("+uncommitted" if dirty.strip() else "")
+
+
+class BlockCalls:
+    """Counts the calls of each decoder block (hooks on the block modules, which compress keeps in place)."""
+
+    def __init__(self, blocks: Any) -> None:
+        self.count = 0
+        self._handles = [b.register_forward_pre_hook(self._hook) for b in blocks]
+
+    def _hook(self, *_: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def plain_passes(model: Any, windows: Any, batch: int) -> dict[str, float]:
+    """Seconds of one forward over ``windows`` without gradients, and of one forward plus the loss's backward."""
+    import torch
+
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b in windows.split(batch):
+            model(input_ids=b, use_cache=False)
+    forward = time.perf_counter() - t0
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(True)
+    t0 = time.perf_counter()
+    for b in windows.split(batch):
+        model(input_ids=b, labels=b, use_cache=False).loss.backward()
+    backward = time.perf_counter() - t0
+    for p, flag in flags.items():
+        p.grad = None
+        p.requires_grad_(flag)
+    return {"forward": forward, "forward_backward": backward}
+
+
+def compress_by_stage(model: Any, windows: Any, ratio: float) -> dict[str, Any]:
+    """The default compression of ``model`` at ``ratio``, as ``pipeline.compress`` runs it, each stage timed and its
+    block calls counted; then the perplexities (untimed)."""
+    import torch
+
+    from svdllm.config import CompressionConfig
+    from svdllm.pipeline import plan_passes
+    from svdllm.source import ModelSource
+    from svdllm.stages import open_run
+
+    cfg = CompressionConfig(ratio=ratio)
+    cfg.validate()
+    source = ModelSource(model, cfg.device)
+    calls = BlockCalls(source.blocks)
+    stages = plan_passes(cfg, evaluate=False)
+    rows = []
+    t_all = time.perf_counter()
+    with torch.no_grad():
+        run = open_run(source, windows, {}, cfg, None, False)
+        try:
+            for stage in stages:
+                before, t0 = calls.count, time.perf_counter()
+                stage.run(run)
+                rows.append({"stage": type(stage).__name__, "seconds": time.perf_counter() - t0,
+                             "block_calls": calls.count - before})
+        finally:
+            run.close()
+    total = time.perf_counter() - t_all
+    calls.close()
+    return {"stages": rows, "seconds": total, "phases": dict(run.report.timings), "batch": run.batch,
+            "n_blocks": len(source.blocks), "model": source.model}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.2,0.4,0.6")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--render", action="store_true", help="only the table and plot from results.json")
+    args = ap.parse_args()
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    if not args.render:
+        measure(args, results)
+    render(results)
+
+
+def measure(args: argparse.Namespace, results: Path) -> None:
+    import torch
+
+    from svdllm.data import token_windows
+    from svdllm.evaluate import window_perplexities
+    from svdllm.source import open_source
+    from svdllm.workflow import CompressOptions
+
+    opts = CompressOptions()
+    source, tok = open_source(opts.model, False, "cpu")
+    dense = source.model
+    windows, evals, _ = token_windows(tok, dense.config, opts.calib, opts.nsamples, opts.seqlen, opts.seed,
+                                      opts.eval, opts.eval_seqlen, opts.max_tokens)
+    batch = source.default_batch
+    out: dict[str, Any] = {"commit": commit(), "device": "CPU (2 cores), nothing else running",
+                           "torch_threads": torch.get_num_threads(), "model": opts.model,
+                           "calibration": f"{opts.nsamples}x{opts.seqlen} {opts.calib}", "batch": batch,
+                           "eval_tokens": opts.max_tokens, "runs": []}
+    out["plain"] = plain_passes(dense, windows, batch)
+    print(json.dumps(out["plain"]), flush=True)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        res = compress_by_stage(copy.deepcopy(dense), windows, ratio)
+        model = res.pop("model")
+        with torch.no_grad():
+            res["perplexity"] = window_perplexities(model, evals, progress=False)
+        del model
+        res["ratio"] = ratio
+        out["runs"].append(res)
+        print(json.dumps(res), flush=True)
+        write_json(results / "results.json", out)
+
+
+def render(results: Path) -> None:
+    data = json.loads((results / "results.json").read_text())
+    fwd, fb = data["plain"]["forward"], data["plain"]["forward_backward"]
+    header = ["ratio", "stage", "seconds", "× a plain forward", "block calls, in plain forwards"]
+    rows: list[list[Any]] = []
+    for run in data["runs"]:
+        per_forward = run["n_blocks"] * -(-int(data["calibration"].split("x")[0]) // run["batch"])
+        for st in run["stages"]:
+            rows.append([run["ratio"], st["stage"], f"{st['seconds']:.1f}", f"{st['seconds'] / fwd:.2f}",
+                         f"{st['block_calls'] / per_forward:.2f}"])
+        ppl = " / ".join(f"{v:.2f}" for v in run["perplexity"].values())
+        rows.append([run["ratio"], f"**total** (perplexity {ppl})", f"{run['seconds']:.1f}",
+                     f"**{run['seconds'] / fwd:.2f}**", ""])
+    phases = sorted({k for r in data["runs"] for k in r["phases"]})
+    phase_rows = [[k] + [f"{r['phases'].get(k, 0):.1f}" for r in data["runs"]] for k in phases]
+    text = (f"`python benchmarks/cost.py` at {data['commit']} ({data['device']}, {data['torch_threads']} threads; "
+            f"{data['model']}, calibration {data['calibration']}, batch {data['batch']})\n\n"
+            f"A plain forward over the calibration windows: {fwd:.1f} s; a forward with the loss's backward: {fb:.1f} s "
+            f"({fb / fwd:.2f}×).\n\n" + markdown_table(header, rows)
+            + "\nPhases inside the stages (seconds; the report's clocks):\n\n"
+            + markdown_table(["phase"] + [f"ratio {r['ratio']}" for r in data["runs"]], phase_rows))
+    (results / "table.md").write_text(text)
+    plot(data, results / "cost.png")
+    print(text)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fwd = data["plain"]["forward"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    labels = [f"{r['ratio']:g}" for r in data["runs"]]
+    bottom = [0.0] * len(labels)
+    for stage in dict.fromkeys(s["stage"] for r in data["runs"] for s in r["stages"]):
+        vals = [next((s["seconds"] / fwd for s in r["stages"] if s["stage"] == stage), 0.0) for r in data["runs"]]
+        ax.bar(labels, vals, bottom=bottom, label=stage)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.axhline(4, color="tab:red", ls=":", label="4× a plain forward")
+    ax.set_xlabel("ratio")
+    ax.set_ylabel("× a plain forward")
+    ax.set_title(f"{data['model']}: the default compression, stage by stage")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()
