@@ -35,14 +35,30 @@ def commit() -> str:
 
 
 class BlockCalls:
-    """Counts the calls of each decoder block (hooks on the block modules, which compress keeps in place)."""
+    """Decoder-block forwards that do work, in windows: ``complete`` ran the whole block, ``stopped`` were cut short
+    by a recording hook once the linears it watched had their inputs (each less than a whole block).  Stand-ins
+    (the capture's and the head's replay, which only pass tensors on) are not counted."""
 
     def __init__(self, blocks: Any) -> None:
-        self.count = 0
-        self._handles = [b.register_forward_pre_hook(self._hook) for b in blocks]
+        self.complete = self.started = 0
+        self._handles = [h for b in blocks for h in (b.register_forward_pre_hook(self._pre, with_kwargs=True),
+                                                     b.register_forward_hook(self._post, with_kwargs=True))]
 
-    def _hook(self, *_: Any) -> None:
-        self.count += 1
+    @staticmethod
+    def _windows(module: Any, args: tuple, kwargs: dict) -> int:
+        if "forward" in vars(module):  # a stand-in
+            return 0
+        h = args[0] if args else kwargs.get("hidden_states")
+        return int(h.shape[0]) if h is not None else 0
+
+    def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        self.started += self._windows(module, args, kwargs)
+
+    def _post(self, module: Any, args: tuple, kwargs: dict, _out: Any) -> None:
+        self.complete += self._windows(module, args, kwargs)
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.complete, self.started - self.complete
 
     def close(self) -> None:
         for h in self._handles:
@@ -93,10 +109,11 @@ def compress_by_stage(model: Any, windows: Any, ratio: float) -> dict[str, Any]:
         run = open_run(source, windows, {}, cfg, None, False)
         try:
             for stage in stages:
-                before, t0 = calls.count, time.perf_counter()
+                (c0, s0), t0 = calls.snapshot(), time.perf_counter()
                 stage.run(run)
+                c1, s1 = calls.snapshot()
                 rows.append({"stage": type(stage).__name__, "seconds": time.perf_counter() - t0,
-                             "block_calls": calls.count - before})
+                             "block_windows_complete": c1 - c0, "block_windows_stopped": s1 - s0})
         finally:
             run.close()
     total = time.perf_counter() - t_all
@@ -153,16 +170,19 @@ def measure(args: argparse.Namespace, results: Path) -> None:
 def render(results: Path) -> None:
     data = json.loads((results / "results.json").read_text())
     fwd, fb = data["plain"]["forward"], data["plain"]["forward_backward"]
-    header = ["ratio", "stage", "seconds", "× a plain forward", "block calls, in plain forwards"]
+    header = ["ratio", "stage", "seconds", "× a plain forward", "whole block forwards, in plain forwards",
+              "forwards stopped early, in plain forwards"]
     rows: list[list[Any]] = []
     for run in data["runs"]:
-        per_forward = run["n_blocks"] * -(-int(data["calibration"].split("x")[0]) // run["batch"])
+        per_forward = run["n_blocks"] * int(data["calibration"].split("x")[0])  # block-windows in one forward
         for st in run["stages"]:
+            counted = "block_windows_complete" in st  # results before the count of windows have no such column
             rows.append([run["ratio"], st["stage"], f"{st['seconds']:.1f}", f"{st['seconds'] / fwd:.2f}",
-                         f"{st['block_calls'] / per_forward:.2f}"])
+                         f"{st['block_windows_complete'] / per_forward:.2f}" if counted else "",
+                         f"{st['block_windows_stopped'] / per_forward:.2f}" if counted else ""])
         ppl = " / ".join(f"{v:.2f}" for v in run["perplexity"].values())
         rows.append([run["ratio"], f"**total** (perplexity {ppl})", f"{run['seconds']:.1f}",
-                     f"**{run['seconds'] / fwd:.2f}**", ""])
+                     f"**{run['seconds'] / fwd:.2f}**", "", ""])
     phases = sorted({k for r in data["runs"] for k in r["phases"]})
     phase_rows = [[k] + [f"{r['phases'].get(k, 0):.1f}" for r in data["runs"]] for k in phases]
     text = (f"`python benchmarks/cost.py` at {data['commit']} ({data['device']}, {data['torch_threads']} threads; "

@@ -22,6 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import folders, markdown_table, save_figure, write_json  # noqa: E402
+from cost import commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -83,11 +84,11 @@ def write_model(folder: Path, blocks: int, tok_folder: Path) -> Path:
 def block_flops(full_width: int = 8192) -> dict[str, float]:
     """Dominant floating-point operations of one block's decompositions (float64), counted from the code's steps.
 
-    Per linear (m outputs, n inputs, p = min, q = max): the spectra pass whitens and takes singular values
-    (Cholesky n³/3, W·S m·n², Rᵀ·(W·S) 2m²·n when C_g is full, values-only SVD 4q·p² − 4p³/3); the fit makes
-    W·cross and W·comp (4m·n²), factorises both Grams (n³/3, m³/3 when full), solves and whitens (m·n² + 2m²·n),
-    takes a thin SVD with vectors (Golub & Van Loan's R-SVD: 6q·p² + 20p³) and back-solves U and V (m²·p + p·n²).
-    Norm checks and error records add a few m·n² more (counted as 2m·n²).
+    Per linear (m outputs, n inputs, p = min, q = max, k its rank): the spectra whiten and take the eigenvalues of
+    the smaller Gram (Cholesky n³/3, W·S m·n², Rᵀ·(W·S) 2m²·n when C_g is full, the Gram q·p², tridiagonal reduction
+    4p³/3); the fit makes W·cross and W·comp (2m·n²), factorises both Grams (n³/3, m³/3 when full), solves and
+    whitens (m·n² + 2m²·n), takes the smaller Gram's eigenvectors (q·p² + about 5p³) and projects (k·m·n),
+    back-solves U and V (m²·k + k·n²) and forms v·vᵀ and the loss's products (k²·n + k·m·n).
     """
     h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
     shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]  # q, k, v, o, gate, up, down as (out, in)
@@ -96,8 +97,10 @@ def block_flops(full_width: int = 8192) -> dict[str, float]:
         p, q = min(m, n), max(m, n)
         full = m <= full_width
         whiten = n**3 / 3 + m * n**2 + (2 * m**2 * n + m**3 / 3 if full else 0)
-        spectra += whiten + 4 * q * p**2 - 4 * p**3 / 3
-        fit += whiten + 4 * m * n**2 + 6 * q * p**2 + 20 * p**3 + (m**2 * p if full else 0) + p * n**2 + 2 * m * n**2
+        k = int(0.8 * m * n / (m + n))
+        spectra += whiten + q * p**2 + 4 * p**3 / 3
+        fit += (whiten + m * n**2 + q * p**2 + 5 * p**3 + k * m * n + (m**2 * k if full else 0) + k * n**2
+                + k * k * n + k * m * n)
     return {"rank allocation": spectra, "decompositions": fit}
 
 
@@ -120,8 +123,8 @@ def extrapolation(rows: list[dict[str, Any]], per_block: dict[str, float], gpu_t
               f"The decompositions and the allocation's spectra are {sum(measured.values()) / max(block_s, 1e-9):.0%} "
               f"of a block's time here; the counted operations run at {cpu_rate / 1e9:.0f} GFLOP/s on these 2 cores. "
               f"On one GPU at an assumed {gpu_tflops:g} TFLOP/s of float64 factorisation throughput (an assumption, "
-              f"not a measurement: an H100/H200 peaks at 67 TFLOP/s in float64, but the SVD's bidiagonalisation is "
-              f"bound by memory traffic and reaches a few percent of that), a block's "
+              f"not a measurement: an H100/H200 peaks at 67 TFLOP/s in float64, but the eigendecomposition's tridiagonal "
+              f"reduction is bound by memory traffic and reaches a few percent of that), a block's "
               f"decompositions take about {gpu_block:.0f} s and a 32-block 7B's about {32 * gpu_block / 60:.0f} min; "
               f"the forward and backward passes (about 12 passes of 2·202M·{tokens} = "
               f"{2 * 202e6 * tokens * 12 / 1e12:.1f} TFLOP a block in bf16) add little. Not measured on a GPU: `benchmarks/gpu_check.sh` runs this "
@@ -192,6 +195,7 @@ def main() -> None:
         rows.append(dict(res, blocks=n, weight_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors"))))
         rows.sort(key=lambda r: r["blocks"])
         print(json.dumps(rows[-1]), flush=True)
+        rows[-1]["commit"] = commit()
         write_json(results / "results.json", {"device": "CPU (2 cores), nothing else running", "args": vars(args),
                                               "rows": rows})
     # per block: the growth of each phase from the smallest to the largest N
@@ -209,7 +213,8 @@ def main() -> None:
            + ([""] if span else [])])
     extra = "\n\n" + extrapolation(rows, per_block, args.gpu_tflops, args.nsamples * args.seqlen) if span else ""
     cmd = "python benchmarks/scale.py --blocks " + ",".join(str(r["blocks"]) for r in rows)
-    (results / "table.md").write_text(f"`{cmd}` (calibration {args.nsamples}×{args.seqlen} tokens, evaluation "
+    at = ", ".join(sorted({r.get("commit", "an unrecorded commit") for r in rows}))
+    (results / "table.md").write_text(f"`{cmd}` at {at} (calibration {args.nsamples}×{args.seqlen} tokens, evaluation "
                                       f"{args.max_tokens} tokens of wiki-test)\n\nDevice: CPU (2 cores), one run at a "
                                       f"time; LLaMA-2-7B-shaped blocks, random bf16 weights, default method "
                                       f"(svdllm-ec, Fisher ranks, true-sequential) under --low-memory.\n\n{table}{extra}")

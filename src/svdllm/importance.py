@@ -23,7 +23,7 @@ from .calibration import DENSE, ActivationStream, GramAccumulator, InputRecorder
 from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
-from .whitening import left_whitened, output_factor, repaired_cholesky, sigma_squared
+from .whitening import DAMP_STEPS, left_whitened, output_factor, repaired_cholesky, sigma_squared
 
 if TYPE_CHECKING:
     from .methods import OutputAwareOptions
@@ -183,7 +183,7 @@ def _finish_block(acc: _Sums, linears: dict[str, nn.Module], inputs: GramAccumul
         inputs.all_reduce()
         two_sided = acc.spectra.out_side if acc.spectra is not None and grams else None
         for name, module in linears.items():
-            acc.out_spectra[name] = whitened_spectrum(name, dense_weight(module)[0], inputs.for_linear(name),
+            acc.out_spectra[name] = whitened_spectrum(name, dense_weight(module)[0], inputs.take(name),
                                                       grams.get(name), two_sided)
     for name, gram in grams.items():
         acc.gram_store.put(GRAM_PREFIX + name, gram)
@@ -240,7 +240,11 @@ def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Te
     """σ² of W·chol(XXᵀ), or with ``out_side`` of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped and shrunk as the factorisation
     will): two-sided, in units of the loss, and zero for an output that never reaches the loss."""
     assert stats.gram is not None
-    s, _, _ = repaired_cholesky(stats.gram)
+    # a Gram of fewer tokens than inputs is singular: its unridged Cholesky would only fail (a 7B block with 512
+    # calibration tokens spent 25 s on such tries), so it starts at the first ridge step
+    s, _, _ = repaired_cholesky(stats.gram, DAMP_STEPS[0] if stats.tokens < stats.gram.shape[0] else 0.0)
+    if stats.handed_over:  # the last reader lets the Gram go (970 MB for a 7B down_proj)
+        stats.gram = None
     target = weight.double() @ s
     if out_gram is not None and out_side is not None:
         if not torch.isfinite(out_gram).all():  # one-sided σ² here would mix activation units into loss units
