@@ -187,6 +187,7 @@ def main() -> None:
     if not (tok_folder / "tokenizer.json").exists():
         tokenizer(tok_folder)
     wanted = [int(n) for n in args.blocks.split(",")]
+    at = commit()  # the code each run imports: read before the first
     kept = json.loads((results / "results.json").read_text())["rows"] if args.merge else []
     rows = [r for r in kept if r["blocks"] not in wanted]
     for n in wanted:
@@ -195,7 +196,7 @@ def main() -> None:
         rows.append(dict(res, blocks=n, weight_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors"))))
         rows.sort(key=lambda r: r["blocks"])
         print(json.dumps(rows[-1]), flush=True)
-        rows[-1]["commit"] = commit()
+        rows[-1]["commit"] = at
         write_json(results / "results.json", {"device": "CPU (2 cores), nothing else running", "args": vars(args),
                                               "rows": rows})
     # per block: the growth of each phase from the smallest to the largest N
@@ -213,7 +214,7 @@ def main() -> None:
            + ([""] if span else [])])
     extra = "\n\n" + extrapolation(rows, per_block, args.gpu_tflops, args.nsamples * args.seqlen) if span else ""
     cmd = "python benchmarks/scale.py --blocks " + ",".join(str(r["blocks"]) for r in rows)
-    at = ", ".join(sorted({r.get("commit", "an unrecorded commit") for r in rows}))
+    at = ", ".join(sorted({str(r.get("commit", "an unrecorded commit")) for r in rows}))
     (results / "table.md").write_text(f"`{cmd}` at {at} (calibration {args.nsamples}×{args.seqlen} tokens, evaluation "
                                       f"{args.max_tokens} tokens of wiki-test)\n\nDevice: CPU (2 cores), one run at a "
                                       f"time; LLaMA-2-7B-shaped blocks, random bf16 weights, default method "
