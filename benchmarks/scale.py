@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py --blocks 2,4        # about 46 min on 2 cores (a block takes about 7)
     python benchmarks/scale.py --blocks 4 --merge  # add N = 4 to the table
+    python benchmarks/scale.py --blocks "" --merge # the table and plot again from results.json
 
 Each model has N LLaMA-2-7B decoder blocks (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000; 202M
 parameters a block) with random bf16 weights, written as safetensors shards (one per block, one for the rest), and a
@@ -84,7 +85,8 @@ def write_model(folder: Path, blocks: int, tok_folder: Path) -> Path:
 def block_flops(full_width: int = 8192) -> dict[str, float]:
     """Dominant floating-point operations of one block's decompositions (float64), counted from the code's steps.
 
-    Per linear (m outputs, n inputs, p = min, q = max, k its rank): the spectra whiten and take the eigenvalues of
+    Per linear (m outputs, n inputs, p = min, q = max, k its rank): the spectra (in the reverse pass, counted
+    against its phase "gradients", whose forward and backward of one block add little) whiten and take the eigenvalues of
     the smaller Gram (Cholesky n³/3, W·S m·n², Rᵀ·(W·S) 2m²·n when C_g is full, the Gram q·p², tridiagonal reduction
     4p³/3); the fit makes W·cross and W·comp (2m·n²), factorises both Grams (n³/3, m³/3 when full), solves and
     whitens (m·n² + 2m²·n), takes the smaller Gram's eigenvectors (q·p² + about 5p³) and projects (k·m·n),
@@ -101,7 +103,7 @@ def block_flops(full_width: int = 8192) -> dict[str, float]:
         spectra += whiten + q * p**2 + 4 * p**3 / 3
         fit += (whiten + m * n**2 + q * p**2 + 5 * p**3 + k * m * n + (m**2 * k if full else 0) + k * n**2
                 + k * k * n + k * m * n)
-    return {"rank allocation": spectra, "decompositions": fit}
+    return {"gradients": spectra, "decompositions": fit}
 
 
 def extrapolation(rows: list[dict[str, Any]], per_block: dict[str, float], gpu_tflops: float, tokens: int) -> str:
@@ -120,7 +122,7 @@ def extrapolation(rows: list[dict[str, Any]], per_block: dict[str, float], gpu_t
     lines += [f"| {k} | {v / 1e12:.1f} | {measured[k]:.0f} | {v / max(measured[k], 1e-9) / 1e9:.0f} |"
               for k, v in flops.items()]
     lines += ["",
-              f"The decompositions and the allocation's spectra are {sum(measured.values()) / max(block_s, 1e-9):.0%} "
+              f"The decompositions and the spectra are {sum(measured.values()) / max(block_s, 1e-9):.0%} "
               f"of a block's time here; the counted operations run at {cpu_rate / 1e9:.0f} GFLOP/s on these 2 cores. "
               f"On one GPU at an assumed {gpu_tflops:g} TFLOP/s of float64 factorisation throughput (an assumption, "
               f"not a measurement: an H100/H200 peaks at 67 TFLOP/s in float64, but the eigendecomposition's tridiagonal "
@@ -186,17 +188,17 @@ def main() -> None:
     tok_folder = work / "tokenizer"
     if not (tok_folder / "tokenizer.json").exists():
         tokenizer(tok_folder)
-    wanted = [int(n) for n in args.blocks.split(",")]
+    wanted = [int(n) for n in args.blocks.split(",") if n]  # none, with --merge: the table from results.json
     at = commit()  # the code each run imports: read before the first
     kept = json.loads((results / "results.json").read_text())["rows"] if args.merge else []
     rows = [r for r in kept if r["blocks"] not in wanted]
     for n in wanted:
         folder = write_model(work / f"llama7b-{n}", n, tok_folder)
         res = run(folder, work / f"out-{n}", args)
-        rows.append(dict(res, blocks=n, weight_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors"))))
-        rows.sort(key=lambda r: r["blocks"])
+        rows.append(dict(res, blocks=n, weight_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+                         commit=at))
         print(json.dumps(rows[-1]), flush=True)
-        rows[-1]["commit"] = at
+        rows.sort(key=lambda r: r["blocks"])
         write_json(results / "results.json", {"device": "CPU (2 cores), nothing else running", "args": vars(args),
                                               "rows": rows})
     # per block: the growth of each phase from the smallest to the largest N
