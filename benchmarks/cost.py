@@ -88,7 +88,7 @@ def plain_passes(model: Any, windows: Any, batch: int) -> dict[str, float]:
     return {"forward": forward, "forward_backward": backward}
 
 
-def compress_by_stage(model: Any, windows: Any, ratio: float) -> dict[str, Any]:
+def compress_by_stage(model: Any, windows: Any, ratio: float, device: str) -> dict[str, Any]:
     """The default compression of ``model`` at ``ratio``, as ``pipeline.compress`` runs it, each stage timed and its
     block calls counted; then the perplexities (untimed)."""
     import torch
@@ -98,7 +98,7 @@ def compress_by_stage(model: Any, windows: Any, ratio: float) -> dict[str, Any]:
     from svdllm.source import ModelSource
     from svdllm.stages import open_run
 
-    cfg = CompressionConfig(ratio=ratio)
+    cfg = CompressionConfig(ratio=ratio, device=device)
     cfg.validate()
     source = ModelSource(model, cfg.device)
     calls = BlockCalls(source.blocks)
@@ -125,6 +125,7 @@ def compress_by_stage(model: Any, windows: Any, ratio: float) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.2,0.4,0.6")
+    ap.add_argument("--device", default="cpu", help="where the model and every pass run (cuda on a GPU)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--render", action="store_true", help="only the table and plot from results.json")
     args = ap.parse_args()
@@ -149,14 +150,16 @@ def measure(args: argparse.Namespace, results: Path) -> None:
     windows, evals, _ = token_windows(tok, dense.config, opts.calib, opts.nsamples, opts.seqlen, opts.seed,
                                       opts.eval, opts.eval_seqlen, opts.max_tokens)
     batch = source.default_batch
-    out: dict[str, Any] = {"commit": commit(), "device": "CPU (2 cores), nothing else running",
+    out: dict[str, Any] = {"commit": commit(), "device": "CPU (2 cores), nothing else running" if args.device == "cpu"
+                           else torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
                            "torch_threads": torch.get_num_threads(), "model": opts.model,
                            "calibration": f"{opts.nsamples}x{opts.seqlen} {opts.calib}", "batch": batch,
                            "eval_tokens": opts.max_tokens, "runs": []}
-    out["plain"] = plain_passes(dense, windows, batch)
+    out["plain"] = plain_passes(dense.to(args.device), windows.to(args.device), batch)
+    dense.to("cpu")  # compress moves one block at a time to the device
     print(json.dumps(out["plain"]), flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        res = compress_by_stage(copy.deepcopy(dense), windows, ratio)
+        res = compress_by_stage(copy.deepcopy(dense), windows, ratio, args.device)
         model = res.pop("model")
         with torch.no_grad():
             res["perplexity"] = window_perplexities(model, evals, progress=False)

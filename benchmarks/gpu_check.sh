@@ -29,6 +29,7 @@ for k, v in a["perplexity"]["compressed"].items():
 print("same ranks, perplexity within 0.1%")
 PY
 step scale_7b_blocks python3 benchmarks/scale.py --blocks 1,2 --nsamples 8 --seqlen 256 --results "$OUT/scale" --work "$WORK/scale"
+step cost_default python3 benchmarks/cost.py --ratios 0.2 --device cuda --results "$OUT/cost"
 step bench_fast svdllm bench "$WORK/mem" --dense smollm2-135m --fast --device cuda --json "$WORK/bench.json"
 step quantized_int4 svdllm -q quantize "$WORK/mem" --bits 4 --device cuda --out "$WORK/q4"
 step quantized_eval svdllm -q eval "$WORK/q4" --device cuda --data wiki-test
