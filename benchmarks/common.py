@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,15 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def commit(tree: Path = Path(__file__).resolve().parent.parent) -> str:
+    """HEAD of the git tree ``tree`` (this repository by default), marked ``+uncommitted`` when its ``src`` differs."""
+    sha = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "src"], capture_output=True,
+                           text=True).stdout
+    return sha + ("+uncommitted" if dirty.strip() else "")
 
 
 def peak_rss_reset() -> bool:

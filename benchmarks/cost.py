@@ -15,23 +15,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, save_figure, write_json  # noqa: E402
+from common import commit, markdown_table, save_figure, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cost"
-
-
-def commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True).stdout
-    return sha + ("+uncommitted" if dirty.strip() else "")
 
 
 class BlockCalls:

@@ -22,8 +22,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, save_figure, write_json  # noqa: E402
-from cost import commit  # noqa: E402
+from common import commit, markdown_table, save_figure, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "factorisations"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]

@@ -19,15 +19,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import folders, markdown_table, save_figure, write_json  # noqa: E402
+from common import commit, folders, markdown_table, save_figure, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 RESULTS = HERE / "benchmarks" / "results" / "passes"
-
-
-def commit(tree: Path) -> str:
-    return subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
 
 
 def run(tree: Path, out: Path, extra: list[str]) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, save_figure, write_json  # noqa: E402
+from common import commit, markdown_table, save_figure, write_json  # noqa: E402
 
 import svdllm.pipeline  # noqa: E402
 from svdllm import CompressionConfig, compress, evaluate_perplexity, load_model, sample_windows  # noqa: E402
@@ -39,11 +38,6 @@ VARIANTS = {"one-sided": ErrorCorrectedOptions(output_whitening=False),
             "0.8.0 default (output Gram alone)": ErrorCorrectedOptions(output_shrinkage=0.0),
             "default (shrunk by w/(w+t))": ErrorCorrectedOptions()}
 EVALS = ("wiki-test", "news")
-
-
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
 
 
 def perplexities(model: torch.nn.Module, evals: dict[str, torch.Tensor]) -> dict[str, float]:

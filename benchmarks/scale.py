@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import folders, markdown_table, save_figure, write_json  # noqa: E402
-from cost import commit  # noqa: E402
+from common import commit, folders, markdown_table, save_figure, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale"
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
