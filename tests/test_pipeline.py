@@ -141,7 +141,7 @@ def test_method_options_are_validated_and_named():
 
 def test_shared_inputs_share_one_gram_under_gqa(make_model, calib_tokens):
     from svdllm.cache import MemoryStore
-    from svdllm.calibration import DENSE, ActivationStream, GramAccumulator, Stat
+    from svdllm.calibration import DENSE, ActivationStream, GramAccumulator, LayerStats, Stat
 
     model = make_model("mistral")  # 4 query heads, 2 key/value heads: k/v are narrower than q
     attn = model.model.layers[0].self_attn
@@ -161,8 +161,11 @@ def test_shared_inputs_share_one_gram_under_gqa(make_model, calib_tokens):
     assert len(acc.stats) == 4  # k/v not all taken: the group's tensors stay
     taken.append(acc.take(attn_names[2]))
     assert len(acc.stats) == 3 and all(t.gram is taken[0].gram for t in taken)  # let go, still shared
-    taken[0].gram = None
-    assert taken[1].gram is not None  # each record is its own
+    taken[0].let_go("gram")
+    assert taken[0].gram is None and taken[1].gram is not None  # each record is its own
+    plain = LayerStats(gram=taken[1].gram)
+    plain.let_go("gram")
+    assert plain.gram is not None  # a record not handed over keeps what it reads
 
 
 def test_grams_are_summed_in_slabs_exactly(monkeypatch):

@@ -317,7 +317,8 @@ def test_v_gram_is_v_c_vt_for_the_gram_given(problem, damp):
 
     w, x = problem
     gram = x.T @ x
-    f = fit_product(w, (w @ gram) * 1.1, gram, 5, damp)
+    assert fit_product(w, (w @ gram) * 1.1, gram, 5, damp).v_gram is None  # made only when asked
+    f = fit_product(w, (w @ gram) * 1.1, gram, 5, damp, with_v_gram=True)
     torch.testing.assert_close(f.v_gram, f.v @ gram @ f.v.T, rtol=1e-8, atol=1e-8 * float(gram.diagonal().mean()))
     direct = float(((w - f.u @ f.v) @ x.T).pow(2).sum() / (w @ x.T).pow(2).sum())
     assert relative_error(w, f.u, f.v, None, w @ gram, f.v_gram) == pytest.approx(direct, rel=1e-7)

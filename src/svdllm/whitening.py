@@ -27,7 +27,7 @@ class Factorization:
     sigma: Tensor  # all singular values of the whitened matrix, descending
     rank: int
     remedy: str = ""  # how a singular statistic was repaired, empty if not needed
-    v_gram: Tensor | None = None  # v·C·vᵀ (k, k) for the input Gram C, where the factoriser had it for free
+    v_gram: Tensor | None = None  # v·C·vᵀ (k, k) for the input Gram C, where asked of ``fit_product``
 
     @property
     def discarded_energy(self) -> float:
@@ -88,7 +88,7 @@ def side_gram(target: Tensor) -> tuple[Tensor, bool]:
 def sigma_squared(target: Tensor) -> Tensor:
     """All σ² of ``target``, descending: the eigenvalues of its smaller Gram (float64), clamped at 0.
 
-    2.5–2.8× faster than ``svdvals`` on 7B shapes here (benchmarks/results/factorisations); an eigenvalue's error is
+    2.3–7.9× faster than ``svdvals`` on 7B shapes here (benchmarks/results/factorisations); an eigenvalue's error is
     about 1e-16·σ₁², far below any σ² a truncation or a rank allocation weighs."""
     gram, _ = side_gram(target)
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min_(0)
@@ -98,7 +98,7 @@ def truncate(target: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Best rank-k split of ``target`` as (U_k√Σ_k, √Σ_k V_kᵀ, Σ), Σ all singular values, descending.
 
     From the eigendecomposition of the smaller side's Gram in float64 (U of T·Tᵀ, or V of Tᵀ·T), the other side
-    projected: T ≈ U_k·U_kᵀ·T.  2–2.7× faster than a float64 SVD of T and faster than a float32 one on 7B shapes
+    projected: T ≈ U_k·U_kᵀ·T.  1.7–4.3× faster than a float64 SVD of T and faster than a float32 one on 7B shapes
     (benchmarks/results/factorisations), and as exact in what truncation needs: the discarded σ² are eigenvalues,
     and a component whose σ vanishes is a zero component."""
     t = target.double()
@@ -195,13 +195,13 @@ def whiten_towards(weight: Tensor, cross: Tensor, gram: Tensor, k: int, damp: fl
 
 def fit_product(weight: Tensor, weighted_cross: Tensor | None, gram: Tensor | None, k: int, damp: float = 0.0,
                 out_gram: Tensor | None = None, out_damp: float = 0.01, out_shrink: float = 0.0,
-                factor: tuple[Tensor, str, Tensor | float] | None = None) -> Factorization:
+                factor: tuple[Tensor, str, Tensor | float] | None = None, with_v_gram: bool = False) -> Factorization:
     """``whiten_towards`` given W·Z X′ᵀ (m, n) rather than Z X′ᵀ (n, n); None: plain whitening (Z = X′).  A blend
     of targets is then a blend of (m, n) products, and no n×n matrix but the Gram and its factor is made.
 
     ``factor``: ``repaired_cholesky(gram, damp)`` made by the caller (``gram`` may then be None, so that the caller
-    can free it).  ``weighted_cross`` is written (the ridge is added in place).  The result carries v·C·vᵀ for the
-    Gram C as given (``v_gram``): a k×k matrix from which ``relative_error`` needs no n×n product."""
+    can free it).  ``weighted_cross`` is written (the ridge is added in place).  ``with_v_gram``: the result carries
+    v·C·vᵀ for the Gram C as given (``v_gram``), a k×k matrix from which ``relative_error`` needs no n×n product."""
     w = weight.double()
     s, remedy, added = factor if factor is not None else repaired_cholesky(gram, damp)  # type: ignore[arg-type]
     if weighted_cross is None:
@@ -224,8 +224,9 @@ def fit_product(weight: Tensor, weighted_cross: Tensor | None, gram: Tensor | No
     if r is not None:  # R⁻ᵀ·u
         u = u / r[:, None] if r.dim() == 1 else torch.linalg.solve_triangular(r.T, u, upper=True)
     v = torch.linalg.solve_triangular(s, vs, upper=False, left=False)  # vs·S⁻¹
-    # v·(C + added)·vᵀ = vs·vsᵀ, since S·Sᵀ = C + added
-    v_gram = vs @ vs.T - (v @ added @ v.T if isinstance(added, Tensor) else added * (v @ v.T))
+    v_gram = None
+    if with_v_gram:  # v·(C + added)·vᵀ = vs·vsᵀ, since S·Sᵀ = C + added
+        v_gram = vs @ vs.T - (v @ added @ v.T if isinstance(added, Tensor) else added * (v @ v.T))
     return Factorization(u, v, sigma, k, remedy, v_gram)
 
 

@@ -142,19 +142,15 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
     w = weight.double()
     w_norm = float(w.norm())
     # W·(βX + (1−β)X′)X′ᵀ as a blend of two (m, n) products, made once for every β the guard tries
-    # each Gram let go as soon as it is read, when the accumulator handed it over (970 MB each for a 7B down_proj,
-    # 6.6 GB for a 70B one): the last user's drop frees it
     w_cross = w @ stats.cross
-    if stats.handed_over:
-        stats.cross = None
+    stats.let_go("cross")  # each Gram let go as soon as it is read
     w_comp = w @ stats.comp_gram
     factor = repaired_cholesky(stats.comp_gram, opts.ec_damp)
-    if stats.handed_over:
-        stats.comp_gram = None
+    stats.let_go("comp_gram")
     beta, output_side = opts.beta, _output_side(stats, opts)
     while True:  # R⁻ᵀ·Trunc_k(Rᵀ·W·D_β·S′⁻ᵀ)·S′⁻¹, R = I unless output-aware
         f = fit_product(w, None if beta == 0 else torch.lerp(w_comp, w_cross, beta), None, k,
-                        factor=factor, **output_side)
+                        factor=factor, with_v_gram=True, **output_side)
         ratio = math.sqrt(max(float(((f.u.T @ f.u) * (f.v @ f.v.T)).sum()), 0.0)) / max(w_norm, 1e-300)  # ‖uv‖_F
         if beta == 0 or not opts.norm_cap or ratio <= opts.norm_cap:
             break
