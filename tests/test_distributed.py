@@ -22,6 +22,13 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
 # Grams of full rank (the factors are well defined); uniform ranks (an allocation is a discrete choice that
 # summation order could tip)
 CALIB = ("--nsamples", "16", "--seqlen", "64", "--ranks", "uniform")
+# How far the factors of two processes may be from one's.  Statistics summed in another order differ by rounding
+# (1e-16), and so do the factorisations.  Without a compressed stream (svdllm-w) that stays far below 1e-5.  The
+# error-corrected loop feeds each block's float32 factors into the next fit, whose least squares on these tiny
+# random models is ill-conditioned: noise of 1e-10 put on one factor moved later factors by 2e-4 (and a rounding
+# difference of 1e-14 in a factorisation moved them 9e-5) while perplexity moved 3e-7.  So the error-corrected
+# factors are held to 1e-3 (which still catches a process fitting other windows) and their perplexity to 1e-5.
+FACTOR_TOL = {"svdllm-w": 1e-5, "svdllm-ec": 1e-3}
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -40,7 +47,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def assert_same_model(dist_out: Path, single_out: Path, tol: float = 1e-5) -> None:
+def assert_same_model(dist_out: Path, single_out: Path, tol: float) -> None:
     got, want = tensors(dist_out), tensors(single_out)
     assert got.keys() == want.keys()
     worst = max(rel(got[k], want[k]) for k in want)
@@ -58,7 +65,7 @@ def test_two_gloo_processes_match_one(model_dir, text_file, tmp_path, method):
     proc = torchrun(*compress_args(model_dir, text_file, two, *extra))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("saved to") == 1  # rank 0 alone prints and writes
-    assert_same_model(two, single)
+    assert_same_model(two, single, FACTOR_TOL[method])
     r1, r2 = (json.loads((d / "svdllm_report.json").read_text()) for d in (single, two))
     assert r2["processes"]["world_size"] == 2 and len(r2["processes"]["timings"]) == 2 and not r1["processes"]
     for lane in ("dense", "compressed"):
@@ -117,7 +124,10 @@ def test_a_dead_rank_fails_the_others_fast_and_the_run_resumes(model_dir, text_f
     assert proc.returncode == 0 and "resuming" in proc.stderr, proc.stderr[-2000:]
     single = tmp_path / "single"
     assert main(compress_args(model_dir, text_file, single, "--method", "svdllm-ec", *CALIB)) == 0
-    assert_same_model(out, single)
+    assert_same_model(out, single, FACTOR_TOL["svdllm-ec"])
+    r1, r2 = (json.loads((d / "svdllm_report.json").read_text()) for d in (single, out))
+    for name, ppl in r1["perplexity"]["compressed"].items():
+        assert r2["perplexity"]["compressed"][name] == pytest.approx(ppl, rel=1e-5)
 
 
 GRADIENTS = """
