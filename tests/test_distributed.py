@@ -76,6 +76,21 @@ def test_two_gloo_processes_match_one(model_dir, text_file, tmp_path, method):
 
 
 @pytest.mark.slow
+def test_refinement_under_two_gloo_processes_matches_one(model_dir, text_file, tmp_path):
+    """A step's windows are the same whichever process holds them; the gradients are summed over processes."""
+    single, two = tmp_path / "one", tmp_path / "two"
+    extra = ("--method", "svdllm-w", *CALIB, "--batch-size", "2", "--refine-steps", "8", "--refine-lr", "1e-5")
+    assert main(compress_args(model_dir, text_file, single, *extra)) == 0
+    proc = torchrun(*compress_args(model_dir, text_file, two, *extra))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_model(two, single, FACTOR_TOL["svdllm-w"])
+    r1, r2 = (json.loads((d / "svdllm_report.json").read_text()) for d in (single, two))
+    assert [r["outcome"] for r in r1["refinement"]] == [r["outcome"] for r in r2["refinement"]]
+    for a, b in zip(r1["refinement"], r2["refinement"]):
+        assert b["heldout_after"] == pytest.approx(a["heldout_after"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_too_few_windows_for_the_processes(model_dir, text_file, tmp_path):
     proc = torchrun(*compress_args(model_dir, text_file, tmp_path / "o", "--nsamples", "1"))
     assert proc.returncode != 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -26,6 +26,7 @@ from .errors import DataError
 from .importance import GradientStats
 from .methods import MethodOptions, method_of
 from .plan import CompressionPlan
+from .refine import RefineOptions, refine_block
 from .runtime import LowRankLinear, replace_module, swapped
 from .source import ModelSource
 from .stages import Run, Stage, Streams
@@ -41,7 +42,9 @@ class BlockLoop(Stage):
     stats: frozenset[Stat]  # what the method's factoriser reads
     sequential: bool  # the method fits on the compressed stream X′
     true_sequential: bool
-    rides_on: ClassVar[str] = "one forward per lane and block (dense and compressed), per true-sequential group"
+    refine: RefineOptions = field(default_factory=RefineOptions)
+    rides_on: ClassVar[str] = ("one forward per lane and block (dense and compressed), per true-sequential group; "
+                               "with refinement, a forward and backward of the block per step")
 
     @property
     def needs(self) -> tuple[type, ...]:
@@ -58,7 +61,7 @@ class BlockLoop(Stage):
         if run.run_dir is not None:
             source.keep_finished_in(run.run_dir.path)  # written once, as the checkpoint's block files
         store = run.offload.store("stream")
-        streams = _open_streams(run, self.stats & Stat.from_forwards(), store)
+        streams = _open_streams(run, self.stats & Stat.from_forwards(), store, self.refine.active)
         if start:
             _resume(source, plan, run.run_dir, streams, report)  # type: ignore[arg-type]
         commit = (lambda i: _checkpoint(run.run_dir, i, source, streams, report)) if run.run_dir else None
@@ -86,7 +89,11 @@ class BlockLoop(Stage):
                 groups = calib.input_order(block, i, linears)
         for g, names in enumerate(groups):
             _fit_group(run, block, i, {n: linears[n] for n in names}, linears, calib, plan, grads,
-                       keep_output=g == len(groups) - 1)
+                       keep_output=g == len(groups) - 1, compressed=Stat.COMP in self.stats)
+        if calib is not None and self.refine.active:
+            with report.timings.clock("refinement"):
+                report.refinement.append(refine_block(block, i, calib, run.report.calibration["nsamples"], run.batch,
+                                                      self.refine, run.progress))
         with report.timings.clock("forward passes and statistics"):
             if calib is not None:
                 calib.advance(block, i)
@@ -95,13 +102,15 @@ class BlockLoop(Stage):
 
 
 def _fit_group(run: Run, block: nn.Module, i: int, group: dict[str, nn.Module], linears: dict[str, nn.Module],
-               calib: ActivationStream | None, plan: CompressionPlan, grads: GradientStats, keep_output: bool) -> None:
+               calib: ActivationStream | None, plan: CompressionPlan, grads: GradientStats, keep_output: bool,
+               compressed: bool) -> None:
     """Record the statistics of ``group``, factorise each at its plan rank and swap the factors in."""
     model, report, device = run.source.model, run.report, run.source.device
     acc = GramAccumulator(method_of(run.method).needs_for(run.method), device, grads.row_fisher, grads.output_grams)
     with report.timings.clock("forward passes and statistics"):
         if calib is not None:
-            calib.record(block, i, group, acc, _dense_view(model, linears), keep_output=keep_output)
+            calib.record(block, i, group, acc, _dense_view(model, linears), keep_output=keep_output,
+                         compressed=compressed)
     with report.timings.clock("decompositions"):
         acc.all_reduce()
         for name, (factors, record) in _decompose_block(group, acc, plan, run.method, device).items():
@@ -153,13 +162,14 @@ def _dense_view(model: nn.Module, linears: dict[str, nn.Module]) -> Callable[[],
     return lambda: swapped(model, {n: m for n, m in linears.items() if model.get_submodule(n) is not m})
 
 
-def _open_streams(run: Run, stats: frozenset[Stat], store: TensorStore) -> Streams:
+def _open_streams(run: Run, stats: frozenset[Stat], store: TensorStore, refine: bool) -> Streams:
     """Capture the first block's inputs and every block's context: calibration when the factoriser reads forward
-    statistics (dense, and compressed if they include X′) and each evaluation set (dense and compressed)."""
+    statistics or blocks are refined (dense, and compressed if the statistics include X′ or blocks are refined) and
+    each evaluation set (dense and compressed)."""
     source, report = run.source, run.report
     jobs = {name: (w, (DENSE, COMPRESSED)) for name, w in run.evals.items()}
-    if stats and run.windows is not None:
-        jobs["calib"] = (run.windows, (DENSE, COMPRESSED) if Stat.COMP in stats else (DENSE,))
+    if (stats or refine) and run.windows is not None:
+        jobs["calib"] = (run.windows, (DENSE, COMPRESSED) if Stat.COMP in stats or refine else (DENSE,))
     with report.timings.clock("capture block inputs"), source.outside_blocks():
         # stream keys name files: an evaluation set's name may be a path, so the streams are numbered; each
         # rank's stream is its own (a checkpoint holds them side by side)
@@ -174,7 +184,8 @@ def _checkpoint(run_dir: RunDir, i: int, source: ModelSource, streams: dict[str,
     """Commit block i: its tensors, every stream after it, and what the report has gathered so far."""
     with report.timings.clock("checkpoint"):
         run_dir.commit(i, source, lambda folder: [s.save(folder) for s in streams.values()],
-                       {"records": report.records, "timings": report.timings, "plan": report.plan,
+                       {"records": report.records, "refinement": report.refinement, "timings": report.timings,
+                        "plan": report.plan,
                         "linear_params": [report.linear_params_before, report.linear_params_after],
                         "tuple_output": any(s.tuple_output for s in streams.values())})
 
@@ -190,5 +201,6 @@ def _resume(source: ModelSource, plan: CompressionPlan, run_dir: RunDir, streams
         stream.load(run_dir.streams_folder(start))
         stream.tuple_output = bool(run_dir.state.get("tuple_output", False))
     report.records = run_dir.state["records"]
+    report.refinement = run_dir.state.get("refinement", [])
     report.timings.update(run_dir.state["timings"])
     report.linear_params_before, report.linear_params_after = run_dir.state["linear_params"]

@@ -22,6 +22,7 @@ from .cache import DiskStore, TensorStore
 from .data import eval_windows, sample_windows, windows_digest  # noqa: F401  (their home is data; here for callers)
 
 DENSE, COMPRESSED = "dense", "compressed"
+NEXT = "next"  # where ``record`` keeps the dense block's outputs until ``advance`` makes them the dense lane
 GRAM_SLAB = 2048  # rows of a Gram summed at a time
 
 
@@ -342,10 +343,11 @@ class ActivationStream:
 
     @torch.no_grad()
     def record(self, block: nn.Module, i: int, linears: dict[str, nn.Module], acc: GramAccumulator,
-               dense_view: Callable[[], AbstractContextManager] = nullcontext, keep_output: bool = True) -> None:
+               dense_view: Callable[[], AbstractContextManager] = nullcontext, keep_output: bool = True,
+               compressed: bool = True) -> None:
         """Statistics of the inputs of ``linears``: the dense lane through the dense block (``dense_view`` puts
-        back the dense modules of linears already compressed) and, if kept, the compressed lane through the
-        block as it is now.  With ``keep_output`` the dense lane's outputs are kept for ``advance``; the
+        back the dense modules of linears already compressed) and, if kept and ``compressed``, the compressed lane
+        through the block as it is now.  With ``keep_output`` the dense lane's outputs are kept for ``advance``; the
         other forwards stop as soon as every linear has seen its input."""
         device = block_device(block)
         with InputRecorder(linears) as recorder:
@@ -354,7 +356,7 @@ class ActivationStream:
                 with dense_view():
                     out = self._run(block, i, j, self.hidden(DENSE, j, device))
                 dense_in, comp_in = recorder.take(), None
-                if COMPRESSED in self.lanes and linears:
+                if compressed and COMPRESSED in self.lanes and linears:
                     recorder.stop_when_complete = True
                     self._run(block, i, j, self.hidden(COMPRESSED, j, device))
                     comp_in = recorder.take()
@@ -362,7 +364,7 @@ class ActivationStream:
                     acc.add_batch(dense_in, comp_in)
                 if keep_output:
                     assert out is not None
-                    self.store.put(self._key("next", j), out)
+                    self.store.put(self._key(NEXT, j), out)
 
     def advance(self, block: nn.Module, i: int) -> None:
         """After ``record`` and the swap: the compressed lane through the compressed block, the dense lane to
@@ -370,7 +372,7 @@ class ActivationStream:
         if COMPRESSED in self.lanes:
             self.propagate(block, i, COMPRESSED)
         for j in range(len(self)):
-            self.store.move(self._key("next", j), self._key(DENSE, j))
+            self.store.move(self._key(NEXT, j), self._key(DENSE, j))
 
     def save(self, folder: Path) -> None:
         """Every lane's hidden states into ``folder``, a file per batch (never the whole stream in memory)."""

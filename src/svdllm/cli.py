@@ -108,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .folder import DTYPES
     from .methods import METHODS
     from .quantize import QuantizeOptions
-    from .workflow import CompressOptions
+    from .workflow import PRESETS, CompressOptions
 
     D, Q, T = CompressOptions(), QuantizeOptions(), EvalTexts()
     C = D.compression
+    R = C.refine
     evals = ",".join(T.data)
     parser = argparse.ArgumentParser(prog="svdllm", description="Compress LLMs with SVD-LLM and friends.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -122,10 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", default=D.model, help="named model, folder, .gguf or hub id")
     c.add_argument("--ratio", type=_number, default=C.ratio, help=f"parameter reduction per matrix, in (0, 1) "
                    f"(default {C.ratio})")
-    c.add_argument("--method", default=C.method.name, help=f"one of {', '.join(METHODS)} (default {C.method.name})")
+    # a flag a preset sets defaults to None: unset, it takes the preset's value (or the default options')
+    c.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="fast (svdllm-w, uniform ranks), balanced (the default) or best (the default with block "
+                        "refinement); flags given beside it override its choices (docs/refinement.md)")
+    c.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default {C.method.name})")
     c.add_argument("--calib", default=D.calib, help=f"calibration DATA (default {D.calib})")
-    c.add_argument("--nsamples", type=int, default=D.nsamples, help=f"calibration windows (default {D.nsamples})")
-    c.add_argument("--seqlen", type=int, default=D.seqlen, help=f"calibration window length (default {D.seqlen})")
+    c.add_argument("--nsamples", type=int, default=None, help=f"calibration windows (default {D.nsamples})")
+    c.add_argument("--seqlen", type=int, default=None, help=f"calibration window length (default {D.seqlen})")
     c.add_argument("--seed", type=int, default=D.seed, help="seeds the calibration sampling")
     m = c.add_argument_group("method options (each applies to the methods named; unset: the method's default)")
     m.add_argument("--beta", type=float, default=None, help="svdllm-ec: target blend in [0, 1] (1 = dense inputs)")
@@ -144,13 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --output-whitening: weight in [0, 1] of the scaled identity in each full output Gram "
                         "(unset: outputs/(outputs + calibration tokens); 0: the Gram alone, as 0.8.0)")
     m.add_argument("--asvd-alpha", type=_number, default=None, help="asvd: activation exponent")
-    c.add_argument("--ranks", default=C.rank_rule, choices=["auto", "uniform", "fisher"],
+    c.add_argument("--ranks", default=None, choices=["auto", "uniform", "fisher"],
                    help="rank per matrix: uniform (the paper), or allocated under the same parameter budget from the "
                         "whitened spectra weighted by the loss's sensitivity to each output (fisher); auto (default): "
                         "fisher for svdllm-ec, else uniform")
-    c.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=C.true_sequential,
+    c.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="svdllm, svdllm-ec: fit q/k/v, then o, then gate/up, then down, each on the inputs the "
                         "already compressed ones produce (default; --no-true-sequential fits a block's linears at once)")
+    r = c.add_argument_group("block refinement (docs/refinement.md)")
+    r.add_argument("--refine-steps", type=int, default=None,
+                   help=f"Adam steps per block on its output error against the dense block (default {R.steps}: off)")
+    r.add_argument("--refine-lr", type=_number, default=None, help=f"their learning rate (default {R.lr:g})")
+    r.add_argument("--refine-windows", type=_positive, default=None,
+                   help=f"calibration windows per step (default {R.windows_per_step})")
     c.add_argument("--rank-floor", type=float, default=C.rank_floor,
                    help=f"allocated ranks stay ≥ floor × uniform (default {C.rank_floor})")
     c.add_argument("--rank-cap", type=float, default=C.rank_cap,
@@ -261,21 +272,30 @@ def _eval_texts(p: argparse.ArgumentParser, d: Any, seqlen: str, texts: bool = T
 
 def compress_options(args: argparse.Namespace) -> Any:
     """``svdllm compress``'s flags as ``CompressOptions``."""
+    from dataclasses import replace
+
     from .methods import options_for
     from .pipeline import CompressionConfig
     from .quantize import QuantizeOptions
-    from .workflow import CompressOptions
+    from .workflow import CompressOptions, preset
 
-    method = options_for(args.method, beta=args.beta, norm_cap=args.norm_cap, damp=args.damp,
+    base = preset(args.preset) if args.preset else CompressOptions()
+    B = base.compression
+    pick = lambda given, fallback: fallback if given is None else given  # noqa: E731
+    refine = replace(B.refine, steps=pick(args.refine_steps, B.refine.steps), lr=pick(args.refine_lr, B.refine.lr),
+                     windows_per_step=pick(args.refine_windows, B.refine.windows_per_step))
+    method = options_for(pick(args.method, B.method.name), beta=args.beta, norm_cap=args.norm_cap, damp=args.damp,
                          asvd_alpha=args.asvd_alpha, output_whitening=args.output_whitening,
                          output_damp=args.output_damp, output_full_width=args.output_full_width,
                          output_shrinkage=args.output_shrinkage)
     config = CompressionConfig(method=method, ratio=args.ratio, targets=_patterns(args.targets),
-                               skip_layers=args.skip_layers, rank_rule=args.ranks, rank_floor=args.rank_floor,
-                               rank_cap=args.rank_cap, batch_size=args.batch_size, device=args.device,
-                               offload=args.offload, true_sequential=args.true_sequential)
+                               skip_layers=args.skip_layers, rank_rule=pick(args.ranks, B.rank_rule),
+                               rank_floor=args.rank_floor, rank_cap=args.rank_cap, batch_size=args.batch_size,
+                               device=args.device, offload=args.offload,
+                               true_sequential=pick(args.true_sequential, B.true_sequential), refine=refine)
     return CompressOptions(
-        model=args.model, compression=config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        model=args.model, compression=config, calib=args.calib, nsamples=pick(args.nsamples, base.nsamples),
+        seqlen=pick(args.seqlen, base.seqlen),
         seed=args.seed, eval=_specs(args.eval), eval_seqlen=args.eval_seqlen, max_tokens=args.max_tokens,
         eval_tasks=args.eval_tasks, include_path=args.include_path, limit=args.limit, low_memory=args.low_memory,
         resume=args.resume, dist_timeout=args.dist_timeout, trust_remote_code=args.trust_remote_code,
@@ -301,9 +321,12 @@ def _print_summary(args: argparse.Namespace, outcome: Any) -> None:
     report, p0, p1 = outcome.report, outcome.params_before, outcome.params_after
     before, after = report.perplexity.get("dense", {}), outcome.record.perplexity or {}
     given = "before" if Path(args.model).is_dir() and is_svdllm_folder(Path(args.model)) else "dense"  # the input
-    print(f"\nsvdllm compress {args.model}: method {args.method}, ratio {args.ratio}, {report.plan.get('n_blocks')} "
-          f"blocks, {outcome.record.rank_rule} ranks, calibration {args.nsamples}×{args.seqlen} tokens of {args.calib}, "
-          f"seed {args.seed}")
+    cal, refine = report.calibration, report.config["refine"]
+    calib = f"calibration {cal['nsamples']}×{cal['seqlen']} tokens of {args.calib}, " if cal else ""
+    print(f"\nsvdllm compress {args.model}: {f'preset {args.preset}, ' if args.preset else ''}method "
+          f"{outcome.record.method}, ratio {args.ratio}, {report.plan.get('n_blocks')} blocks, "
+          f"{outcome.record.rank_rule} ranks, {calib}"
+          f"{'refinement %d steps a block, ' % refine['steps'] if refine['steps'] else ''}seed {args.seed}")
     if before:
         label = f"compressed, int{args.quantize} factors" if report.perplexity.get("quantized") else \
             f"compressed, {args.dtype}" if report.perplexity.get(args.dtype) else "compressed"
@@ -324,6 +347,12 @@ def _print_summary(args: argparse.Namespace, outcome: Any) -> None:
     print("\n| phase | seconds |\n|---|---:|")
     for k, v in report.timings.items():
         print(f"| {k.replace('compress: ', '&nbsp;&nbsp;')} | {v:.1f} |")
+    if report.refinement:
+        kept = [r for r in report.refinement if r.get("outcome", "").startswith("refined")]
+        falls = [1 - r["heldout_after"] / r["heldout_before"] for r in kept if r["heldout_before"] > 0]
+        print(f"\nrefinement: {len(kept)} of {len(report.refinement)} blocks refined"
+              + (f", held-out block error −{100 * sum(falls) / len(falls):.1f}% on average" if falls else "")
+              + " (see svdllm_report.json)")
     if report.remedies:
         print(f"\n{len(report.remedies)} singular statistics repaired (see svdllm_report.json)")
     print(f"\nsaved to {outcome.out}")
@@ -486,7 +515,9 @@ COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "quantize": cmd_
             "generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}
 # an option named in an error → its flag, where the flag is not --OPTION-NAME
 FLAGS = {
-    "compress": {"rank_rule": "--ranks", "quantize.bits": "--quantize", "quantize.group_size": "--quantize-group-size",
+    "compress": {"rank_rule": "--ranks", "refine.windows_per_step": "--refine-windows",
+                 **{f"refine.{f}": f"--refine-{f}" for f in ("steps", "lr", "holdout", "eval_every", "patience")},
+                 "quantize.bits": "--quantize", "quantize.group_size": "--quantize-group-size",
                  **{f"finetune.{f}": f"--ft-{f.replace('_', '-')}" for f in (
                      "data", "order", "lora_r", "lora_alpha", "lr", "steps", "batch_size", "seqlen", "seed", "dtype")}},
     "quantize": {"quantize.bits": "--bits", "quantize.group_size": "--group-size", "quantize.dense": "--dense",

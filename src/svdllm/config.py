@@ -14,6 +14,7 @@ from .files import atomic_write_text
 from .methods import ErrorCorrectedOptions, MethodOptions, options_for
 from .methods.base import check_range
 from .ranks import check_ratio
+from .refine import RefineOptions
 
 RANK_RULES = ("auto", "uniform", "fisher")
 
@@ -31,6 +32,7 @@ class CompressionConfig:
     device: str | None = None  # where blocks run (one at a time); None: where the model is
     offload: str = "auto"  # where every pass's activations wait: none (the device), cpu, disk; auto: the source's
     true_sequential: bool = True  # sequential methods: fit q/k/v, o, gate/up, down in turn on the X′ the earlier produce
+    refine: RefineOptions = field(default_factory=RefineOptions)  # each block's factors fitted to the dense block's output
 
     def __post_init__(self) -> None:
         if isinstance(self.method, str):
@@ -51,6 +53,9 @@ class CompressionConfig:
         check_range(self, "rank_cap", 1.0, 1e6)
         if self.offload not in OFFLOAD:
             raise OptionError("offload", f"must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
+        if not isinstance(self.refine, RefineOptions):
+            raise OptionError("refine", f"must be RefineOptions, got {type(self.refine).__name__}")
+        self.refine.validate()
         self.method.validate()  # type: ignore[union-attr]
 
     def resolved_rank_rule(self) -> str:
@@ -91,6 +96,7 @@ class CompressionReport:
     processes: dict[str, Any] = field(default_factory=dict)  # world size and each rank's timings (torchrun)
     zero_shot: dict[str, Any] = field(default_factory=dict)  # lm-eval rows (task, metric, value, stderr), dense and after
     passes: list[dict[str, Any]] = field(default_factory=list)  # the plan's stages: what each made, from what
+    refinement: list[dict[str, Any]] = field(default_factory=list)  # per refined block: held-out error, outcome
 
     @property
     def remedies(self) -> list[dict[str, Any]]:

@@ -59,7 +59,7 @@ def plan_passes(cfg: CompressionConfig, evaluate: bool) -> list[Stage]:
                                   Spectra(out_side) if rule == "fisher" else None))
     if rule == "fisher":
         stages.append(AllocateRanks(two_sided=out_side is not None))
-    stages.append(BlockLoop(needs, method.sequential, cfg.true_sequential))
+    stages.append(BlockLoop(needs, method.sequential, cfg.true_sequential, cfg.refine))
     if evaluate:
         stages.append(Evaluate())
     made: set[type] = {CompressionPlan}

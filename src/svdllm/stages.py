@@ -235,7 +235,8 @@ class Evaluate(Stage):
 def calibrated(cfg: CompressionConfig) -> bool:
     """Whether the run reads calibration windows at all."""
     assert isinstance(cfg.method, MethodOptions)
-    return bool(method_of(cfg.method).needs_for(cfg.method)) or cfg.resolved_rank_rule() == "fisher"
+    return bool(method_of(cfg.method).needs_for(cfg.method)) or cfg.resolved_rank_rule() == "fisher" \
+        or cfg.refine.active
 
 
 def open_run(source: ModelSource, windows: Tensor | None, evals: dict[str, Tensor], cfg: CompressionConfig,

@@ -69,6 +69,29 @@ class CompressOptions:
         return Path("out") / f"{name}-{self.compression.method.name}-{self.compression.ratio:g}"  # type: ignore[union-attr]
 
 
+PRESETS = ("fast", "balanced", "best")
+
+
+def preset(name: str, **changes: Any) -> CompressOptions:
+    """A named point on the quality–cost front, as plain options (``changes`` set further fields):
+
+    - ``fast``: SVD-LLM(W) with the paper's uniform ranks: one dense forward with input Grams, one factorisation per
+      matrix, no reverse pass;
+    - ``balanced``: the default (output-aware, error-corrected, true-sequential ``svdllm-ec``, ranks from the
+      two-sided spectra);
+    - ``best``: the default, each block then refined by 32 Adam steps (``RefineOptions``).
+
+    Their cost and quality on SmolLM2 are measured in ``benchmarks/results/presets`` (docs/refinement.md)."""
+    from .refine import RefineOptions
+
+    configs = {"fast": lambda: CompressionConfig(method="svdllm-w", rank_rule="uniform"),
+               "balanced": CompressionConfig,
+               "best": lambda: CompressionConfig(refine=RefineOptions(steps=32))}
+    if name not in configs:
+        raise OptionError("preset", f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return replace(CompressOptions(compression=configs[name]()), **changes)
+
+
 @dataclass
 class CompressOutcome:
     out: Path
