@@ -3,7 +3,10 @@ compress seconds and peak memory, in one run at one commit.
 
     python benchmarks/presets.py                                  # SmolLM2 at 0.4 and 0.6, every preset
     python benchmarks/presets.py --ratios 0.4 --presets balanced,best
+    python benchmarks/presets.py --ratios 0.4 --presets balanced,best:96 --results benchmarks/results/presets-96
     python benchmarks/presets.py --render                         # table and plot again from results.json
+
+``best:96`` is the ``best`` preset with 96 refinement steps a block instead of its own.
 
 In one process, alone on the machine: a plain forward of the model over the calibration windows (the unit of
 cost), then each preset's ``CompressionConfig`` at each ratio on a fresh copy of the model, timed (evaluation not
@@ -63,7 +66,9 @@ def measure(args: argparse.Namespace, results: Path) -> None:
     evals = None
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for name in args.presets.split(","):
-            opts = preset(name)
+            opts = preset(name.partition(":")[0])
+            if ":" in name:  # best:96, another number of refinement steps
+                opts.compression.refine.steps = int(name.partition(":")[2])
             key = (opts.nsamples, opts.seqlen)
             if key not in windows_of:
                 windows_of[key], evals, _ = token_windows(tok, dense.config, opts.calib, opts.nsamples, opts.seqlen,
