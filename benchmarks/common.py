@@ -99,3 +99,16 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def measure_then_render(ap: Any, default_results: Path, measure: Any, render: Any) -> None:
+    """Add ``--results`` and ``--render`` to the parser ``ap``, parse, then ``measure(args, results)`` unless only
+    ``--render`` is asked, and ``render(results)``."""
+    ap.add_argument("--results", default=str(default_results))
+    ap.add_argument("--render", action="store_true", help="only the table and plot from results.json")
+    args = ap.parse_args()
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    if not args.render:
+        measure(args, results)
+    render(results)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import commit, markdown_table, save_figure, write_json  # noqa: E402
+from common import commit, markdown_table, measure_then_render, save_figure, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cost"
 
@@ -118,14 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", default="0.2,0.4,0.6")
     ap.add_argument("--device", default="cpu", help="where the model and every pass run (cuda on a GPU)")
-    ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--render", action="store_true", help="only the table and plot from results.json")
-    args = ap.parse_args()
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    if not args.render:
-        measure(args, results)
-    render(results)
+    measure_then_render(ap, RESULTS, measure, render)
 
 
 def measure(args: argparse.Namespace, results: Path) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRSS, commit, markdown_table, save_figure, write_json  # noqa: E402
+from common import PeakRSS, commit, markdown_table, measure_then_render, save_figure, write_json  # noqa: E402
 from cost import plain_passes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "presets"
@@ -37,14 +37,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.4,0.6")
     ap.add_argument("--presets", default="fast,balanced,best")
     ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens per text")
-    ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--render", action="store_true", help="only the table and plot from results.json")
-    args = ap.parse_args()
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    if not args.render:
-        measure(args, results)
-    render(results)
+    measure_then_render(ap, RESULTS, measure, render)
 
 
 def measure(args: argparse.Namespace, results: Path) -> None:
@@ -117,7 +110,10 @@ def render(results: Path) -> None:
     text = (f"`python benchmarks/presets.py` at {data['commit']} ({data['device']}, {data['torch_threads']} threads; "
             f"{data['model']}, calibration {data['calibration']}, perplexity on {data['eval_tokens']} tokens a text)"
             f"\n\nA plain forward over the calibration windows: {fwd:.1f} s. Changes are against `balanced` (the "
-            "default) at the same ratio, in this run.\n\n" + markdown_table(header, rows))
+            "default) at the same ratio, in this run. Peak MiB is the process's resident memory above what it held "
+            "when that compression began; the heap earlier runs freed (the plain forward and backward first) is "
+            "reused, so it understates what a fresh process needs (the README's figures come from fresh "
+            "processes).\n\n" + markdown_table(header, rows))
     (results / "table.md").write_text(text)
     plot(data, results / "presets.png", texts[0] if texts else "")
     print(text)

@@ -143,7 +143,7 @@ def test_presets_are_plain_options_and_flags_override_them():
     parse = build_parser().parse_args
     assert preset("balanced") == svdllm.CompressOptions()
     best = preset("best")
-    assert best.compression.refine.steps == 32 and replace(best.compression, refine=RefineOptions()) == \
+    assert best.compression.refine.steps == 96 and replace(best.compression, refine=RefineOptions()) == \
         svdllm.CompressOptions().compression
     fast = preset("fast").compression
     assert (fast.method.name, fast.rank_rule) == ("svdllm-w", "uniform")
