@@ -141,6 +141,7 @@ def test_presets_are_plain_options_and_flags_override_them():
     from svdllm.workflow import preset
 
     parse = build_parser().parse_args
+    assert svdllm.preset is preset and svdllm.RefineOptions is RefineOptions  # the package's own names
     assert preset("balanced") == svdllm.CompressOptions()
     best = preset("best")
     assert best.compression.refine.steps == 96 and replace(best.compression, refine=RefineOptions()) == \

@@ -23,8 +23,9 @@ from .pipeline import CompressionConfig, CompressionReport, CompressionResult, c
 from .plan import CompressionPlan, make_plan
 from .quantize import QuantizeOptions
 from .record import SvdllmRecord
+from .refine import RefineOptions
 from .source import ModelSource, StreamedSource, load_model, open_source
-from .workflow import CompressOptions, CompressOutcome, run_compression
+from .workflow import PRESETS, CompressOptions, CompressOutcome, preset, run_compression
 
 __all__ = ["BenchOptions", "EvalOptions", "EvalTexts", "FinetuneOptions", "GenerateOptions", "QuantizeFolderOptions",
            "QuantizeOptions", "run_bench", "run_eval", "run_finetune", "run_generate", "run_quantize",
@@ -32,4 +33,4 @@ __all__ = ["BenchOptions", "EvalOptions", "EvalTexts", "FinetuneOptions", "Gener
            "CompressionResult", "DataError", "FormatError", "ModelSource", "OptionError", "StreamedSource",
            "SvdllmError", "SvdllmRecord", "compress", "eval_windows", "evaluate_perplexity", "load", "load_model",
            "make_plan", "open_source", "read_record", "run_compression", "sample_windows", "save", "verify",
-           "__version__"]
+           "PRESETS", "RefineOptions", "preset", "__version__"]
