@@ -3,6 +3,7 @@ a kill during refinement resumes to identical shards, a non-finite step keeps th
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import replace
 
 import pytest
@@ -161,17 +162,11 @@ def test_presets_are_plain_options_and_flags_override_them():
                                                 ("--refine-steps", "-1", "--refine-steps: must be a non-negative"),
                                                 ("--preset", "slow", "invalid choice: 'slow'")])
 def test_bad_refinement_options_are_one_line(model_dir, tmp_path, capsys, flag, value, error):
-    with pytest.raises(SystemExit) if flag == "--preset" else _no_raise():
+    with pytest.raises(SystemExit) if flag == "--preset" else nullcontext():
         code = main(["-q", "compress", str(model_dir), "--out", str(tmp_path / "o"), flag, value])
         assert code == 2
     err = capsys.readouterr().err
     assert error in err and not (tmp_path / "o").exists()
-
-
-def _no_raise():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def test_refinement_needs_a_window_to_train_on():

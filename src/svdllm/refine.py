@@ -96,7 +96,6 @@ def refine_block(block: nn.Module, i: int, stream: ActivationStream, n_windows: 
     rows = _Rows(n_windows, batch)
     held = rows.batches(list(range(train_n, n_windows)))
     device = block_device(block)
-    closed_form = [p.detach().clone() for p in params]
     dtype = params[0].dtype
     amp = dtype != torch.float32  # fp32 master factors, the block's own dtype in its matmuls
     others = {p: p.requires_grad for p in block.parameters()}
@@ -105,6 +104,7 @@ def refine_block(block: nn.Module, i: int, stream: ActivationStream, n_windows: 
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
+    closed_form = [p.detach().clone() for p in params]  # float32, the state kept unless a step beats it
 
     def error(batches: dict[int, list[int]], count: int, train: bool) -> float:
         """Mean squared error of the block's output over the windows named (summed over processes); with
@@ -127,7 +127,7 @@ def refine_block(block: nn.Module, i: int, stream: ActivationStream, n_windows: 
     held_count = held_n * per_window
     best = error(held, held_count, train=False)
     record.update(heldout_before=best, heldout_after=best, outcome="closed form kept")
-    best_state = [p.detach().clone() for p in params]
+    best_state = closed_form
     optimizer = torch.optim.Adam(params, lr=opts.lr)
     stale, step = 0, 0
     bar = tqdm(total=opts.steps, desc=f"refine block {i}", unit="step", leave=False,
@@ -142,7 +142,7 @@ def refine_block(block: nn.Module, i: int, stream: ActivationStream, n_windows: 
             distributed.all_reduce_([p.grad for p in params])  # type: ignore[misc]
             if not math.isfinite(loss) or not all(torch.isfinite(p.grad).all() for p in params):  # type: ignore[arg-type]
                 record["outcome"] = f"stopped at step {step}: the loss is not finite; closed form kept"
-                best_state, best = [c.float() for c in closed_form], record["heldout_before"]
+                best_state, best = closed_form, record["heldout_before"]
                 break
             optimizer.step()
             record["steps"] = step
