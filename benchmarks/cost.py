@@ -24,6 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, markdown_table, measure_then_render, save_figure, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cost"
+# what this design cannot do without: its passes (forwards, backward, the head) and one factorisation per matrix
+# (and one spectrum per matrix for the rank allocation)
+FLOOR = ("block forwards", "backward", "head (its forward; its backward is in backward)", "factorisations")
 
 
 class BlockCalls:
@@ -55,6 +58,54 @@ class BlockCalls:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+class WorkClocks:
+    """Seconds of the work a compression is made of, each call timed exclusive of the timed calls inside it:
+    block forwards (every lane, stopped early or whole, and the reverse pass's recomputation), the backward through the
+    blocks, the head's forward and backward, factorisations (the reverse pass's spectra, the block loop's fits) and
+    the Gram products (input and output-gradient Grams, float32 products summed in float64).  What is left of the
+    total is bookkeeping (copies, stores, the Σg² sums, the calibration capture)."""
+
+    KINDS = {"block forwards": [("svdllm.calibration", "ActivationStream.run_block")],
+             "backward": [("torch.autograd", "backward")],
+             "head (its forward; its backward is in backward)": [("svdllm.importance", "_head_backward")],
+             "factorisations": [("svdllm.importance", "whitened_spectrum"), ("svdllm.blockloop", "_factorise")],
+             "Gram products": [("svdllm.calibration", "add_product_"), ("svdllm.importance", "add_product_")]}
+
+    def __init__(self) -> None:
+        import importlib
+
+        self.seconds = {kind: 0.0 for kind in self.KINDS}
+        self._inner: list[float] = []
+        self._patched: list[tuple[Any, str, Any]] = []
+        for kind, targets in self.KINDS.items():
+            for module, attr in targets:
+                owner: Any = importlib.import_module(module)
+                *path, name = attr.split(".")
+                for part in path:
+                    owner = getattr(owner, part)
+                original = getattr(owner, name)
+                self._patched.append((owner, name, original))
+                setattr(owner, name, self._timed(kind, original))
+
+    def _timed(self, kind: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self._inner.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - t0
+                inner = self._inner.pop()
+                self.seconds[kind] += spent - inner
+                if self._inner:
+                    self._inner[-1] += spent
+        return wrapper
+
+    def close(self) -> None:
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
 
 
 def plain_passes(model: Any, windows: Any, batch: int) -> dict[str, float]:
@@ -94,6 +145,7 @@ def compress_by_stage(model: Any, windows: Any, ratio: float, device: str) -> di
     cfg.validate()
     source = ModelSource(model, cfg.device)
     calls = BlockCalls(source.blocks)
+    clocks = WorkClocks()
     stages = plan_passes(cfg, evaluate=False)
     rows = []
     t_all = time.perf_counter()
@@ -110,7 +162,9 @@ def compress_by_stage(model: Any, windows: Any, ratio: float, device: str) -> di
             run.close()
     total = time.perf_counter() - t_all
     calls.close()
-    return {"stages": rows, "seconds": total, "phases": dict(run.report.timings), "batch": run.batch,
+    clocks.close()
+    return {"stages": rows, "seconds": total, "work": clocks.seconds, "phases": dict(run.report.timings),
+            "batch": run.batch,
             "n_blocks": len(source.blocks), "model": source.model}
 
 
@@ -179,6 +233,17 @@ def render(results: Path) -> None:
             f"({fb / fwd:.2f}×).\n\n" + markdown_table(header, rows)
             + "\nPhases inside the stages (seconds; the report's clocks):\n\n"
             + markdown_table(["phase"] + [f"ratio {r['ratio']}" for r in data["runs"]], phase_rows))
+    runs = [r for r in data["runs"] if "work" in r]
+    if runs:
+        kinds = list(runs[0]["work"])
+        work_rows = [[k] + [f"{r['work'][k]:.1f} ({r['work'][k] / fwd:.2f})" for r in runs] for k in kinds]
+        work_rows.append(["bookkeeping (the rest)"] + [f"{r['seconds'] - sum(r['work'].values()):.1f}" for r in runs])
+        floor = [sum(v for k, v in r["work"].items() if k in FLOOR) for r in runs]
+        work_rows.append(["**the floor**: " + " + ".join(FLOOR)] + [f"**{f:.1f} ({f / fwd:.2f})**" for f in floor])
+        work_rows.append(["total over the floor"] + [f"**{r['seconds'] / f:.2f}×**" for r, f in zip(runs, floor)])
+        text += ("\nWhere the time goes (seconds, in plain forwards; each call timed exclusive of the timed calls inside "
+                 "it, `WorkClocks`):\n\n"
+                 + markdown_table(["work"] + [f"ratio {r['ratio']}" for r in runs], work_rows))
     (results / "table.md").write_text(text)
     plot(data, results / "cost.png")
     print(text)

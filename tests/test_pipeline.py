@@ -223,7 +223,8 @@ def fisher_rows(model: torch.nn.Module, windows: torch.Tensor, linears: dict) ->
 
 
 def output_grams(model: torch.nn.Module, windows: torch.Tensor, names: list[str]) -> dict:
-    """Σ g gᵀ of each linear's output gradient by plain autograd of the whole model, one window's loss at a time."""
+    """Σ g gᵀ of each linear's output gradient by plain autograd of the whole model, one window's loss at a time
+    (each window's product in float32, summed in float64: the precision the input Grams have too)."""
     out: dict = {}
     for window in windows:
         outs: dict = {}
@@ -233,8 +234,8 @@ def output_grams(model: torch.nn.Module, windows: torch.Tensor, names: list[str]
         for h in hooks:
             h.remove()
         for n, g in zip(names, torch.autograd.grad(loss, [outs[n] for n in names])):
-            g = g.double().reshape(-1, g.shape[-1])
-            out[n] = out.get(n, 0) + g.T @ g
+            g = g.reshape(-1, g.shape[-1])
+            out[n] = out.get(n, 0) + (g.T @ g).double()
     return out
 
 

@@ -111,6 +111,18 @@ def shared_input_groups(inputs: dict[str, Tensor]) -> list[list[str]]:
     return list(groups.values())
 
 
+def add_product_(total: Tensor | None, a: Tensor, b: Tensor, device: torch.device | None = None) -> Tensor:
+    """``total`` + aᵀb (rows of a and b are tokens): float32 products summed into a float64 total (made on ``device``
+    if None), ``GRAM_SLAB`` output rows at a time, so that the float32 temporary is a slab, not an n×n matrix (485 MB
+    for a 7B down_proj, 3.3 GB for a 70B one) and rounding does not grow with the number of tokens."""
+    a, b = a.float(), b.float()
+    if total is None:
+        total = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=device or a.device)
+    for r in range(0, a.shape[1], GRAM_SLAB):
+        total[r:r + GRAM_SLAB].add_((a[:, r:r + GRAM_SLAB].T @ b).to(total.device))
+    return total
+
+
 class GramAccumulator:
     """Sums the statistics a method needs for each group of linears sharing an input (one block's worth).
 
@@ -151,15 +163,7 @@ class GramAccumulator:
                     self._add_product(st, "cross", x, xc)
 
     def _add_product(self, st: LayerStats, attr: str, a: Tensor, b: Tensor) -> None:
-        """Sum aᵀb (float32 products, float64 total) in slabs of ``GRAM_SLAB`` rows: the float32 temporary is a slab,
-        not an n×n matrix (485 MB for a 7B down_proj, 3.3 GB for a 70B one)."""
-        n = a.shape[1]
-        total = getattr(st, attr)
-        if total is None:
-            total = torch.zeros(n, b.shape[1], dtype=torch.float64, device=self.device)
-            setattr(st, attr, total)
-        for r in range(0, n, GRAM_SLAB):
-            total[r:r + GRAM_SLAB].add_((a[:, r:r + GRAM_SLAB].T @ b).to(self.device))
+        setattr(st, attr, add_product_(getattr(st, attr), a, b, self.device))
 
     def all_reduce(self) -> None:
         """Sum the statistics over the ranks of a process group (each saw its share of the windows)."""
@@ -338,6 +342,7 @@ class ActivationStream:
         """The linears of ``block`` in groups sharing an input, in the order the forward reaches them
         (q/k/v, o, gate/up, down), from the dense lane's first batch."""
         with InputRecorder(linears) as recorder:
+            recorder.stop_when_complete = True  # the rest of the block tells nothing
             self._run(block, i, 0, self.hidden(DENSE, 0, block_device(block)))
             return shared_input_groups(recorder.seen)
 

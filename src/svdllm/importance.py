@@ -19,7 +19,7 @@ from . import distributed
 from .architecture import dense_weight
 from .blas import release_workspace
 from .cache import MemoryStore, StoredTensors, TensorStore
-from .calibration import DENSE, ActivationStream, GramAccumulator, InputRecorder, LayerStats, Stat
+from .calibration import DENSE, ActivationStream, GramAccumulator, InputRecorder, LayerStats, Stat, add_product_
 from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
@@ -176,7 +176,7 @@ def _finish_block(acc: _Sums, linears: dict[str, nn.Module], inputs: GramAccumul
     if acc.grams is not None:
         for name, m in linears.items():  # an output that never reached the loss: a zero Gram, repaired later
             out = dense_weight(m)[0].shape[0]
-            grams[name] = acc.grams.pop(name, None) if name in acc.grams else \
+            grams[name] = acc.grams.pop(name).cpu() if name in acc.grams else \
                 torch.zeros((out, out) if out <= acc.full_width else (out,), dtype=torch.float64)
         distributed.all_reduce_(list(grams.values()))
     if inputs is not None:
@@ -222,13 +222,14 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 def _output_hook(sums: Tensor, width: Tensor, j: int, name: str, grams: dict[str, Tensor] | None, full_width: int):
     """Forward hook of one linear: when its output's gradient arrives, add Σg² (and Σ g gᵀ, or its diagonal)."""
     def add(g: Tensor) -> None:
-        # float64 products: float32 ones (as the input Grams have) gave 11.3× a plain forward for the default
-        # (benchmarks/results/cost-0.2) with the same perplexity, but moved the factors 2e-4 off the float64
-        # reference loop's (test_block_loop_equals_the_reference_loop): not kept until judged on quality
-        g = g.detach().double().reshape(-1, g.shape[-1])
-        sums[j] += g.pow(2).sum().cpu()
-        if grams is not None:
-            part = (g.T @ g if g.shape[1] <= full_width else g.pow(2).sum(0)).cpu()
+        g = g.detach().reshape(-1, g.shape[-1])
+        sums[j] += g.double().pow(2).sum().cpu()
+        if grams is None:
+            return
+        if g.shape[1] <= full_width:  # float32 products summed in float64, as the input Grams (docs/cost.md)
+            grams[name] = add_product_(grams.get(name), g, g)
+        else:
+            part = g.double().pow(2).sum(0)
             grams[name] = part if name not in grams else grams[name].add_(part)
 
     def hook(_: nn.Module, __: tuple, out: Tensor) -> None:
