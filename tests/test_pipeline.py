@@ -169,11 +169,13 @@ def test_shared_inputs_share_one_gram_under_gqa(make_model, calib_tokens):
 
 
 def test_grams_are_summed_in_slabs_exactly(monkeypatch):
-    """Slab by slab (3 rows at a time here) the Grams equal X·Xᵀ, X′·X′ᵀ and X·X′ᵀ made from the inputs at once."""
+    """Slab by slab (3 rows at a time here; the Grams' slabs up to their diagonal, mirrored) the Grams equal X·Xᵀ,
+    X′·X′ᵀ and X·X′ᵀ made from the inputs at once."""
     import svdllm.calibration as calibration
     from svdllm.calibration import GramAccumulator, Stat
 
     monkeypatch.setattr(calibration, "GRAM_SLAB", 3)
+    monkeypatch.setattr(calibration, "SYMMETRIC_SLAB", 3)
     g = torch.Generator().manual_seed(0)
     x, xc = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
     acc = GramAccumulator(frozenset({Stat.GRAM, Stat.COMP, Stat.CROSS}), torch.device("cpu"))
