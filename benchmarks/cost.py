@@ -90,12 +90,18 @@ class WorkClocks:
                 setattr(owner, name, self._timed(kind, original))
 
     def _timed(self, kind: str, fn: Any) -> Any:
+        import torch
+
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # kernels are asynchronous
+
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             self._inner.append(0.0)
+            sync()
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                sync()
                 spent = time.perf_counter() - t0
                 inner = self._inner.pop()
                 self.seconds[kind] += spent - inner
