@@ -26,7 +26,8 @@ from common import commit, markdown_table, measure_then_render, save_figure, wri
 RESULTS = Path(__file__).resolve().parent / "results" / "cost"
 # what this design cannot do without: its passes (forwards, backward, the head) and one factorisation per matrix
 # (and one spectrum per matrix for the rank allocation)
-FLOOR = ("block forwards", "backward", "head (its forward; its backward is in backward)", "factorisations")
+HEAD = "head (its forward; its backward is in backward)"
+FLOOR = ("block forwards", "backward", HEAD, "factorisations")
 
 
 class BlockCalls:
@@ -69,7 +70,7 @@ class WorkClocks:
 
     KINDS = {"block forwards": [("svdllm.calibration", "ActivationStream.run_block")],
              "backward": [("torch.autograd", "backward")],
-             "head (its forward; its backward is in backward)": [("svdllm.importance", "_head_backward")],
+             HEAD: [("svdllm.importance", "_head_backward")],
              "factorisations": [("svdllm.importance", "whitened_spectrum"), ("svdllm.blockloop", "_factorise")],
              "Gram products": [("svdllm.calibration", "add_product_"), ("svdllm.importance", "add_product_")]}
 

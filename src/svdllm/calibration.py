@@ -8,6 +8,7 @@ in safetensors files on disk.  ``GramAccumulator`` owns one block's statistics. 
 from __future__ import annotations
 
 import enum
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -127,7 +128,7 @@ def add_product_(total: Tensor | None, a: Tensor, b: Tensor, device: torch.devic
         for r in range(0, n, GRAM_SLAB):
             total[r:r + GRAM_SLAB].add_((a[:, r:r + GRAM_SLAB].T @ b).to(total.device))
         return total
-    slab = min(SYMMETRIC_SLAB, -(-n // 3 // 64) * 64)  # n/3 rounded up to 64: the fastest here
+    slab = min(SYMMETRIC_SLAB, 64 * math.ceil(n / 192))  # n/3 rounded up to a multiple of 64: the fastest here
     for r in range(0, n, slab):
         part = (a[:, r:r + slab].T @ a[:, :r + slab]).to(total.device)  # rows r…r+slab, columns up to their end
         total[r:r + slab, :r + slab].add_(part)
