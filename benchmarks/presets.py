@@ -93,7 +93,7 @@ def render(results: Path) -> None:
     data = json.loads((results / "results.json").read_text())
     fwd = data["plain"]["forward"]
     texts = list(data["runs"][0]["perplexity"]) if data["runs"] else []
-    header = ["ratio", "preset", *texts, "compress s", "× a plain forward", "refinement s", "peak MiB",
+    header = ["ratio", "preset", "calibration", *texts, "compress s", "× a plain forward", "refinement s", "peak MiB",
               "blocks refined"]
     rows: list[list[Any]] = []
     for run in data["runs"]:
@@ -104,12 +104,14 @@ def render(results: Path) -> None:
             change = f" ({100 * (v / base['perplexity'][t] - 1):+.1f}%)" if base and base is not run else ""
             cells.append(f"{v:.2f}{change}")
         refined = [r for r in run["refinement"] if str(r.get("outcome", "")).startswith("refined")]
-        rows.append([run["ratio"], run["preset"], *cells, f"{run['seconds']:.0f}", f"{run['seconds'] / fwd:.1f}",
+        rows.append([run["ratio"], run["preset"], run.get("calibration", data["calibration"]), *cells,
+                     f"{run['seconds']:.0f}", f"{run['seconds'] / fwd:.1f}",
                      f"{run['phases'].get('refinement', 0.0):.0f}", f"{run['peak_mib']:.0f}",
                      f"{len(refined)} / {len(run['refinement'])}" if run["refinement"] else ""])
     text = (f"`python benchmarks/presets.py` at {data['commit']} ({data['device']}, {data['torch_threads']} threads; "
             f"{data['model']}, calibration {data['calibration']}, perplexity on {data['eval_tokens']} tokens a text)"
-            f"\n\nA plain forward over the calibration windows: {fwd:.1f} s. Changes are against `balanced` (the "
+            f"\n\nA plain forward over the {data['calibration']} calibration windows: {fwd:.1f} s (the unit of the × "
+            "column, whatever a preset's own calibration). Changes are against `balanced` (the "
             "default) at the same ratio, in this run. Peak MiB is the process's resident memory above what it held "
             "when that compression began; the heap earlier runs freed (the plain forward and backward first) is "
             "reused, so it understates what a fresh process needs (the README's figures come from fresh "

@@ -145,8 +145,10 @@ def test_presets_are_plain_options_and_flags_override_them():
     assert svdllm.preset is preset and svdllm.RefineOptions is RefineOptions  # the package's own names
     assert preset("balanced") == svdllm.CompressOptions()
     best = preset("best")
-    assert best.compression.refine.steps == 96 and replace(best.compression, refine=RefineOptions()) == \
+    assert best.compression.refine.steps == 64 and replace(best.compression, refine=RefineOptions()) == \
         svdllm.CompressOptions().compression
+    assert best.nsamples == 2 * svdllm.CompressOptions().nsamples
+    assert compress_options(parse(["compress", "--preset", "best", "--nsamples", "8"])).nsamples == 8
     fast = preset("fast").compression
     assert (fast.method.name, fast.rank_rule) == ("svdllm-w", "uniform")
     assert compress_options(parse(["compress", "--preset", "best"])) == best

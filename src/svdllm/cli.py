@@ -569,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        distributed.barrier()  # no rank tears gloo down while a peer's last collective is in flight (a rare SIGABRT)
+        return code
     except (SvdllmError, torch.OutOfMemoryError, OSError) as exc:  # a ValueError of torch's is a bug's traceback
         user = not isinstance(exc, OSError) or isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError)) \
             or exc.errno in (errno.ENOSPC, errno.EDQUOT)
