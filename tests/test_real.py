@@ -12,6 +12,7 @@ from svdllm.data import is_test_article, load_text, tokenize, wiki_articles
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 CALIB = dict(nsamples=8, seqlen=256, seed=0)
+LATER = list(range(10, 30))  # the comparisons compress the first 10 of the 30 blocks: a third of the factorisations
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +37,14 @@ def test_real_model_is_gqa_llama(real):
 
 
 def test_whitening_beats_plain_svd_on_smollm2(real):
+    """SVD-LLM(W) against plain SVD at 0.2 on the first 10 blocks."""
     model, tok, calib, test = real
     dense = evaluate_perplexity(model, tok, test, 256, None).perplexity
     ppl = {}
     for method in ("svd", "svdllm-w"):
         m = load_model("smollm2-135m")[0]
-        compress(m, sample_windows(calib, **CALIB), CompressionConfig(ratio=0.2, method=method), progress=False)
+        compress(m, sample_windows(calib, **CALIB), CompressionConfig(ratio=0.2, method=method, skip_layers=LATER),
+                 progress=False)
         ppl[method] = evaluate_perplexity(m, tok, test, 256, None).perplexity
     assert dense < ppl["svdllm-w"] < ppl["svd"]
     assert ppl["svdllm-w"] < 10 * dense

@@ -179,3 +179,16 @@ def test_a_malformed_task_is_refused_before_any_model_work(model_dir, text_file,
                               str(tasks))) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "unknown lm-eval task" not in err, err
+
+
+@pytest.mark.slow
+def test_tasks_of_the_given_folder_alone_skip_lm_evals_own_index(tmp_path):
+    """A plain task of the include path is resolved without indexing lm-eval's own tasks; a name only lm-eval has
+    brings them in."""
+    from svdllm.zeroshot import resolve_tasks
+
+    tasks = tiny_task(tmp_path / "tasks")
+    names, manager = resolve_tasks("tiny_mc", str(tasks))
+    assert names == ["tiny_mc"] and "arc_easy" not in manager.all_tasks
+    names, manager = resolve_tasks("tiny_mc,arc_easy", str(tasks))
+    assert names == ["tiny_mc", "arc_easy"] and {"tiny_mc", "arc_easy"} <= set(manager.all_tasks)

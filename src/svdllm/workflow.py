@@ -80,9 +80,10 @@ def preset(name: str, **changes: Any) -> CompressOptions:
     - ``balanced``: the default (output-aware, error-corrected, true-sequential ``svdllm-ec``, ranks from the
       two-sided spectra);
     - ``best``: the default on twice its calibration (64 windows), each block then refined by up to 64 Adam steps
-      (``RefineOptions``), within 30 minutes for SmolLM2 on 2 CPU cores.
+      (``RefineOptions``): on SmolLM2 at 0.4 −25% / −29% perplexity against the default in about 3× its time
+      (``benchmarks/results/presets-best64``).
 
-    Their cost and quality on SmolLM2: ``benchmarks/results/presets`` and ``presets-96`` (docs/refinement.md)."""
+    Their cost and quality on SmolLM2: docs/refinement.md."""
     from .refine import RefineOptions
 
     configs = {"fast": lambda: CompressionConfig(method="svdllm-w", rank_rule="uniform"),

@@ -171,7 +171,7 @@ def resolve_tasks(spec: str, include_path: str | None = None, option: str = "eva
     paths = [str(offline_tasks_dir())] if set(names) & set(OFFLINE_TASKS) else []
     if include_path:
         paths.append(str(Path(include_path).expanduser()))
-    manager = TaskManager(include_path=paths or None)  # indexes the YAMLs without running their code
+    manager = _task_manager(TaskManager, names, paths)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         if include_path:  # lm-eval skips a YAML it cannot parse: name it rather than call the task unknown
@@ -184,6 +184,17 @@ def resolve_tasks(spec: str, include_path: str | None = None, option: str = "eva
                     paths[-1])
         _check_local_tasks(local, manager)
     return names, manager
+
+
+def _task_manager(task_manager: Any, names: list[str], paths: list[str]) -> Any:
+    """lm-eval's TaskManager over ``paths`` alone when every name is a plain task there (indexing lm-eval's own
+    thousands of YAMLs takes seconds), else over its own tasks too.  A group or tag may name lm-eval's tasks, so only
+    plain tasks take the short way.  Either way the YAMLs are indexed without running their code."""
+    if paths:
+        own = task_manager(include_path=paths, include_defaults=False)
+        if all(n in own.all_subtasks for n in names):
+            return own
+    return task_manager(include_path=paths or None)
 
 
 def _first_line(exc: BaseException) -> str:
