@@ -86,13 +86,13 @@ def preset(name: str, **changes: Any) -> CompressOptions:
     Their cost and quality on SmolLM2: docs/refinement.md."""
     from .refine import RefineOptions
 
-    configs = {"fast": lambda: CompressionConfig(method="svdllm-w", rank_rule="uniform"),
-               "balanced": CompressionConfig,
-               "best": lambda: CompressionConfig(refine=RefineOptions(steps=64))}
-    if name not in configs:
+    presets = {"fast": lambda: CompressOptions(compression=CompressionConfig(method="svdllm-w", rank_rule="uniform")),
+               "balanced": CompressOptions,
+               "best": lambda: CompressOptions(nsamples=64,
+                                               compression=CompressionConfig(refine=RefineOptions(steps=64)))}
+    if name not in presets:
         raise OptionError("preset", f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    calibration = {"best": {"nsamples": 64}}.get(name, {})
-    return replace(CompressOptions(compression=configs[name](), **calibration), **changes)
+    return replace(presets[name](), **changes)
 
 
 @dataclass

@@ -159,8 +159,6 @@ def resolve_tasks(spec: str, include_path: str | None = None, option: str = "eva
             raise OptionError("include_path", f"needs `{option}` naming the tasks to run")
         return None
     _lm_eval()
-    from lm_eval.tasks import TaskManager  # type: ignore[import-not-found]
-
     names: list[str] = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         names += list(PAPER_TASKS) if part == "paper" else list(OFFLINE_TASKS) if part == "offline" else [part]
@@ -171,7 +169,7 @@ def resolve_tasks(spec: str, include_path: str | None = None, option: str = "eva
     paths = [str(offline_tasks_dir())] if set(names) & set(OFFLINE_TASKS) else []
     if include_path:
         paths.append(str(Path(include_path).expanduser()))
-    manager = _task_manager(TaskManager, names, paths)
+    manager = _task_manager(names, paths)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         if include_path:  # lm-eval skips a YAML it cannot parse: name it rather than call the task unknown
@@ -186,15 +184,17 @@ def resolve_tasks(spec: str, include_path: str | None = None, option: str = "eva
     return names, manager
 
 
-def _task_manager(task_manager: Any, names: list[str], paths: list[str]) -> Any:
+def _task_manager(names: list[str], paths: list[str]) -> Any:
     """lm-eval's TaskManager over ``paths`` alone when every name is a plain task there (indexing lm-eval's own
     thousands of YAMLs takes seconds), else over its own tasks too.  A group or tag may name lm-eval's tasks, so only
     plain tasks take the short way.  Either way the YAMLs are indexed without running their code."""
+    from lm_eval.tasks import TaskManager  # type: ignore[import-not-found]
+
     if paths:
-        own = task_manager(include_path=paths, include_defaults=False)
+        own = TaskManager(include_path=paths, include_defaults=False)
         if all(n in own.all_subtasks for n in names):
             return own
-    return task_manager(include_path=paths or None)
+    return TaskManager(include_path=paths or None)
 
 
 def _first_line(exc: BaseException) -> str:
