@@ -3,18 +3,22 @@
     python benchmarks/scale.py --blocks 2,4        # about 46 min on 2 cores (a block takes about 7)
     python benchmarks/scale.py --blocks 4 --merge  # add N = 4 to the table
     python benchmarks/scale.py --blocks "" --merge # the table and plot again from results.json
+    git worktree add /tmp/svdllm-080 5df4d64       # a tree to compare with (0.8.0 here), then:
+    python benchmarks/scale.py --blocks 1,2 --base /tmp/svdllm-080
 
 Each model has N LLaMA-2-7B decoder blocks (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000; 202M
 parameters a block) with random bf16 weights, written as safetensors shards (one per block, one for the rest), and a
 byte-level BPE tokenizer of 32000 tokens trained on the offline Wikipedia text.  Each run is a fresh process (peak RSS
 over its import baseline, `memory.py --probe`).  Per-block seconds come from the report's phases; the extrapolation
 to 32 blocks adds the per-block cost to the fixed cost (the part that does not grow with N).  Random weights have flat
-spectra, so the perplexities say nothing about quality: this measures time and memory only.
+spectra, so the perplexities say nothing about quality: this measures time and memory only.  With ``--base`` each
+N is run by that tree's svdllm first (PYTHONPATH at its src/, the same venv), then by this one, one after the other.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -133,13 +137,14 @@ def extrapolation(rows: list[dict[str, Any]], per_block: dict[str, float], gpu_t
     return "\n".join(lines) + "\n"
 
 
-def run(folder: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run(folder: Path, out: Path, args: argparse.Namespace, tree: Path | None = None) -> dict[str, Any]:
     argv = ["-q", "compress", str(folder), "--low-memory", "--nsamples", str(args.nsamples), "--seqlen",
             str(args.seqlen), "--eval", "wiki-test", "--eval-seqlen", str(args.seqlen), "--max-tokens",
             str(args.max_tokens), "--dtype", "bfloat16", "--out", str(out), "--force"]
     probe = Path(__file__).resolve().parent / "memory.py"
     shutil.rmtree(out.parent / f".{out.name}.svdllm-run", ignore_errors=True)  # a killed run's would be resumed
-    proc = subprocess.run([sys.executable, str(probe), "--probe", *argv], capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=str(tree / "src")) if tree else None  # that tree's svdllm, this venv's libraries
+    proc = subprocess.run([sys.executable, str(probe), "--probe", *argv], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{folder} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -183,23 +188,29 @@ def main() -> None:
     ap.add_argument("--gpu-tflops", type=float, default=2.0,
                     help="assumed float64 factorisation throughput of one GPU, for the extrapolation only")
     ap.add_argument("--merge", action="store_true", help="keep the rows of results.json for the N not run now")
+    ap.add_argument("--base", default=None, help="a worktree of the commit to compare with, run first for each N")
     args, work, results = folders(ap, RESULTS, "svdllm-scale-")
     tok_folder = work / "tokenizer"
     if not (tok_folder / "tokenizer.json").exists():
         tokenizer(tok_folder)
     wanted = [int(n) for n in args.blocks.split(",") if n]  # none, with --merge: the table from results.json
     at = commit()  # the code each run imports: read before the first
-    kept = json.loads((results / "results.json").read_text())["rows"] if args.merge else []
-    rows = [r for r in kept if r["blocks"] not in wanted]
+    old = json.loads((results / "results.json").read_text()) if args.merge else {}
+    rows = [r for r in old.get("rows", []) if r["blocks"] not in wanted]
+    base_rows = [r for r in old.get("base_rows", []) if r["blocks"] not in wanted] if not args.base else []
     for n in wanted:
         folder = write_model(work / f"llama7b-{n}", n, tok_folder)
+        if args.base:
+            res = run(folder, work / f"base-{n}", args, Path(args.base))
+            base_rows.append(dict(res, blocks=n, commit=commit(Path(args.base))))
+            print(json.dumps(base_rows[-1]), flush=True)
         res = run(folder, work / f"out-{n}", args)
         rows.append(dict(res, blocks=n, weight_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
                          commit=at))
         print(json.dumps(rows[-1]), flush=True)
         rows.sort(key=lambda r: r["blocks"])
         write_json(results / "results.json", {"device": "CPU (2 cores), nothing else running", "args": vars(args),
-                                              "rows": rows})
+                                              "rows": rows, "base_rows": base_rows})
     # per block: the growth of each phase from the smallest to the largest N
     small, large = rows[0], rows[-1]
     span = large["blocks"] - small["blocks"]
@@ -220,8 +231,32 @@ def main() -> None:
                                       f"{args.max_tokens} tokens of wiki-test)\n\nDevice: CPU (2 cores), one run at a "
                                       f"time; LLaMA-2-7B-shaped blocks, random bf16 weights, default method "
                                       f"(svdllm-ec, Fisher ranks, true-sequential) under --low-memory.\n\n{table}{extra}")
+    if len(base_rows) > 1 and span:
+        with (results / "table.md").open("a") as f:
+            f.write("\n" + against_base(base_rows, rows))
     plot(rows, results / "scale.png")
     print((results / "table.md").read_text())
+
+
+def against_base(base_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """Per-block seconds (the growth from the smallest to the largest N) and peaks of the base tree and this one,
+    run one after the other in this run."""
+    def per_block(rs: list[dict[str, Any]], key: str) -> float:
+        return (rs[-1]["timings"].get(key, 0) - rs[0]["timings"].get(key, 0)) / (rs[-1]["blocks"] - rs[0]["blocks"])
+
+    def wall(rs: list[dict[str, Any]]) -> float:
+        return (rs[-1]["wall_s"] - rs[0]["wall_s"]) / (rs[-1]["blocks"] - rs[0]["blocks"])
+
+    keys = [k for k in dict.fromkeys(k for r in base_rows + rows for k in r["timings"]) if k.startswith("compress: ")]
+    lines = [f"Against {base_rows[0]['commit'][:7]} (run first for each N, same machine, same run):", "",
+             f"| per block (s) | {base_rows[0]['commit'][:7]} | this | this / base |", "|---|---:|---:|---:|"]
+    for label, b, t in [(k.removeprefix("compress: "), per_block(base_rows, k), per_block(rows, k)) for k in keys] \
+            + [("**wall**", wall(base_rows), wall(rows))]:
+        lines.append(f"| {label} | {b:.1f} | {t:.1f} | {t / b:.2f} |" if b > 0.05 else f"| {label} | {b:.1f} | {t:.1f} | |")
+    lines += [f"| peak RSS over baseline, N = {b['blocks']} (MiB) | {b['peak_over_base'] / 2**20:.0f} | "
+              f"{t['peak_over_base'] / 2**20:.0f} | {t['peak_over_base'] / b['peak_over_base']:.2f} |"
+              for b, t in zip(base_rows, rows)]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

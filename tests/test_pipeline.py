@@ -189,6 +189,54 @@ def test_grams_are_summed_in_slabs_exactly(monkeypatch):
     assert st.tokens == 20
 
 
+
+@pytest.mark.parametrize("tokens, from_outputs", [(1, True), (10**6, False)])  # tokens: only for the route
+def test_weighted_products_from_outputs_equal_the_weight_times_the_gram(tokens, from_outputs):
+    """With few calibration tokens per input the accumulator sums W·XᵀX′ and W·X′ᵀX′ from each linear's outputs (in
+    float64) and makes no XᵀX′; with many it makes XᵀX′ and leaves the products to the fit.  Either way the error-corrected fit
+    reads the same W·XᵀX′ and W·X′ᵀX′ as the float64 reference, and gives the same factors."""
+    from svdllm.calibration import GramAccumulator, LayerStats, Stat
+    from svdllm.methods import ErrorCorrectedOptions, method_of
+
+    g = torch.Generator().manual_seed(0)
+    n, outs = 16, {"a": 6, "b": 10}
+    weights = {name: torch.randn(m, n, generator=g) for name, m in outs.items()}
+    x = torch.randn(2, 5, n, generator=g)
+    xc = x + 0.3 * torch.randn(2, 5, n, generator=g)
+    acc = GramAccumulator(frozenset({Stat.COMP, Stat.CROSS}), torch.device("cpu"), weights=weights, tokens=tokens)
+    for _ in range(2):
+        acc.add_batch({"a": x, "b": x}, {"a": xc, "b": xc})
+    assert acc.routes(["a", "b"], n) == (from_outputs, from_outputs)
+    flat, flat_c = x.reshape(-1, n).double(), xc.reshape(-1, n).double()
+    opts = ErrorCorrectedOptions(output_whitening=False)
+    for name, w in weights.items():
+        st = acc.take(name)
+        assert (st.cross is None) == from_outputs and (st.weighted_cross is not None) == from_outputs
+        w_cross = st.weighted_cross if from_outputs else w.double() @ st.cross
+        w_comp = st.weighted_comp if from_outputs else w.double() @ st.comp_gram
+        tol = 1e-12 if from_outputs else 1e-5  # float64 products from the outputs; float32 ones for the Grams
+        torch.testing.assert_close(w_cross, 2 * w.double() @ flat.T @ flat_c, rtol=tol, atol=tol)
+        torch.testing.assert_close(w_comp, 2 * w.double() @ flat_c.T @ flat_c, rtol=tol, atol=tol)
+        reference = LayerStats(tokens=20, comp_gram=2 * flat_c.T @ flat_c, cross=2 * flat.T @ flat_c)
+        got, _ = method_of(opts).factorize(w, st, 4, opts)
+        want, _ = method_of(opts).factorize(w, reference, 4, opts)
+        gap = (got.u @ got.v - want.u @ want.v) @ flat_c.T  # on the compressed inputs: the fit's own metric
+        assert float(gap.norm()) < 1e-5 * float((w.double() @ flat_c.T).norm())
+
+
+def test_the_outputs_route_is_taken_where_it_costs_less():
+    """The choice of ``sums_from_outputs`` at the shapes it was made for: 7B shapes with the scale benchmark's 512
+    tokens sum from their outputs; SmolLM2 with the default 32×512 tokens and the tests' tiny models keep the Grams."""
+    from svdllm.calibration import sums_from_outputs
+
+    assert sums_from_outputs(512, 11008, 4096, statistic_needed=False)  # 7B down_proj, the scale benchmark's calibration
+    assert sums_from_outputs(512, 11008, 4096, statistic_needed=True)
+    assert sums_from_outputs(512, 4096, 3 * 4096, statistic_needed=True)  # 7B q/k/v
+    assert not sums_from_outputs(16384, 1536, 576, statistic_needed=False)  # SmolLM2's down_proj, 32×512 tokens
+    assert not sums_from_outputs(16384, 576, 960, statistic_needed=False)  # SmolLM2's q/k/v
+    assert not sums_from_outputs(512, 128, 64, statistic_needed=False)  # the tests' tiny models keep their Grams
+    assert not sums_from_outputs(0, 4096, 4096, statistic_needed=False)
+
 def test_low_rank_linear_stores_u_rank_major_through_copies_and_casts():
     gen = torch.Generator().manual_seed(0)
     dense = torch.nn.Linear(24, 40)
@@ -315,6 +363,7 @@ def test_block_loop_equals_the_reference_loop(method, arch, make_model, calib_to
     assert set(ref) == set(result.record.ranks)
     for name, (u, v) in ref.items():
         got = model.get_submodule(name)
+        assert u.abs().max() > 0.01 and v.abs().max() > 0.01
         assert (got.svd_u.weight - u).abs().max() <= 1e-6, name
         assert (got.svd_v.weight - v).abs().max() <= 1e-6, name
 

@@ -25,6 +25,9 @@ from .data import eval_windows, sample_windows, windows_digest  # noqa: F401  (t
 DENSE, COMPRESSED = "dense", "compressed"
 NEXT = "next"  # where ``record`` keeps the dense block's outputs until ``advance`` makes them the dense lane
 GRAM_SLAB = 2048  # rows of a product summed at a time
+# what a float64 product costs in float32 products of the same size: 37–65 against ~160 GFLOP/s on this CPU
+# (docs/cost.md); a GPU's float64 rate is 1/2 to 1/64 of its float32 one, so there the rule errs towards the Gram
+F64_COST = 4.0
 SYMMETRIC_SLAB = 512  # rows of a Gram summed at a time (a smaller slab leaves less of it to mirror)
 
 
@@ -56,7 +59,9 @@ class LayerStats:
 
     gram = XᵀX of the dense stream, comp_gram = X′ᵀX′ of the compressed stream,
     cross = XᵀX′; abs_sum = Σ|x| per input dim; fisher = per output-row Fisher
-    information of the weight (from ``importance.gradient_statistics``).
+    information of the weight (from ``importance.gradient_statistics``).  weighted_cross = W·XᵀX′ and
+    weighted_comp = W·X′ᵀX′ (m × n, this linear's own) where they were summed from the outputs instead of read off
+    the n×n statistic (``sums_from_outputs``); cross is then not made.
     """
 
     tokens: int = 0
@@ -66,6 +71,8 @@ class LayerStats:
     abs_sum: Tensor | None = None
     fisher: Tensor | None = None
     out_gram: Tensor | None = None  # Σ g gᵀ of the loss's gradient at the output (or its diagonal), output whitening
+    weighted_cross: Tensor | None = None
+    weighted_comp: Tensor | None = None
     handed_over: bool = False  # given by ``GramAccumulator.take``: the factoriser may drop what it has used
 
     def let_go(self, *names: str) -> None:
@@ -136,20 +143,48 @@ def add_product_(total: Tensor | None, a: Tensor, b: Tensor, device: torch.devic
     return total
 
 
+def sums_from_outputs(tokens: int, width: int, outs: int, statistic_needed: bool) -> bool:
+    """Whether W·A, for the ``outs`` × ``width`` weights of a group reading one input and A = Σ x x′ᵀ over
+    ``tokens``, costs less summed from the outputs, Σ (Wx) x′ᵀ (two float64 products of t·outs·width), than as the
+    float64 product W·A (outs·width²) after A is summed in float32 products (t·width², F64_COST times cheaper a
+    flop; nothing when A is made anyway, as X′ᵀX′ is for its Cholesky factor).  Float64 keeps the products at
+    least as exact as W·A.  Few tokens per input favour the outputs: a 7B down_proj with 512 tokens (92 GFLOP
+    against 1 TFLOP a product); SmolLM2's 16384 tokens keep the Grams."""
+    by_outputs = 2 * tokens * outs
+    by_statistic = outs * width + (0 if statistic_needed else tokens * width / F64_COST)
+    return 0 < by_outputs < by_statistic
+
+
 class GramAccumulator:
     """Sums the statistics a method needs for each group of linears sharing an input (one block's worth).
 
     Per-batch products run in float32 (fast BLAS) and are summed in float64, so
-    rounding does not grow with the number of calibration tokens.
+    rounding does not grow with the number of calibration tokens.  Given the group's dense ``weights`` and the
+    calibration's ``tokens`` (every process's), the products W·XᵀX′ and W·X′ᵀX′ that the error-corrected fit
+    reads are summed from the linears' outputs where that is cheaper (``sums_from_outputs``), and XᵀX′ is then not
+    made (6.6 GB for a 70B down_proj).
     """
 
     def __init__(self, needs: frozenset[Stat], device: torch.device, fisher: dict[str, Tensor] | None = None,
-                 out_grams: Mapping[str, Tensor] | None = None) -> None:
+                 out_grams: Mapping[str, Tensor] | None = None, weights: Mapping[str, Tensor] | None = None,
+                 tokens: int = 0) -> None:
         self.needs, self.device, self.fisher = needs, device, fisher or {}  # fisher rows: from the gradient pass
         self.out_grams = out_grams or {}  # output-gradient Grams: from the gradient pass
+        self.weights, self.tokens = weights or {}, tokens
         self.groups: list[list[str]] = []
         self.stats: dict[str, LayerStats] = {}
+        self.weighted: dict[str, dict[str, Tensor]] = {}  # per linear: its weighted_cross / weighted_comp totals
+        self._routes: dict[str, tuple[bool, bool]] = {}  # per group: (W·XᵀX′, W·X′ᵀX′) summed from outputs
         self._taken: set[str] = set()
+
+    def routes(self, group: list[str], width: int) -> tuple[bool, bool]:
+        """Whether the group's W·XᵀX′ and W·X′ᵀX′ are summed from its outputs (only for a method reading XᵀX′)."""
+        if group[0] not in self._routes:
+            ok = Stat.CROSS in self.needs and all(name in self.weights for name in group)
+            outs = sum(self.weights[name].shape[0] for name in group) if ok else 0
+            self._routes[group[0]] = (ok and sums_from_outputs(self.tokens, width, outs, statistic_needed=False),
+                                      ok and sums_from_outputs(self.tokens, width, outs, statistic_needed=True))
+        return self._routes[group[0]]
 
     def _add(self, st: LayerStats, attr: str, value: Tensor) -> None:
         """Sum a float32 batch statistic into its float64 total, promoting element by element (no float64 copy)."""
@@ -172,8 +207,16 @@ class GramAccumulator:
             if comp is not None:
                 xc = comp[group[0]].reshape(-1, x.shape[-1]).float()
                 self._add_product(st, "comp_gram", xc, xc)
-                if Stat.CROSS in self.needs:
+                cross_out, comp_out = self.routes(group, x.shape[-1])
+                if Stat.CROSS in self.needs and not cross_out:
                     self._add_product(st, "cross", x, xc)
+                for name in group if cross_out or comp_out else ():
+                    w, x64, xc64 = self.weights[name].to(x.device, torch.float64), x.double(), xc.double()
+                    sums = self.weighted.setdefault(name, {})
+                    for attr, inputs, wanted in (("weighted_cross", x64, cross_out), ("weighted_comp", xc64, comp_out)):
+                        if wanted:
+                            part = ((inputs @ w.T).T @ xc64).to(self.device)
+                            sums[attr] = part if attr not in sums else sums[attr].add_(part)
 
     def _add_product(self, st: LayerStats, attr: str, a: Tensor, b: Tensor) -> None:
         setattr(st, attr, add_product_(getattr(st, attr), a, b, self.device))
@@ -187,6 +230,8 @@ class GramAccumulator:
             distributed.all_reduce_([tokens, *(t for t in (st.gram, st.comp_gram, st.cross, st.abs_sum)
                                                if t is not None)])
             st.tokens = int(tokens.item())
+        for group in self.groups:  # the same linears in the same order on every rank
+            distributed.all_reduce_([t for name in group for _, t in sorted(self.weighted.get(name, {}).items())])
 
     def for_linear(self, name: str) -> LayerStats:
         """The statistics of ``name``: a record of its own whose tensors are its group's (shared, never copied)."""
@@ -194,7 +239,8 @@ class GramAccumulator:
             return LayerStats(fisher=self.fisher[name])
         for group in self.groups:
             if name in group:
-                return replace(self.stats[group[0]], out_gram=self.out_grams.get(name))
+                return replace(self.stats[group[0]], out_gram=self.out_grams.get(name),
+                               **self.weighted.get(name, {}))
         return LayerStats(out_gram=self.out_grams.get(name))
 
     def take(self, name: str) -> LayerStats:
@@ -202,6 +248,7 @@ class GramAccumulator:
         accumulator lets go of the group's tensors, so a factoriser that drops a tensor from its record frees it
         (a 7B down_proj's Grams are 970 MB each)."""
         stats = replace(self.for_linear(name), handed_over=True)
+        self.weighted.pop(name, None)
         self._taken.add(name)
         for group in self.groups:
             if name in group and self._taken.issuperset(group):

@@ -138,13 +138,15 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
     blow the weight up (11× seen on SmolLM2) and the model falls off a cliff on new
     text even though the calibration fit looks better.  The guard keeps the gain.
     """
-    assert stats.comp_gram is not None and stats.cross is not None
+    assert stats.comp_gram is not None and (stats.cross is not None or stats.weighted_cross is not None)
     w = weight.double()
     w_norm = float(w.norm())
-    # W·(βX + (1−β)X′)X′ᵀ as a blend of two (m, n) products, made once for every β the guard tries
-    w_cross = w @ stats.cross
-    stats.let_go("cross")  # each Gram let go as soon as it is read
-    w_comp = w @ stats.comp_gram
+    # W·(βX + (1−β)X′)X′ᵀ as a blend of two (m, n) products, made once for every β the guard tries (or summed from
+    # the outputs by the accumulator, where that was cheaper)
+    w_cross = w @ stats.cross if stats.weighted_cross is None else stats.weighted_cross
+    stats.let_go("cross", "weighted_cross")  # each statistic let go as soon as it is read
+    w_comp = w @ stats.comp_gram if stats.weighted_comp is None else stats.weighted_comp
+    stats.let_go("weighted_comp")
     factor = repaired_cholesky(stats.comp_gram, opts.ec_damp)
     stats.let_go("comp_gram")
     beta, output_side = opts.beta, _output_side(stats, opts)
