@@ -1,16 +1,17 @@
-"""A LLaMA-2-7B-shaped run on this machine: the default `svdllm compress` under --low-memory, block by block.
+"""A LLaMA-2-7B-shaped (or 70B-shaped) run on this machine: the default `svdllm compress` under --low-memory.
 
     python benchmarks/scale.py --blocks 2,4        # about 46 min on 2 cores (a block takes about 7)
     python benchmarks/scale.py --blocks 4 --merge  # add N = 4 to the table
     python benchmarks/scale.py --blocks "" --merge # the table and plot again from results.json
     git worktree add /tmp/svdllm-080 5df4d64       # a tree to compare with (0.8.0 here), then:
     python benchmarks/scale.py --blocks 1,2 --base /tmp/svdllm-080
+    python benchmarks/scale.py --blocks 1 --shape 70b --results benchmarks/results/scale-70b
 
 Each model has N LLaMA-2-7B decoder blocks (hidden 4096, intermediate 11008, 32 heads, vocabulary 32000; 202M
-parameters a block) with random bf16 weights, written as safetensors shards (one per block, one for the rest), and a
+parameters a block; 70B: hidden 8192, intermediate 28672, 64 heads, 8 KV heads, 856M) with random bf16 weights, written as safetensors shards (one per block, one for the rest), and a
 byte-level BPE tokenizer of 32000 tokens trained on the offline Wikipedia text.  Each run is a fresh process (peak RSS
 over its import baseline, `memory.py --probe`).  Per-block seconds come from the report's phases; the extrapolation
-to 32 blocks adds the per-block cost to the fixed cost (the part that does not grow with N).  Random weights have flat
+to the whole depth (32 or 80 blocks) adds the per-block cost to the fixed cost (the part that does not grow with N).  Random weights have flat
 spectra, so the perplexities say nothing about quality: this measures time and memory only.  With ``--base`` each
 N is run by that tree's svdllm first (PYTHONPATH at its src/, the same venv), then by this one, one after the other.
 """
@@ -29,8 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, folders, markdown_table, save_figure, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale"
-SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-             vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+# (LlamaConfig fields, blocks of the whole model, parameters a block); --shape picks one
+MODELS = {"7b": (dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False), 32, "202M"),
+          "70b": (dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                       vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False), 80, "856M")}
+SHAPE, FULL_DEPTH, BLOCK_PARAMS = MODELS["7b"]
 
 
 def tokenizer(folder: Path) -> Any:
@@ -96,7 +101,8 @@ def block_flops(full_width: int = 8192) -> dict[str, float]:
     back-solves U and V (m²·k + k·n²) and forms v·vᵀ and the loss's products (k²·n + k·m·n).
     """
     h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
-    shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]  # q, k, v, o, gate, up, down as (out, in)
+    kv = h // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
+    shapes = [(h, h), (kv, h), (kv, h), (h, h)] + [(i, h)] * 2 + [(h, i)]  # q, k, v, o, gate, up, down (out, in)
     spectra = fit = 0.0
     for m, n in shapes:
         p, q = min(m, n), max(m, n)
@@ -110,15 +116,15 @@ def block_flops(full_width: int = 8192) -> dict[str, float]:
 
 
 def extrapolation(rows: list[dict[str, Any]], per_block: dict[str, float], gpu_tflops: float, tokens: int) -> str:
-    """32 blocks on this CPU from the measured growth, and on one GPU from the counted FLOPs at an assumed rate."""
+    """The whole model's depth on this CPU from the measured growth, and on one GPU from the counted FLOPs at an assumed rate."""
     small, large = rows[0], rows[-1]
     block_s = (large["wall_s"] - small["wall_s"]) / (large["blocks"] - small["blocks"])
     flops = block_flops()
     measured = {k: per_block.get(f"compress: {k}", 0.0) for k in flops}
     cpu_rate = sum(flops.values()) / max(sum(measured.values()), 1e-9)
     gpu_block = sum(flops.values()) / (gpu_tflops * 1e12)
-    lines = [f"Per block: {block_s:.0f} s of wall time; a 32-block 7B on this CPU: about "
-             f"{(small['wall_s'] + (32 - small['blocks']) * block_s) / 3600:.1f} h with this calibration.",
+    lines = [f"Per block: {block_s:.0f} s of wall time; a {FULL_DEPTH}-block model on this CPU: about "
+             f"{(small['wall_s'] + (FULL_DEPTH - small['blocks']) * block_s) / 3600:.1f} h with this calibration.",
              "",
              "| per block | counted float64 TFLOP | measured here (s) | implied GFLOP/s |",
              "|---|---:|---:|---:|"]
@@ -130,9 +136,9 @@ def extrapolation(rows: list[dict[str, Any]], per_block: dict[str, float], gpu_t
               f"On one GPU at an assumed {gpu_tflops:g} TFLOP/s of float64 factorisation throughput (an assumption, "
               f"not a measurement: an H100/H200 peaks at 67 TFLOP/s in float64, but the eigendecomposition's tridiagonal "
               f"reduction is bound by memory traffic and reaches a few percent of that), a block's "
-              f"decompositions take about {gpu_block:.0f} s and a 32-block 7B's about {32 * gpu_block / 60:.0f} min; "
-              f"the forward and backward passes (about 12 passes of 2·202M·{tokens} = "
-              f"{2 * 202e6 * tokens * 12 / 1e12:.1f} TFLOP a block in bf16) add little. Not measured on a GPU: `benchmarks/gpu_check.sh` runs this "
+              f"decompositions take about {gpu_block:.0f} s and a {FULL_DEPTH}-block model's about {FULL_DEPTH * gpu_block / 60:.0f} min; "
+              f"the forward and backward passes (about 12 passes of 2·{BLOCK_PARAMS}·{tokens} = "
+              f"{2 * float(BLOCK_PARAMS[:-1]) * 1e6 * tokens * 12 / 1e12:.1f} TFLOP a block in bf16) add little. Not measured on a GPU: `benchmarks/gpu_check.sh` runs this "
               f"benchmark on one when a GPU is lent."]
     return "\n".join(lines) + "\n"
 
@@ -169,11 +175,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         a.bar(labels, vals, bottom=bottom, label=k.removeprefix("compress: "))
         bottom = [x + y for x, y in zip(bottom, vals)]
     a.set_ylabel("seconds")
-    a.set_title("7B-shaped blocks, --low-memory, 2 CPU cores")
+    a.set_title(f"blocks of {BLOCK_PARAMS} parameters, --low-memory, 2 CPU cores")
     a.legend(fontsize=7)
     b.bar(labels, [r["peak_over_base"] / 2**30 for r in rows], color="tab:gray")
-    h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
-    b.axhline((4 * h * h + 3 * h * i + 2 * h) * 4 / 2**30, color="tab:red", ls=":", label="one block in float32")
+    b.axhline(float(BLOCK_PARAMS[:-1]) * 1e6 * 4 / 2**30, color="tab:red", ls=":", label="one block in float32")
     b.set_ylabel("peak RSS over baseline (GiB)")
     b.legend(fontsize=7)
     save_figure(fig, path)
@@ -182,6 +187,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="1,2")
+    ap.add_argument("--shape", choices=sorted(MODELS), default="7b", help="LLaMA-2-7B or LLaMA-2-70B blocks")
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=1024)
@@ -190,6 +196,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true", help="keep the rows of results.json for the N not run now")
     ap.add_argument("--base", default=None, help="a worktree of the commit to compare with, run first for each N")
     args, work, results = folders(ap, RESULTS, "svdllm-scale-")
+    global SHAPE, FULL_DEPTH, BLOCK_PARAMS
+    SHAPE, FULL_DEPTH, BLOCK_PARAMS = MODELS[args.shape]
     tok_folder = work / "tokenizer"
     if not (tok_folder / "tokenizer.json").exists():
         tokenizer(tok_folder)
@@ -199,7 +207,7 @@ def main() -> None:
     rows = [r for r in old.get("rows", []) if r["blocks"] not in wanted]
     base_rows = [r for r in old.get("base_rows", []) if r["blocks"] not in wanted] if not args.base else []
     for n in wanted:
-        folder = write_model(work / f"llama7b-{n}", n, tok_folder)
+        folder = write_model(work / f"llama{args.shape}-{n}", n, tok_folder)
         if args.base:
             res = run(folder, work / f"base-{n}", args, Path(args.base))
             base_rows.append(dict(res, blocks=n, commit=commit(Path(args.base))))
@@ -225,11 +233,12 @@ def main() -> None:
         + [["**peak RSS over baseline (MiB)**"] + [f"{r['peak_over_base'] / 2**20:.0f}" for r in rows]
            + ([""] if span else [])])
     extra = "\n\n" + extrapolation(rows, per_block, args.gpu_tflops, args.nsamples * args.seqlen) if span else ""
-    cmd = "python benchmarks/scale.py --blocks " + ",".join(str(r["blocks"]) for r in rows)
+    cmd = "python benchmarks/scale.py --blocks " + ",".join(str(r["blocks"]) for r in rows) \
+        + (f" --shape {args.shape}" if args.shape != "7b" else "")
     at = ", ".join(sorted({str(r.get("commit", "an unrecorded commit")) for r in rows}))
     (results / "table.md").write_text(f"`{cmd}` at {at} (calibration {args.nsamples}×{args.seqlen} tokens, evaluation "
                                       f"{args.max_tokens} tokens of wiki-test)\n\nDevice: CPU (2 cores), one run at a "
-                                      f"time; LLaMA-2-7B-shaped blocks, random bf16 weights, default method "
+                                      f"time; LLaMA-2-{args.shape.upper()}-shaped blocks, random bf16 weights, default method "
                                       f"(svdllm-ec, Fisher ranks, true-sequential) under --low-memory.\n\n{table}{extra}")
     if len(base_rows) > 1 and span:
         with (results / "table.md").open("a") as f:

@@ -232,8 +232,9 @@ def test_the_outputs_route_is_taken_where_it_costs_less():
     assert sums_from_outputs(512, 11008, 4096, statistic_needed=False)  # 7B down_proj, the scale benchmark's calibration
     assert sums_from_outputs(512, 11008, 4096, statistic_needed=True)
     assert sums_from_outputs(512, 4096, 3 * 4096, statistic_needed=True)  # 7B q/k/v
-    assert not sums_from_outputs(16384, 1536, 576, statistic_needed=False)  # SmolLM2's down_proj, 32×512 tokens
-    assert not sums_from_outputs(16384, 576, 960, statistic_needed=False)  # SmolLM2's q/k/v
+    for width, outs in ((576, 960), (576, 576), (576, 2 * 1536), (1536, 576)):  # SmolLM2's q/k/v, o, gate/up, down
+        for needed in (False, True):  # with the default 32×512 tokens: the Grams, so its results are unchanged
+            assert not sums_from_outputs(16384, width, outs, statistic_needed=needed)
     assert not sums_from_outputs(512, 128, 64, statistic_needed=False)  # the tests' tiny models keep their Grams
     assert not sums_from_outputs(0, 4096, 4096, statistic_needed=False)
 
