@@ -96,7 +96,7 @@ def plot(steps: dict[str, float], path: Path) -> None:
     ax.barh(labels[::-1], [steps[k] for k in labels[::-1]],
             color=["tab:green" if "outputs" in k else "tab:blue" for k in labels[::-1]])
     ax.set_xlabel("seconds")
-    ax.set_title("one 7B down_proj error-corrected fit, step by step (green: the route from the outputs)")
+    ax.set_title("one 4096 × 11008 error-corrected fit, step by step (green: from the outputs)", fontsize=9)
     save_figure(fig, path)
 
 

@@ -159,16 +159,17 @@ def run(folder: Path, out: Path, args: argparse.Namespace, tree: Path | None = N
                 perplexity=report["perplexity"])
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Seconds by phase (stacked) and peak RSS over baseline, per number of blocks."""
+def plot(rows: list[dict[str, Any]], path: Path, base_rows: list[dict[str, Any]] | None = None) -> None:
+    """Seconds by phase (stacked) and peak RSS over baseline, per number of blocks (the base tree's bars first)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = (base_rows or []) + rows
+    labels = [f"N = {r['blocks']}" + (f"\n{r['commit'][:7]}" if base_rows else "") for r in rows]
     phases = [k for k in dict.fromkeys(k for r in rows for k in r["timings"]) if k.startswith("compress: ")]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    labels = [f"N = {r['blocks']}" for r in rows]
     bottom = [0.0] * len(rows)
     for k in phases:
         vals = [r["timings"].get(k, 0.0) for r in rows]
@@ -234,7 +235,8 @@ def main() -> None:
            + ([""] if span else [])])
     extra = "\n\n" + extrapolation(rows, per_block, args.gpu_tflops, args.nsamples * args.seqlen) if span else ""
     cmd = "python benchmarks/scale.py --blocks " + ",".join(str(r["blocks"]) for r in rows) \
-        + (f" --shape {args.shape}" if args.shape != "7b" else "")
+        + (f" --shape {args.shape}" if args.shape != "7b" else "") \
+        + (f" --base (a worktree of {base_rows[0]['commit'][:7]})" if base_rows else "")
     at = ", ".join(sorted({str(r.get("commit", "an unrecorded commit")) for r in rows}))
     (results / "table.md").write_text(f"`{cmd}` at {at} (calibration {args.nsamples}×{args.seqlen} tokens, evaluation "
                                       f"{args.max_tokens} tokens of wiki-test)\n\nDevice: CPU (2 cores), one run at a "
@@ -243,7 +245,7 @@ def main() -> None:
     if len(base_rows) > 1 and span:
         with (results / "table.md").open("a") as f:
             f.write("\n" + against_base(base_rows, rows))
-    plot(rows, results / "scale.png")
+    plot(rows, results / "scale.png", base_rows)
     print((results / "table.md").read_text())
 
 
