@@ -25,8 +25,8 @@ from .data import eval_windows, sample_windows, windows_digest  # noqa: F401  (t
 DENSE, COMPRESSED = "dense", "compressed"
 NEXT = "next"  # where ``record`` keeps the dense block's outputs until ``advance`` makes them the dense lane
 GRAM_SLAB = 2048  # rows of a product summed at a time
-# what a float64 product costs in float32 products of the same size: 37–65 against ~160 GFLOP/s on this CPU
-# (docs/cost.md); a GPU's float64 rate is 1/2 to 1/64 of its float32 one, so there the rule errs towards the Gram
+# what a float64 product costs in float32 products of the same size on this CPU (37–65 against ~160 GFLOP/s,
+# docs/cost.md): ``sums_from_outputs`` weighs XᵀX′'s float32 sums against the float64 products of both routes
 F64_COST = 4.0
 SYMMETRIC_SLAB = 512  # rows of a Gram summed at a time (a smaller slab leaves less of it to mirror)
 
