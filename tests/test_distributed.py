@@ -55,12 +55,14 @@ def assert_same_model(dist_out: Path, single_out: Path, tol: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["svdllm-w", "svdllm-ec", "svdllm-ec+low-memory"])
+@pytest.mark.parametrize("method", ["svdllm-w", "svdllm-ec", "svdllm-ec+low-memory", "svdllm-ec+few-tokens"])
 def test_two_gloo_processes_match_one(model_dir, text_file, tmp_path, method):
-    """Streamed (+low-memory), every process keeps its own activation and Gram files in the shared run folder."""
+    """Streamed (+low-memory), every process keeps its own activation and Gram files in the shared run folder.  With
+    few calibration tokens (+few-tokens) W·XᵀX′ and W·X′ᵀX′ are summed from the outputs, and over the processes."""
     single, two = tmp_path / "one", tmp_path / "two"
-    method, _, streamed = method.partition("+")
-    extra = ("--method", method, *CALIB, "--batch-size", "1") + (("--low-memory",) if streamed else ())
+    method, _, variant = method.partition("+")
+    calib = ("--nsamples", "4", "--seqlen", "16", "--ranks", "uniform") if variant == "few-tokens" else CALIB
+    extra = ("--method", method, *calib, "--batch-size", "1") + (("--low-memory",) if variant == "low-memory" else ())
     assert main(compress_args(model_dir, text_file, single, *extra)) == 0
     proc = torchrun(*compress_args(model_dir, text_file, two, *extra))
     assert proc.returncode == 0, proc.stderr[-2000:]
