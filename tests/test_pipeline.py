@@ -161,6 +161,7 @@ def test_shared_inputs_share_one_gram_under_gqa(make_model, calib_tokens):
     assert len(acc.stats) == 4  # k/v not all taken: the group's tensors stay
     taken.append(acc.take(attn_names[2]))
     assert len(acc.stats) == 3 and all(t.gram is taken[0].gram for t in taken)  # let go, still shared
+    assert not any(t.owned for t in taken) and acc.take("model.layers.0.self_attn.o_proj").owned  # o alone
     taken[0].let_go("gram")
     assert taken[0].gram is None and taken[1].gram is not None  # each record is its own
     plain = LayerStats(gram=taken[1].gram)

@@ -322,3 +322,34 @@ def test_v_gram_is_v_c_vt_for_the_gram_given(problem, damp):
     torch.testing.assert_close(f.v_gram, f.v @ gram @ f.v.T, rtol=1e-8, atol=1e-8 * float(gram.diagonal().mean()))
     direct = float(((w - f.u @ f.v) @ x.T).pow(2).sum() / (w @ x.T).pow(2).sum())
     assert relative_error(w, f.u, f.v, None, w @ gram, f.v_gram) == pytest.approx(direct, rel=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["plain", "damped", "clamped"])
+def test_a_consumed_gram_is_factorised_in_its_own_storage(kind, monkeypatch):
+    """``consume``: the factor is made in the Gram's storage (no second n×n matrix) and equals the copying route's,
+    after the same ridge steps, from the Gram's lower triangle in both (its upper one is made to differ here); when
+    every ridge fails the Gram is restored for the eigen repair."""
+    import svdllm.whitening as whitening
+    from svdllm.whitening import repaired_cholesky
+
+    monkeypatch.setattr(whitening, "IN_PLACE_BYTES", 0)
+    x = correlated(40, 200 if kind == "plain" else 30, seed=5)  # 30 tokens for 40 inputs: singular, damped
+    gram = x.T @ x
+    gram = gram.tril() + gram.tril(-1).T * (1 + 1e-7)  # the upper triangle off (the lower is the Gram read)
+    if kind == "clamped":
+        gram = gram - 1e3 * torch.eye(40, dtype=torch.float64)
+    want, want_remedy, want_added = repaired_cholesky(gram, 0.0)
+    owned = gram.clone()
+    got, remedy, added = repaired_cholesky(owned, 0.0, consume=True)
+    assert remedy == want_remedy and remedy.startswith({"plain": "", "damped": "damped",
+                                                        "clamped": "eigenvalues clamped"}[kind])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.as_tensor(added), torch.as_tensor(want_added), rtol=1e-10, atol=1e-10)
+    if kind != "clamped":
+        assert got.data_ptr() == owned.data_ptr() and torch.equal(got, got.tril())
+    else:  # the Gram came back whole (its lower triangle mirrored) before the eigen repair
+        torch.testing.assert_close(owned, gram.tril() + gram.tril(-1).T, rtol=0, atol=0)
+    small = gram.clone()
+    monkeypatch.setattr(whitening, "IN_PLACE_BYTES", 2**40)
+    repaired_cholesky(small, 0.0, consume=True)  # under the size: copied, the Gram untouched
+    assert torch.equal(small, gram)

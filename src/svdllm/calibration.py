@@ -74,6 +74,12 @@ class LayerStats:
     weighted_cross: Tensor | None = None
     weighted_comp: Tensor | None = None
     handed_over: bool = False  # given by ``GramAccumulator.take``: the factoriser may drop what it has used
+    sole_reader: bool = False  # and no other linear reads these tensors (an input of its own)
+
+    @property
+    def owned(self) -> bool:
+        """The factoriser may overwrite the tensors once it has read them (a Gram factorised in its own storage)."""
+        return self.handed_over and self.sole_reader
 
     def let_go(self, *names: str) -> None:
         """Drop the named statistics once read, when this record was handed over (``GramAccumulator.take``): the last
@@ -247,7 +253,8 @@ class GramAccumulator:
         """``for_linear``, handing the statistics over: once every linear of a group has taken its record the
         accumulator lets go of the group's tensors, so a factoriser that drops a tensor from its record frees it
         (a 7B down_proj's Grams are 970 MB each)."""
-        stats = replace(self.for_linear(name), handed_over=True)
+        stats = replace(self.for_linear(name), handed_over=True,
+                        sole_reader=any(group == [name] for group in self.groups))
         self.weighted.pop(name, None)
         self._taken.add(name)
         for group in self.groups:

@@ -246,7 +246,8 @@ def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Te
     assert stats.gram is not None
     # a Gram of fewer tokens than inputs is singular: its unridged Cholesky would only fail (a 7B block with 512
     # calibration tokens spent 25 s on such tries), so it starts at the first ridge step
-    s, _, _ = repaired_cholesky(stats.gram, DAMP_STEPS[0] if stats.tokens < stats.gram.shape[0] else 0.0)
+    s, _, _ = repaired_cholesky(stats.gram, DAMP_STEPS[0] if stats.tokens < stats.gram.shape[0] else 0.0,
+                                consume=stats.owned)
     stats.let_go("gram")
     target = weight.double() @ s
     if out_gram is not None and out_side is not None:

@@ -147,7 +147,7 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
     stats.let_go("cross", "weighted_cross")  # each statistic let go as soon as it is read
     w_comp = w @ stats.comp_gram if stats.weighted_comp is None else stats.weighted_comp
     stats.let_go("weighted_comp")
-    factor = repaired_cholesky(stats.comp_gram, opts.ec_damp)
+    factor = repaired_cholesky(stats.comp_gram, opts.ec_damp, consume=stats.owned)
     stats.let_go("comp_gram")
     beta, output_side = opts.beta, _output_side(stats, opts)
     while True:  # R⁻ᵀ·Trunc_k(Rᵀ·W·D_β·S′⁻ᵀ)·S′⁻¹, R = I unless output-aware
