@@ -23,7 +23,7 @@ from .calibration import DENSE, ActivationStream, GramAccumulator, InputRecorder
 from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
-from .whitening import DAMP_STEPS, left_whitened, output_factor, repaired_cholesky, sigma_squared
+from .whitening import DAMP_STEPS, left_whiten_, output_factor, repaired_cholesky, sigma_squared
 
 if TYPE_CHECKING:
     from .methods import OutputAwareOptions
@@ -254,7 +254,7 @@ def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Te
         if not torch.isfinite(out_gram).all():  # one-sided σ² here would mix activation units into loss units
             raise DataError(f"{name}: its output-gradient Gram is not finite; try float32")
         r, _ = output_factor(out_gram, out_side.output_damp, out_side.shrinkage(out_gram.shape[0], stats.tokens))
-        target = left_whitened(r, target)
+        target = left_whiten_(r, target)
     spectrum = sigma_squared(target).cpu()
     release_workspace()
     return spectrum

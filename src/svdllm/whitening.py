@@ -211,9 +211,17 @@ def output_factor(out_gram: Tensor, damp: float, shrink: float = 0.0) -> tuple[T
     return r, remedy and f"output Gram {remedy}"
 
 
-def left_whitened(r: Tensor, target: Tensor) -> Tensor:
-    """Rᵀ·target for the output factor R of ``output_factor`` (a vector when C_g is diagonal)."""
-    return r[:, None] * target if r.dim() == 1 else r.T @ target
+def left_whiten_(r: Tensor, target: Tensor, rows: int = 512) -> Tensor:
+    """Rᵀ·target in target's own storage, for the output factor R of ``output_factor`` (a vector when C_g is
+    diagonal).  R is lower-triangular, so row i of Rᵀ·target reads the rows from i down: a slab of rows at a time
+    from the top, no (m, n) copy is made (360 MB for a 7B down_proj) and half the product's flops are skipped."""
+    if r.dim() == 1:
+        return target.mul_(r[:, None])
+    m = target.shape[0]
+    for a in range(0, m, rows):
+        b = min(a + rows, m)
+        target[a:b] = r[a:, a:b].T @ target[a:]
+    return target
 
 
 def balanced(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -250,33 +258,39 @@ def fit_product(weight: Tensor, weighted_cross: Tensor | None, gram: Tensor | No
     of targets is then a blend of (m, n) products, and no n×n matrix but the Gram and its factor is made.
 
     ``factor``: ``repaired_cholesky(gram, damp)`` made by the caller (``gram`` may then be None, so that the caller
-    can free it).  ``weighted_cross`` is written (the ridge is added in place).  ``with_v_gram``: the result carries
+    can free it).  ``weighted_cross`` is written: the ridge, the solve and the output whitening run in its storage.  ``with_v_gram``: the result carries
     v·C·vᵀ for the Gram C as given (``v_gram``), a k×k matrix from which ``relative_error`` needs no n×n product."""
     w = weight.double()
     s, remedy, added = factor if factor is not None else repaired_cholesky(gram, damp)  # type: ignore[arg-type]
     if weighted_cross is None:
         target = w @ s
-    else:  # (W·cross + W·added)·S⁻ᵀ: solve M Sᵀ = W·(cross + added)
-        wc = weighted_cross.double()
-        wc += w @ added if isinstance(added, Tensor) else added * w
-        target = torch.linalg.solve_triangular(s.T, wc, upper=True, left=False)
-        del wc, weighted_cross
+    else:  # (W·cross + W·added)·S⁻ᵀ: solve M Sᵀ = W·(cross + added), in weighted_cross's storage
+        target = weighted_cross.double()
+        if isinstance(added, Tensor):
+            target += w @ added
+        elif added:
+            target.add_(w, alpha=added)
+        torch.linalg.solve_triangular(s.T, target, upper=True, left=False, out=target)
+        del weighted_cross
     r = None
     if out_gram is not None:
         r, out_remedy = output_factor(out_gram, out_damp, out_shrink)
         remedy = "; ".join(x for x in (remedy, out_remedy) if x)
         if r.any():
-            target = left_whitened(r, target)
+            target = left_whiten_(r, target)
         else:  # the output never reaches the loss: any factors cost nothing, the one-sided ones keep X's error least
             r = None
     u, vs, sigma = truncate(target, k)
     del target
     if r is not None:  # R⁻ᵀ·u
         u = u / r[:, None] if r.dim() == 1 else torch.linalg.solve_triangular(r.T, u, upper=True)
-    v = torch.linalg.solve_triangular(s, vs, upper=False, left=False)  # vs·S⁻¹
-    v_gram = None
-    if with_v_gram:  # v·(C + added)·vᵀ = vs·vsᵀ, since S·Sᵀ = C + added
-        v_gram = vs @ vs.T - (v @ added @ v.T if isinstance(added, Tensor) else added * (v @ v.T))
+    v_gram = vs @ vs.T if with_v_gram else None  # v·(C + added)·vᵀ = vs·vsᵀ, since S·Sᵀ = C + added
+    v = torch.linalg.solve_triangular(s, vs, upper=False, left=False, out=vs.contiguous())  # vs·S⁻¹, in place
+    del vs
+    if v_gram is not None and isinstance(added, Tensor):
+        v_gram -= v @ added @ v.T
+    elif v_gram is not None and added:
+        v_gram -= added * (v @ v.T)
     return Factorization(u, v, sigma, k, remedy, v_gram)
 
 

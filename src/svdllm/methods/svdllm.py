@@ -159,7 +159,7 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
         beta = beta / 2 if beta > 1 / 16 else 0.0
     del w_cross, factor
     info: dict[str, Any] = {**_shrinkage_record(output_side),
-                            "loss": relative_error(weight, f.u, f.v, None, w_comp, f.v_gram), "beta": beta,
+                            "loss": relative_error(w, f.u, f.v, None, w_comp, f.v_gram), "beta": beta,
                             "norm_ratio": ratio}
     if beta != opts.beta:
         info["beta_requested"] = opts.beta
