@@ -196,3 +196,43 @@ def test_a_non_finite_loss_or_gradient_names_the_window_and_the_block():
         model.lm_head.weight[3] = float("inf")
     with pytest.raises(DataError, match="non-finite loss in calibration window 0"):
         gradient_statistics(ModelSource(model), windows, names)
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_spectra_from_the_outputs_gram_equal_those_from_the_input_gram(two_sided):
+    """σ² of Rᵀ·W·S (S Sᵀ = XXᵀ) are the eigenvalues of Rᵀ·W·XXᵀ·Wᵀ·R: where the outputs' Gram costs less (few tokens,
+    no more outputs than inputs) the reverse pass sums it instead of XᵀX, and the spectra agree with the input Gram's
+    to float32 rounding (the Gram route's is its first ridge step, 1e-8 of the mean diagonal)."""
+    from svdllm.calibration import spectra_from_outputs
+    from svdllm.methods import ErrorCorrectedOptions
+
+    model = tiny_model("llama", 64)
+    windows = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(4))
+    plan = make_plan(model, 0.4)
+    names = list(plan.ranks)
+    ask = Spectra(out_side=ErrorCorrectedOptions()) if two_sided else Spectra()
+    by_gram = gradient_statistics(ModelSource(model), windows, names, output_grams=two_sided, spectra=ask).spectra
+    # one token is all the route rule needs to prefer the outputs wherever it may: m ≤ n
+    by_outputs = gradient_statistics(ModelSource(model), windows, names, output_grams=two_sided, spectra=ask,
+                                     tokens=1).spectra
+    took = [n for n in names if spectra_from_outputs(1, plan.shapes[n][1], [plan.shapes[n][0]])]
+    assert any("down_proj" in n for n in took) and not any("gate_proj" in n for n in took)
+    for name in names:
+        torch.testing.assert_close(by_outputs[name], by_gram[name], rtol=0, atol=1e-5 * float(by_gram[name][0]))
+    assert all(torch.equal(by_gram[n], by_outputs[n]) for n in names if n not in took)
+    assert not any(torch.equal(by_gram[n], by_outputs[n]) for n in took)  # a route of their own
+
+
+def test_the_spectra_take_the_outputs_where_they_cost_less():
+    """``spectra_from_outputs`` at the shapes it was made for: SmolLM2's default 32×512 tokens take the outputs for
+    down_proj alone; a 7B block with the scale benchmark's 512 tokens for every group whose linears are not wider
+    than tall, and its down_proj up to about 140k tokens; no tokens, no choice."""
+    from svdllm.calibration import spectra_from_outputs
+
+    smol = 32 * 512
+    assert spectra_from_outputs(smol, 1536, [576]) and not spectra_from_outputs(smol, 576, [576, 192, 192])
+    assert not spectra_from_outputs(smol, 576, [576]) and not spectra_from_outputs(smol, 576, [1536, 1536])
+    assert spectra_from_outputs(512, 4096, [4096] * 3) and spectra_from_outputs(512, 4096, [4096])
+    assert spectra_from_outputs(512, 11008, [4096]) and not spectra_from_outputs(512, 4096, [11008, 11008])
+    assert spectra_from_outputs(128 * 1024, 11008, [4096]) and not spectra_from_outputs(128 * 2048, 11008, [4096])
+    assert not spectra_from_outputs(0, 11008, [4096])

@@ -29,6 +29,9 @@ CALIB = ("--nsamples", "16", "--seqlen", "64", "--ranks", "uniform")
 # difference of 1e-14 in a factorisation moved them 9e-5) while perplexity moved 3e-7.  So the error-corrected
 # factors are held to 1e-3 (which still catches a process fitting other windows) and their perplexity to 1e-5.
 FACTOR_TOL = {"svdllm-w": 1e-5, "svdllm-ec": 1e-3}
+# the perplexities that follow: the error-corrected least squares amplify the rounding of sums made in another order
+# (1e-10 on one factor moved later ones by 2e-4 on these models), so their perplexity moves by a few 1e-5
+PPL_TOL = {"svdllm-w": 1e-5, "svdllm-ec": 1e-4}
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -72,7 +75,7 @@ def test_two_gloo_processes_match_one(model_dir, text_file, tmp_path, method):
     assert r2["processes"]["world_size"] == 2 and len(r2["processes"]["timings"]) == 2 and not r1["processes"]
     for lane in ("dense", "compressed"):
         for name, ppl in r1["perplexity"][lane].items():
-            assert r2["perplexity"][lane][name] == pytest.approx(ppl, rel=1e-5)
+            assert r2["perplexity"][lane][name] == pytest.approx(ppl, rel=PPL_TOL[method])
     assert [r["rank"] for r in r2["records"]] == [r["rank"] for r in r1["records"]]
     assert not list(tmp_path.glob(".*svdllm-run"))  # the run folder is gone
 

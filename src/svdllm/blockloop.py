@@ -106,10 +106,8 @@ def _fit_group(run: Run, block: nn.Module, i: int, group: dict[str, nn.Module], 
                compressed: bool) -> None:
     """Record the statistics of ``group``, factorise each at its plan rank and swap the factors in."""
     model, report, device = run.source.model, run.report, run.source.device
-    calibration = report.calibration
     acc = GramAccumulator(method_of(run.method).needs_for(run.method), device, grads.row_fisher, grads.output_grams,
-                          {name: dense_weight(m)[0] for name, m in group.items()},
-                          calibration.get("nsamples", 0) * calibration.get("seqlen", 0))
+                          {name: dense_weight(m)[0] for name, m in group.items()}, run.calibration_tokens)
     with report.timings.clock("forward passes and statistics"):
         if calib is not None:
             calib.record(block, i, group, acc, _dense_view(model, linears), keep_output=keep_output,

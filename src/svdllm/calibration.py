@@ -61,7 +61,8 @@ class LayerStats:
     cross = XᵀX′; abs_sum = Σ|x| per input dim; fisher = per output-row Fisher
     information of the weight (from ``importance.gradient_statistics``).  weighted_cross = W·XᵀX′ and
     weighted_comp = W·X′ᵀX′ (m × n, this linear's own) where they were summed from the outputs instead of read off
-    the n×n statistic (``sums_from_outputs``); cross is then not made.
+    the n×n statistic (``sums_from_outputs``); cross is then not made.  Likewise weighted_gram = W·XᵀX·Wᵀ for the
+    spectra (``spectra_from_outputs``), gram then not made.
     """
 
     tokens: int = 0
@@ -73,6 +74,7 @@ class LayerStats:
     out_gram: Tensor | None = None  # Σ g gᵀ of the loss's gradient at the output (or its diagonal), output whitening
     weighted_cross: Tensor | None = None
     weighted_comp: Tensor | None = None
+    weighted_gram: Tensor | None = None  # W·XᵀX·Wᵀ (m × m), where the spectra read it instead of gram
     handed_over: bool = False  # given by ``GramAccumulator.take``: the factoriser may drop what it has used
     sole_reader: bool = False  # and no other linear reads these tensors (an input of its own)
 
@@ -161,6 +163,36 @@ def sums_from_outputs(tokens: int, width: int, outs: int, statistic_needed: bool
     return 0 < by_outputs < by_statistic
 
 
+def add_outputs_product_(total: Tensor | None, inputs: Tensor, weight: Tensor, other: Tensor,
+                         device: torch.device) -> Tensor:
+    """``total`` + (inputs·Wᵀ)ᵀ·other in float64 (rows of inputs and other are tokens): W·inputsᵀ·other from the
+    linear's outputs.  W is cast to float64 a slab of rows at a time and the product is summed into ``total`` by
+    one GEMM where they share a device, so that neither W in float64 nor the (m, n) product is a temporary
+    (1.9 GB each for a 70B down_proj)."""
+    outputs = torch.cat([inputs @ weight[r:r + GRAM_SLAB].to(inputs.device, torch.float64).T
+                         for r in range(0, weight.shape[0], GRAM_SLAB)], dim=1)
+    if total is None:
+        return (outputs.T @ other).to(device)
+    if total.device == outputs.device:
+        return total.addmm_(outputs.T, other)
+    return total.add_((outputs.T @ other).to(device))
+
+
+def spectra_from_outputs(tokens: int, width: int, outs: list[int]) -> bool:
+    """Whether the spectra of a group of linears reading one input of ``width`` cost less from each one's Gram of
+    outputs, W·XᵀX·Wᵀ (outs × outs, from y = x·Wᵀ: t·m·width in float32, then yᵀy, t·m², in float64), than from
+    the shared XᵀX (t·width²·⅔ in float32) with, per linear, its Cholesky factor S, W·S and W·S's smaller Gram
+    (float64, at F64_COST times a float32 flop).  Both end in an eigendecomposition of the smaller side, so only a
+    group whose every linear has no more outputs than inputs may take the outputs.  With SmolLM2's 16384 tokens only
+    down_proj does (by 5%); with a 7B block and 512 tokens q/k/v, o and down_proj do (a 7B down_proj up to ~140k)."""
+    if tokens <= 0 or not outs or any(m > width for m in outs):
+        return False
+    by_outputs = sum(tokens * m * width + F64_COST * tokens * m * m for m in outs)
+    by_gram = tokens * width * width * 2 / 3 + F64_COST * sum(width**3 / 3 + m * width**2 + m * m * width
+                                                                 for m in outs)
+    return by_outputs < by_gram
+
+
 class GramAccumulator:
     """Sums the statistics a method needs for each group of linears sharing an input (one block's worth).
 
@@ -168,15 +200,17 @@ class GramAccumulator:
     rounding does not grow with the number of calibration tokens.  Given the group's dense ``weights`` and the
     calibration's ``tokens`` (every process's), the products W·XᵀX′ and W·X′ᵀX′ that the error-corrected fit
     reads are summed from the linears' outputs where that is cheaper (``sums_from_outputs``), and XᵀX′ is then not
-    made (6.6 GB for a 70B down_proj).
+    made (6.6 GB for a 70B down_proj).  ``for_spectra``: XᵀX is read only by the spectra, so a group whose
+    spectra cost less from each linear's W·XᵀX·Wᵀ (``spectra_from_outputs``) gets those (``weighted_gram``) instead.
     """
 
     def __init__(self, needs: frozenset[Stat], device: torch.device, fisher: dict[str, Tensor] | None = None,
                  out_grams: Mapping[str, Tensor] | None = None, weights: Mapping[str, Tensor] | None = None,
-                 tokens: int = 0) -> None:
+                 tokens: int = 0, for_spectra: bool = False) -> None:
         self.needs, self.device, self.fisher = needs, device, fisher or {}  # fisher rows: from the gradient pass
         self.out_grams = out_grams or {}  # output-gradient Grams: from the gradient pass
-        self.weights, self.tokens = weights or {}, tokens
+        self.weights, self.tokens, self.for_spectra = weights or {}, tokens, for_spectra
+        self._spectral: dict[str, bool] = {}  # per group: its spectra from W·XᵀX·Wᵀ
         self.groups: list[list[str]] = []
         self.stats: dict[str, LayerStats] = {}
         self.weighted: dict[str, dict[str, Tensor]] = {}  # per linear: its weighted_cross / weighted_comp totals
@@ -192,6 +226,15 @@ class GramAccumulator:
                                       ok and sums_from_outputs(self.tokens, width, outs, statistic_needed=True))
         return self._routes[group[0]]
 
+    def spectral_route(self, group: list[str], width: int) -> bool:
+        """Whether the group's spectra are read off each linear's W·XᵀX·Wᵀ rather than off XᵀX."""
+        if group[0] not in self._spectral:
+            self._spectral[group[0]] = (self.for_spectra and Stat.GRAM in self.needs
+                                        and all(name in self.weights for name in group)
+                                        and spectra_from_outputs(self.tokens, width,
+                                                                 [self.weights[name].shape[0] for name in group]))
+        return self._spectral[group[0]]
+
     def _add(self, st: LayerStats, attr: str, value: Tensor) -> None:
         """Sum a float32 batch statistic into its float64 total, promoting element by element (no float64 copy)."""
         cur = getattr(st, attr)
@@ -206,7 +249,14 @@ class GramAccumulator:
             st = self.stats.setdefault(group[0], LayerStats())
             x = dense[group[0]].detach().reshape(-1, dense[group[0]].shape[-1]).float()
             st.tokens += x.shape[0]
-            if Stat.GRAM in self.needs:
+            if self.spectral_route(group, x.shape[-1]):
+                for name in group:  # y = x·Wᵀ in float32, yᵀy in float64: the rounding of float32 products
+                    sums = self.weighted.setdefault(name, {})  # would give W·XᵀX·Wᵀ a tail W's rank does not have
+                    y = (x @ self.weights[name].to(x.device, torch.float32).T).double()
+                    total = sums.get("weighted_gram")
+                    sums["weighted_gram"] = (y.T @ y).to(self.device) if total is None else \
+                        total.add_((y.T @ y).to(self.device))
+            elif Stat.GRAM in self.needs:
                 self._add_product(st, "gram", x, x)
             if Stat.ABS in self.needs:
                 self._add(st, "abs_sum", x.abs().sum(0))
@@ -216,13 +266,13 @@ class GramAccumulator:
                 cross_out, comp_out = self.routes(group, x.shape[-1])
                 if Stat.CROSS in self.needs and not cross_out:
                     self._add_product(st, "cross", x, xc)
+                x64, xc64 = (x.double(), xc.double()) if cross_out or comp_out else (x, xc)
                 for name in group if cross_out or comp_out else ():
-                    w, x64, xc64 = self.weights[name].to(x.device, torch.float64), x.double(), xc.double()
                     sums = self.weighted.setdefault(name, {})
                     for attr, inputs, wanted in (("weighted_cross", x64, cross_out), ("weighted_comp", xc64, comp_out)):
                         if wanted:
-                            part = ((inputs @ w.T).T @ xc64).to(self.device)
-                            sums[attr] = part if attr not in sums else sums[attr].add_(part)
+                            sums[attr] = add_outputs_product_(sums.get(attr), inputs, self.weights[name], xc64,
+                                                              self.device)
 
     def _add_product(self, st: LayerStats, attr: str, a: Tensor, b: Tensor) -> None:
         setattr(st, attr, add_product_(getattr(st, attr), a, b, self.device))

@@ -65,6 +65,7 @@ class _Sums:
     full_width: int
     gram_store: TensorStore
     spectra: Spectra | None
+    tokens: int  # the whole calibration's, what the spectra's route is chosen by
     sums: Tensor = field(init=False)
     width: Tensor = field(init=False)
     rows: dict[str, Tensor] = field(default_factory=dict)
@@ -78,7 +79,8 @@ class _Sums:
 def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], sensitivity: bool = True,
                         row_fisher: bool = False, store: TensorStore | None = None, output_grams: bool = False,
                         full_width: int = FULL_GRAM_WIDTH, logits_budget: int = 1 << 21,
-                        gram_store: TensorStore | None = None, spectra: Spectra | None = None) -> GradientStats:
+                        gram_store: TensorStore | None = None, spectra: Spectra | None = None,
+                        tokens: int = 0) -> GradientStats:
     """The one backward loop, streamed block by block: the LM loss of each window, backpropagated through one block
     at a time, never the whole model.
 
@@ -87,14 +89,15 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
     alone, handing ∂L/∂h at its input to the block before.  On the way each named linear gives the gradient at its
     output (``sensitivity``; with ``output_grams`` also Σ g gᵀ, the diagonal alone for outputs wider than
     ``full_width``) and, if asked, at its weight (``row_fisher``, FWSVD's); with ``spectra`` the recomputation's
-    dense inputs give each linear's whitened spectrum, with no pass of its own.  Each block's Grams go to
+    dense inputs give each linear's whitened spectrum, with no pass of its own (from W·XᵀX·Wᵀ where that costs less
+    for the calibration's ``tokens``, every process's: ``calibration.spectra_from_outputs``).  Each block's Grams go to
     ``gram_store`` (CPU memory unless given) as soon as its windows are done, so that memory holds one block's
     worth.  The result equals a whole-model backward's (a test holds it to one).  A non-finite loss or gradient is
     an error naming the window and the block, before anything is written.
     """
     store = store or MemoryStore(torch.device("cpu"))
     acc = _Sums(names, sensitivity, row_fisher, {} if output_grams else None, full_width,
-                gram_store or MemoryStore(torch.device("cpu")), spectra)
+                gram_store or MemoryStore(torch.device("cpu")), spectra, tokens)
     stream = _forward_keeping_inputs(source, windows, store)
     with source.outside_blocks():  # ∂L/∂h at the last block's output, from the model's own head
         for j in range(len(windows)):
@@ -135,7 +138,8 @@ def _backward_block(source: ModelSource, stream: ActivationStream, store: Tensor
     model, device = source.model, source.device
     index = {name: j for j, name in enumerate(acc.names)}
     linears = {name: model.get_submodule(name) for name in acc.names if name.startswith(f"{source.prefix}.{i}.")}
-    inputs = GramAccumulator(frozenset({Stat.GRAM}), device) if acc.spectra is not None else None
+    inputs = GramAccumulator(frozenset({Stat.GRAM}), device, weights={n: dense_weight(m)[0] for n, m in linears.items()},
+                             tokens=acc.tokens, for_spectra=True) if acc.spectra is not None else None
     required = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
         p.requires_grad_(acc.row_fisher and any(p is m.weight for m in linears.values()))
@@ -242,7 +246,22 @@ def _output_hook(sums: Tensor, width: Tensor, j: int, name: str, grams: dict[str
 def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Tensor | None,
                       out_side: OutputAwareOptions | None) -> Tensor:
     """σ² of W·chol(XXᵀ), or with ``out_side`` of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped and shrunk as the factorisation
-    will): two-sided, in units of the loss, and zero for an output that never reaches the loss."""
+    will): two-sided, in units of the loss, and zero for an output that never reaches the loss.  Given W·XXᵀ·Wᵀ
+    (``stats.weighted_gram``), they are its eigenvalues (or Rᵀ·W·XXᵀ·Wᵀ·R's): the same σ², with no Cholesky
+    factor and no ridge (an input no token reaches adds nothing to them, as it adds nothing to the loss)."""
+    r = None
+    if out_gram is not None and out_side is not None:
+        if not torch.isfinite(out_gram).all():  # one-sided σ² here would mix activation units into loss units
+            raise DataError(f"{name}: its output-gradient Gram is not finite; try float32")
+        r, _ = output_factor(out_gram, out_side.output_damp, out_side.shrinkage(out_gram.shape[0], stats.tokens))
+    if stats.weighted_gram is not None:
+        gram = stats.weighted_gram.double() if stats.handed_over else stats.weighted_gram.double().clone()
+        stats.let_go("weighted_gram")
+        if r is not None:  # Rᵀ·(W·XXᵀ·Wᵀ)·R, R applied on the left twice (the Gram is symmetric)
+            gram = left_whiten_(r, left_whiten_(r, gram).T.contiguous())
+        spectrum = torch.linalg.eigvalsh(gram).flip(0).clamp_min_(0).cpu()
+        release_workspace()
+        return spectrum
     assert stats.gram is not None
     # a Gram of fewer tokens than inputs is singular: its unridged Cholesky would only fail (a 7B block with 512
     # calibration tokens spent 25 s on such tries), so it starts at the first ridge step
@@ -250,10 +269,7 @@ def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Te
                                 consume=stats.owned)
     stats.let_go("gram")
     target = weight.double() @ s
-    if out_gram is not None and out_side is not None:
-        if not torch.isfinite(out_gram).all():  # one-sided σ² here would mix activation units into loss units
-            raise DataError(f"{name}: its output-gradient Gram is not finite; try float32")
-        r, _ = output_factor(out_gram, out_side.output_damp, out_side.shrinkage(out_gram.shape[0], stats.tokens))
+    if r is not None:
         target = left_whiten_(r, target)
     spectrum = sigma_squared(target).cpu()
     release_workspace()

@@ -69,6 +69,11 @@ class Run:
         return self.cfg.method
 
     @property
+    def calibration_tokens(self) -> int:
+        """The calibration's tokens over every process (what a statistic's route is chosen by, alike on each)."""
+        return self.report.calibration.get("nsamples", 0) * self.report.calibration.get("seqlen", 0)
+
+    @property
     def batch(self) -> int:
         return self.cfg.batch_size or self.source.default_batch
 
@@ -145,7 +150,7 @@ class ReversePass(Stage):
         try:
             grads = gradient_statistics(run.source, run.windows, names, self.sensitivity, self.row_fisher, store,
                                         self.output_grams, self.full_width, gram_store=_gram_store(folder),
-                                        spectra=self.spectra)
+                                        spectra=self.spectra, tokens=run.calibration_tokens)
         finally:
             store.close()
         if folder is not None and distributed.is_writer():  # the Grams are already in their folder
