@@ -326,12 +326,14 @@ def test_v_gram_is_v_c_vt_for_the_gram_given(problem, damp):
 
 @pytest.mark.parametrize("kind", ["plain", "damped", "clamped"])
 def test_a_consumed_gram_is_factorised_in_its_own_storage(kind, monkeypatch):
-    """``consume``: the factor is made in the Gram's storage (no second n×n matrix) and equals the copying route's,
-    after the same ridge steps, from the Gram's lower triangle in both (its upper one is made to differ here); when
+    """``consume``: the factor is made in the Gram's storage (no second n×n matrix) and equals the copying route's to
+    the bit, after the same ridge steps, from the Gram's lower triangle in both (its upper one is made to differ here); when
     every ridge fails the Gram is restored for the eigen repair."""
     import svdllm.whitening as whitening
     from svdllm.whitening import repaired_cholesky
 
+    if whitening._torch_potrf() is None:
+        pytest.skip("this torch exports no LAPACK potrf: Grams are copied")
     monkeypatch.setattr(whitening, "IN_PLACE_BYTES", 0)
     x = correlated(40, 200 if kind == "plain" else 30, seed=5)  # 30 tokens for 40 inputs: singular, damped
     gram = x.T @ x
@@ -343,8 +345,7 @@ def test_a_consumed_gram_is_factorised_in_its_own_storage(kind, monkeypatch):
     got, remedy, added = repaired_cholesky(owned, 0.0, consume=True)
     assert remedy == want_remedy and remedy.startswith({"plain": "", "damped": "damped",
                                                         "clamped": "eigenvalues clamped"}[kind])
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.as_tensor(added), torch.as_tensor(want_added), rtol=1e-10, atol=1e-10)
+    assert torch.equal(got, want) and torch.equal(torch.as_tensor(added), torch.as_tensor(want_added))  # one LAPACK
     if kind != "clamped":
         assert got.data_ptr() == owned.data_ptr() and torch.equal(got, got.tril())
     else:  # the Gram came back whole (its lower triangle mirrored) before the eigen repair

@@ -10,14 +10,19 @@ less than a float64 SVD and less than a float32 one on this CPU.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import glob
+import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 DAMP_STEPS = (1e-8, 1e-6, 1e-4, 1e-2)
-# a consumed Gram this large or larger is factorised in its own storage (scipy's LAPACK); a smaller one is copied
-# (torch's): the copy costs little there, and the factors of small models stay what they were, to the bit
+# a consumed Gram this large or larger is factorised in its own storage; a smaller one is copied (the copy costs
+# little there)
 IN_PLACE_BYTES = 256 * 2**20
 
 
@@ -57,15 +62,16 @@ def repaired_cholesky(gram: Tensor, damp: float = 0.0, consume: bool = False) ->
     buffer is column-major, LAPACK's layout: a row-major one made torch factorise a third n×n copy.  With
     ``consume`` (the caller's last use of a float64 Gram on the CPU, of at least ``IN_PLACE_BYTES``) the factor is
     made in the Gram's own storage, which is then lost, and no second n×n matrix exists (970 MB saved for a 7B
-    down_proj, 6.6 GB for a 70B one); the factor equals the copying route's to rounding (another LAPACK).
+    down_proj, 6.6 GB for a 70B one), by the LAPACK torch factorises with: the same factor to the bit.
     """
     g = gram.double()  # the caller's tensor when already float64: never written unless consumed
     n = g.shape[0]
     scale = g.diagonal().abs().mean().item() or 1.0
     tried = [damp] + [d for d in DAMP_STEPS if d > damp]
-    if consume and g is gram and g.device.type == "cpu" and g.is_contiguous() and not g.requires_grad \
-            and g.numel() * g.element_size() >= IN_PLACE_BYTES:
-        found = _cholesky_in_place(g, tried, scale)
+    potrf = _torch_potrf()
+    if consume and potrf is not None and g is gram and g.device.type == "cpu" and g.is_contiguous() \
+            and not g.requires_grad and g.numel() * g.element_size() >= IN_PLACE_BYTES:
+        found = _cholesky_in_place(potrf, g, tried, scale)
         if found is not None:
             return found
     else:
@@ -103,24 +109,41 @@ def _mirror_lower_(g: Tensor, rows: int = 256) -> None:
         g[r:e, e:].copy_(g[e:, r:e].T)
 
 
-def _cholesky_in_place(g: Tensor, tried: list[float], scale: float) -> tuple[Tensor, str, float] | None:
+@functools.cache
+def _torch_potrf() -> Callable[..., Any] | None:
+    """LAPACK's dpotrf from torch's own library (MKL in its x86 wheels: what ``torch.linalg.cholesky`` calls), or
+    None where it does not export one.  torch's Cholesky zeroes the other triangle, which a failed try then
+    cannot be repeated from; potrf alone leaves it.  Not scipy's OpenBLAS: its threaded potrf wrote out of bounds
+    at n = 28672 with two threads here (a 70B down_proj; OpenMathLib/OpenBLAS#2562 reports the same at 32768)."""
+    for path in glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*")):
+        try:
+            potrf = ctypes.CDLL(path).dpotrf_
+        except (OSError, AttributeError):
+            continue
+        potrf.restype = None
+        return potrf
+    return None
+
+
+def _cholesky_in_place(potrf: Callable[..., Any], g: Tensor, tried: list[float], scale: float
+                       ) -> tuple[Tensor, str, float] | None:
     """``repaired_cholesky``'s ridge steps in the storage of the float64 Gram ``g`` (row-major): its transpose is
     the column-major buffer the copying route fills, once g's upper triangle mirrors its lower.  LAPACK's potrf
     reads and writes that buffer's lower triangle only, so g's lower triangle survives a failed try and the next
     ridge starts from it.  None when every ridge failed; g is then the (mirrored) Gram again."""
-    from scipy.linalg import lapack
-
     _mirror_lower_(g)
     s = g.T  # column-major; s[i, j] = g[j, i], and g is now symmetric to the bit
     diagonal = s.diagonal().clone()
+    n, info = ctypes.c_int(g.shape[0]), ctypes.c_int(0)
     for i, d in enumerate(tried):
         if i:
             _mirror_lower_(g)
             s.diagonal().copy_(diagonal)
         if d:
             s.diagonal().add_(d * scale)
-        _, info = lapack.dpotrf(s.numpy(), lower=1, clean=0, overwrite_a=1)
-        if info == 0 and torch.isfinite(s.diagonal()).all():
+        potrf(ctypes.c_char_p(b"L"), ctypes.byref(n), ctypes.c_void_p(s.data_ptr()), ctypes.byref(n),
+              ctypes.byref(info))
+        if info.value == 0 and torch.isfinite(s.diagonal()).all():
             return s.tril_(), _damped(i, d), d * scale
     _mirror_lower_(g)
     s.diagonal().copy_(diagonal)
