@@ -178,6 +178,14 @@ def add_outputs_product_(total: Tensor | None, inputs: Tensor, weight: Tensor, o
     return total.add_((outputs.T @ other).to(device))
 
 
+def add_outputs_gram_(total: Tensor | None, inputs: Tensor, weight: Tensor, device: torch.device) -> Tensor:
+    """``total`` + yᵀy for the outputs y = x·Wᵀ (rows of ``inputs`` are tokens): W·XᵀX·Wᵀ summed from the outputs.
+    y in float32, yᵀy in float64: float32 products would give it a tail of rounding that W's rank does not have
+    (the allocation then spent ranks on it; a test with weights of exactly the kept rank saw it)."""
+    y = (inputs.float() @ weight.to(inputs.device, torch.float32).T).double()
+    return (y.T @ y).to(device) if total is None else total.add_((y.T @ y).to(device))
+
+
 def spectra_from_outputs(tokens: int, width: int, outs: list[int]) -> bool:
     """Whether the spectra of a group of linears reading one input of ``width`` cost less from each one's Gram of
     outputs, W·XᵀX·Wᵀ (outs × outs, from y = x·Wᵀ: t·m·width in float32, then yᵀy, t·m², in float64), than from
@@ -250,12 +258,10 @@ class GramAccumulator:
             x = dense[group[0]].detach().reshape(-1, dense[group[0]].shape[-1]).float()
             st.tokens += x.shape[0]
             if self.spectral_route(group, x.shape[-1]):
-                for name in group:  # y = x·Wᵀ in float32, yᵀy in float64: the rounding of float32 products
-                    sums = self.weighted.setdefault(name, {})  # would give W·XᵀX·Wᵀ a tail W's rank does not have
-                    y = (x @ self.weights[name].to(x.device, torch.float32).T).double()
-                    total = sums.get("weighted_gram")
-                    sums["weighted_gram"] = (y.T @ y).to(self.device) if total is None else \
-                        total.add_((y.T @ y).to(self.device))
+                for name in group:
+                    sums = self.weighted.setdefault(name, {})
+                    sums["weighted_gram"] = add_outputs_gram_(sums.get("weighted_gram"), x, self.weights[name],
+                                                              self.device)
             elif Stat.GRAM in self.needs:
                 self._add_product(st, "gram", x, x)
             if Stat.ABS in self.needs:
