@@ -65,17 +65,16 @@ class WorkClocks:
     """Seconds of the work a compression is made of, each call timed exclusive of the timed calls inside it:
     block forwards (every lane, stopped early or whole, and the reverse pass's recomputation), the backward through the
     blocks, the head's forward and backward, factorisations (the reverse pass's spectra, the block loop's fits) and
-    the Gram products (input and output-gradient Grams, float32 products summed in float64, and the sums made from
-    the linears' outputs: W·XᵀX·Wᵀ for the spectra, W·XᵀX′ and W·X′ᵀX′ for the fits).  What is left of the
-    total is bookkeeping (copies, stores, the Σg² sums, the calibration capture)."""
+    the Gram products (input and output-gradient Grams, float32 products summed in float64, and the spectra's
+    W·XᵀX·Wᵀ summed from the linears' outputs; a fit's own products from kept inputs count as factorisations).
+    What is left of the total is bookkeeping (copies, stores, the Σg² sums, the calibration capture)."""
 
     KINDS = {"block forwards": [("svdllm.calibration", "ActivationStream.run_block")],
              "backward": [("torch.autograd", "backward")],
              HEAD: [("svdllm.importance", "_head_backward")],
              "factorisations": [("svdllm.importance", "whitened_spectrum"), ("svdllm.blockloop", "_factorise")],
              "Gram products": [("svdllm.calibration", "add_product_"), ("svdllm.importance", "add_product_"),
-                               ("svdllm.calibration", "add_outputs_gram_"),
-                               ("svdllm.calibration", "add_outputs_product_")]}
+                               ("svdllm.calibration", "add_outputs_gram_")]}
 
     def __init__(self) -> None:
         import importlib

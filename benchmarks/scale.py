@@ -90,28 +90,42 @@ def write_model(folder: Path, blocks: int, tok_folder: Path) -> Path:
     return folder
 
 
-def block_flops(full_width: int = 8192) -> dict[str, float]:
-    """Dominant floating-point operations of one block's decompositions (float64), counted from the code's steps.
+def block_flops(tokens: int, full_width: int = 8192) -> dict[str, float]:
+    """Dominant multiply-adds of one block's factorisations and the float64 sums around them, counted from the
+    code's steps and the routes it takes at ``tokens`` calibration tokens (``spectra_from_outputs``,
+    ``sums_from_outputs``); float32 products are counted at a quarter (``F64_COST``).
 
-    Per linear (m outputs, n inputs, p = min, q = max, k its rank): the spectra (in the reverse pass, counted
-    against its phase "gradients", whose forward and backward of one block add little) whiten and take the eigenvalues of
-    the smaller Gram (Cholesky n³/3, W·S m·n², Rᵀ·(W·S) 2m²·n when C_g is full, the Gram q·p², tridiagonal reduction
-    4p³/3); the fit makes W·cross and W·comp (2m·n²), factorises both Grams (n³/3, m³/3 when full), solves and
-    whitens (m·n² + 2m²·n), takes the smaller Gram's eigenvectors (q·p² + about 5p³) and projects (k·m·n),
-    back-solves U and V (m²·k + k·n²) and forms v·vᵀ and the loss's products (k²·n + k·m·n).
+    Per linear (m outputs, n inputs, p = min, q = max, k its rank; C_g full when m ≤ ``full_width``):
+    - spectra (in the reverse pass, counted against its phase "gradients"): from the outputs, y = x·Wᵀ (float32,
+      t·m·n) and yᵀy (t·m²), then Rᵀ·G·R (m³, R triangular) and the eigenvalues (4m³/3); from XᵀX, its Cholesky
+      (n³/3, once per linear), W·S (m·n²), Rᵀ·(W·S) (m²·n) and the smaller Gram's eigenvalues (q·p² + 4p³/3);
+    - the fit: from the kept inputs, X·Wᵀ, X′·Wᵀ and the blend's product with X′ (3·t·m·n), else W·XᵀX′ and
+      W·X′ᵀX′ (m·n² each); X′ᵀX′'s Cholesky (n³/3), R (m³/3), the solve (m·n²) and Rᵀ·T (m²·n), the smaller Gram
+      and its eigenvectors (q·p² + about 5p³), the projection (k·m·n), the back-solves (m²·k + k·n²), and the
+      reported loss (from the inputs t·(n + m)·k; else v·C·vᵀ, k²·n, and k·m·n).
     """
+    from svdllm.calibration import F64_COST, spectra_from_outputs, sums_from_outputs
+
     h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
     kv = h // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
-    shapes = [(h, h), (kv, h), (kv, h), (h, h)] + [(i, h)] * 2 + [(h, i)]  # q, k, v, o, gate, up, down (out, in)
-    spectra = fit = 0.0
-    for m, n in shapes:
-        p, q = min(m, n), max(m, n)
-        full = m <= full_width
-        whiten = n**3 / 3 + m * n**2 + (2 * m**2 * n + m**3 / 3 if full else 0)
-        k = int(0.8 * m * n / (m + n))
-        spectra += whiten + q * p**2 + 4 * p**3 / 3
-        fit += (whiten + m * n**2 + q * p**2 + 5 * p**3 + k * m * n + (m**2 * k if full else 0) + k * n**2
-                + k * k * n + k * m * n)
+    groups = [[(h, h), (kv, h), (kv, h)], [(h, h)], [(i, h)] * 2, [(h, i)]]  # q/k/v, o, gate/up, down (out, in)
+    t, spectra, fit = tokens, 0.0, 0.0
+    for group in groups:
+        n = group[0][1]
+        outs = [m for m, _ in group]
+        by_outputs = spectra_from_outputs(t, n, outs)
+        kept = sums_from_outputs(t, n, sum(outs), statistic_needed=True)  # the inputs kept for the fit
+        for m, _ in group:
+            p, q = min(m, n), max(m, n)
+            full = m <= full_width
+            k = int(0.8 * m * n / (m + n))
+            if by_outputs:
+                spectra += t * m * n / F64_COST + t * m * m + (m**3 if full else 0) + 4 * m**3 / 3
+            else:
+                spectra += n**3 / 3 + m * n**2 + (m**2 * n if full else 0) + q * p**2 + 4 * p**3 / 3
+            products_and_loss = 3 * t * m * n + t * (n + m) * k if kept else 2 * m * n**2 + k * k * n + k * m * n
+            fit += (products_and_loss + n**3 / 3 + m * n**2 + ((m**3 / 3 + m**2 * n + m**2 * k) if full else 0)
+                    + q * p**2 + 5 * p**3 + k * m * n + k * n**2)
     return {"gradients": spectra, "decompositions": fit}
 
 
@@ -119,20 +133,20 @@ def extrapolation(rows: list[dict[str, Any]], per_block: dict[str, float], gpu_t
     """The whole model's depth on this CPU from the measured growth, and on one GPU from the counted FLOPs at an assumed rate."""
     small, large = rows[0], rows[-1]
     block_s = (large["wall_s"] - small["wall_s"]) / (large["blocks"] - small["blocks"])
-    flops = block_flops()
+    flops = block_flops(tokens)
     measured = {k: per_block.get(f"compress: {k}", 0.0) for k in flops}
     cpu_rate = sum(flops.values()) / max(sum(measured.values()), 1e-9)
-    gpu_block = sum(flops.values()) / (gpu_tflops * 1e12)
+    gpu_block = 2 * sum(flops.values()) / (gpu_tflops * 1e12)  # a multiply-add is two flops
     lines = [f"Per block: {block_s:.0f} s of wall time; a {FULL_DEPTH}-block model on this CPU: about "
              f"{(small['wall_s'] + (FULL_DEPTH - small['blocks']) * block_s) / 3600:.1f} h with this calibration.",
              "",
-             "| per block | counted float64 TFLOP | measured here (s) | implied GFLOP/s |",
+             "| per block | counted float64 T multiply-adds | measured here (s) | implied G/s |",
              "|---|---:|---:|---:|"]
     lines += [f"| {k} | {v / 1e12:.1f} | {measured[k]:.0f} | {v / max(measured[k], 1e-9) / 1e9:.0f} |"
               for k, v in flops.items()]
     lines += ["",
               f"The decompositions and the spectra are {sum(measured.values()) / max(block_s, 1e-9):.0%} "
-              f"of a block's time here; the counted operations run at {cpu_rate / 1e9:.0f} GFLOP/s on these 2 cores. "
+              f"of a block's time here; the counted multiply-adds run at {cpu_rate / 1e9:.0f} G/s on these 2 cores. "
               f"On one GPU at an assumed {gpu_tflops:g} TFLOP/s of float64 factorisation throughput (an assumption, "
               f"not a measurement: an H100/H200 peaks at 67 TFLOP/s in float64, but the eigendecomposition's tridiagonal "
               f"reduction is bound by memory traffic and reaches a few percent of that), a block's "

@@ -236,3 +236,26 @@ def test_the_spectra_take_the_outputs_where_they_cost_less():
     assert spectra_from_outputs(512, 11008, [4096]) and not spectra_from_outputs(512, 4096, [11008, 11008])
     assert spectra_from_outputs(128 * 1024, 11008, [4096]) and not spectra_from_outputs(128 * 2048, 11008, [4096])
     assert not spectra_from_outputs(0, 11008, [4096])
+
+
+@pytest.mark.parametrize("two_sided", [False, True], ids=["one-sided", "two-sided"])
+def test_a_spectrum_from_a_weighted_gram_leaves_a_gram_it_was_not_handed(two_sided):
+    """``whitened_spectrum`` whitens W·XXᵀ·Wᵀ in place only when its record was handed over; a record it was merely
+    shown keeps its Gram to the bit, and the spectrum is the eigenvalues of Rᵀ·W·XXᵀ·Wᵀ·R (R = I one-sided)."""
+    from svdllm.calibration import LayerStats
+    from svdllm.importance import whitened_spectrum
+    from svdllm.methods import ErrorCorrectedOptions
+    from svdllm.whitening import output_factor
+
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(6, 9, generator=g), torch.randn(40, 9, generator=g, dtype=torch.float64)
+    y = x @ w.double().T
+    weighted, out_gram = y.T @ y, (lambda a: a.T @ a)(torch.randn(30, 6, generator=g, dtype=torch.float64))
+    kept = weighted.clone()
+    side = ErrorCorrectedOptions() if two_sided else None
+    stats = LayerStats(tokens=40, weighted_gram=weighted)
+    got = whitened_spectrum("l", w, stats, out_gram if two_sided else None, side)
+    assert torch.equal(weighted, kept) and stats.weighted_gram is weighted
+    r = output_factor(out_gram, side.output_damp, side.shrinkage(6, 40))[0] if two_sided else torch.eye(6).double()
+    want = torch.linalg.eigvalsh(r.T @ kept @ r).flip(0).clamp_min(0)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * float(want[0]))

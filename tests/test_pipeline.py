@@ -192,10 +192,10 @@ def test_grams_are_summed_in_slabs_exactly(monkeypatch):
 
 
 @pytest.mark.parametrize("tokens, from_outputs", [(1, True), (10**6, False)])  # tokens: only for the route
-def test_weighted_products_from_outputs_equal_the_weight_times_the_gram(tokens, from_outputs):
-    """With few calibration tokens per input the accumulator sums W·XᵀX′ and W·X′ᵀX′ from each linear's outputs (in
-    float64) and makes no XᵀX′; with many it makes XᵀX′ and leaves the products to the fit.  Either way the error-corrected fit
-    reads the same W·XᵀX′ and W·X′ᵀX′ as the float64 reference, and gives the same factors."""
+def test_the_fit_from_kept_inputs_equals_the_fit_from_the_grams(tokens, from_outputs):
+    """With few calibration tokens per input the accumulator keeps X and X′ themselves (every batch, in order) and
+    makes no XᵀX′; each linear's fit then makes W·XᵀX′ and W·X′ᵀX′ from its outputs.  With many it makes XᵀX′.
+    Either way the error-corrected fit gives the factors and the reported loss of the float64 reference Grams."""
     from svdllm.calibration import GramAccumulator, LayerStats, Stat
     from svdllm.methods import ErrorCorrectedOptions, method_of
 
@@ -207,22 +207,24 @@ def test_weighted_products_from_outputs_equal_the_weight_times_the_gram(tokens, 
     acc = GramAccumulator(frozenset({Stat.COMP, Stat.CROSS}), torch.device("cpu"), weights=weights, tokens=tokens)
     for _ in range(2):
         acc.add_batch({"a": x, "b": x}, {"a": xc, "b": xc})
-    assert acc.routes(["a", "b"], n) == (from_outputs, from_outputs)
+    route = acc.route(["a", "b"], n)
+    assert route.inputs == from_outputs and not route.spectra
     flat, flat_c = x.reshape(-1, n).double(), xc.reshape(-1, n).double()
     opts = ErrorCorrectedOptions(output_whitening=False)
     for name, w in weights.items():
         st = acc.take(name)
-        assert (st.cross is None) == from_outputs and (st.weighted_cross is not None) == from_outputs
-        w_cross = st.weighted_cross if from_outputs else w.double() @ st.cross
-        w_comp = st.weighted_comp if from_outputs else w.double() @ st.comp_gram
-        tol = 1e-12 if from_outputs else 1e-5  # float64 products from the outputs; float32 ones for the Grams
-        torch.testing.assert_close(w_cross, 2 * w.double() @ flat.T @ flat_c, rtol=tol, atol=tol)
-        torch.testing.assert_close(w_comp, 2 * w.double() @ flat_c.T @ flat_c, rtol=tol, atol=tol)
+        assert (st.cross is None) == from_outputs and (st.inputs is not None) == from_outputs
+        if from_outputs:
+            assert torch.equal(st.inputs, torch.cat([x.reshape(-1, n)] * 2))
+            assert torch.equal(st.comp_inputs, torch.cat([xc.reshape(-1, n)] * 2))
         reference = LayerStats(tokens=20, comp_gram=2 * flat_c.T @ flat_c, cross=2 * flat.T @ flat_c)
-        got, _ = method_of(opts).factorize(w, st, 4, opts)
-        want, _ = method_of(opts).factorize(w, reference, 4, opts)
+        got, got_info = method_of(opts).factorize(w, st, 4, opts)
+        want, want_info = method_of(opts).factorize(w, reference, 4, opts)
         gap = (got.u @ got.v - want.u @ want.v) @ flat_c.T  # on the compressed inputs: the fit's own metric
         assert float(gap.norm()) < 1e-5 * float((w.double() @ flat_c.T).norm())
+        assert got_info["loss"] == pytest.approx(want_info["loss"], rel=1e-5)
+        assert acc.stats.get("a") is None or name == "a"  # let go once both have taken theirs
+    assert not acc.kept
 
 
 def test_the_outputs_route_is_taken_where_it_costs_less():

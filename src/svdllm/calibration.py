@@ -59,10 +59,10 @@ class LayerStats:
 
     gram = XᵀX of the dense stream, comp_gram = X′ᵀX′ of the compressed stream,
     cross = XᵀX′; abs_sum = Σ|x| per input dim; fisher = per output-row Fisher
-    information of the weight (from ``importance.gradient_statistics``).  weighted_cross = W·XᵀX′ and
-    weighted_comp = W·X′ᵀX′ (m × n, this linear's own) where they were summed from the outputs instead of read off
-    the n×n statistic (``sums_from_outputs``); cross is then not made.  Likewise weighted_gram = W·XᵀX·Wᵀ for the
-    spectra (``spectra_from_outputs``), gram then not made.
+    information of the weight (from ``importance.gradient_statistics``).  inputs = X and comp_inputs = X′
+    (tokens × n, float32) where the error-corrected fit's products W·XᵀX′ and W·X′ᵀX′ cost less from the outputs
+    (``sums_from_outputs``): few tokens against the width; cross is then not made.  Likewise weighted_gram =
+    W·XᵀX·Wᵀ for the spectra (``spectra_from_outputs``), gram then not made.
     """
 
     tokens: int = 0
@@ -72,8 +72,8 @@ class LayerStats:
     abs_sum: Tensor | None = None
     fisher: Tensor | None = None
     out_gram: Tensor | None = None  # Σ g gᵀ of the loss's gradient at the output (or its diagonal), output whitening
-    weighted_cross: Tensor | None = None
-    weighted_comp: Tensor | None = None
+    inputs: Tensor | None = None
+    comp_inputs: Tensor | None = None
     weighted_gram: Tensor | None = None  # W·XᵀX·Wᵀ (m × m), where the spectra read it instead of gram
     handed_over: bool = False  # given by ``GramAccumulator.take``: the factoriser may drop what it has used
     sole_reader: bool = False  # and no other linear reads these tensors (an input of its own)
@@ -163,21 +163,6 @@ def sums_from_outputs(tokens: int, width: int, outs: int, statistic_needed: bool
     return 0 < by_outputs < by_statistic
 
 
-def add_outputs_product_(total: Tensor | None, inputs: Tensor, weight: Tensor, other: Tensor,
-                         device: torch.device) -> Tensor:
-    """``total`` + (inputs·Wᵀ)ᵀ·other in float64 (rows of inputs and other are tokens): W·inputsᵀ·other from the
-    linear's outputs.  W is cast to float64 a slab of rows at a time and the product is summed into ``total`` by
-    one GEMM where they share a device, so that neither W in float64 nor the (m, n) product is a temporary
-    (1.9 GB each for a 70B down_proj)."""
-    outputs = torch.cat([inputs @ weight[r:r + GRAM_SLAB].to(inputs.device, torch.float64).T
-                         for r in range(0, weight.shape[0], GRAM_SLAB)], dim=1)
-    if total is None:
-        return (outputs.T @ other).to(device)
-    if total.device == outputs.device:
-        return total.addmm_(outputs.T, other)
-    return total.add_((outputs.T @ other).to(device))
-
-
 def add_outputs_gram_(total: Tensor | None, inputs: Tensor, weight: Tensor, device: torch.device) -> Tensor:
     """``total`` + yᵀy for the outputs y = x·Wᵀ (rows of ``inputs`` are tokens): W·XᵀX·Wᵀ summed from the outputs.
     y in float32, yᵀy in float64: float32 products would give it a tail of rounding that W's rank does not have
@@ -201,14 +186,23 @@ def spectra_from_outputs(tokens: int, width: int, outs: list[int]) -> bool:
     return by_outputs < by_gram
 
 
+@dataclass(frozen=True)
+class Route:
+    """Which statistics of a group of linears sharing an input are summed from the linears' outputs."""
+
+    spectra: bool = False  # each linear's W·XᵀX·Wᵀ for its spectrum, no XᵀX (``spectra_from_outputs``)
+    inputs: bool = False  # X and X′ kept for the error-corrected fit, no XᵀX′ (``sums_from_outputs``)
+
+
 class GramAccumulator:
     """Sums the statistics a method needs for each group of linears sharing an input (one block's worth).
 
     Per-batch products run in float32 (fast BLAS) and are summed in float64, so
     rounding does not grow with the number of calibration tokens.  Given the group's dense ``weights`` and the
-    calibration's ``tokens`` (every process's), the products W·XᵀX′ and W·X′ᵀX′ that the error-corrected fit
-    reads are summed from the linears' outputs where that is cheaper (``sums_from_outputs``), and XᵀX′ is then not
-    made (6.6 GB for a 70B down_proj).  ``for_spectra``: XᵀX is read only by the spectra, so a group whose
+    calibration's ``tokens`` (every process's), a group whose fit reads W·XᵀX′ and W·X′ᵀX′ more cheaply from its
+    outputs (``sums_from_outputs``: few tokens against the width) keeps X and X′ themselves instead of XᵀX′ (6.6 GB
+    for a 70B down_proj): each linear's fit makes its own product from them when its turn comes, so no linear's
+    (m, n) product waits beside another's.  ``for_spectra``: XᵀX is read only by the spectra, so a group whose
     spectra cost less from each linear's W·XᵀX·Wᵀ (``spectra_from_outputs``) gets those (``weighted_gram``) instead.
     """
 
@@ -218,30 +212,25 @@ class GramAccumulator:
         self.needs, self.device, self.fisher = needs, device, fisher or {}  # fisher rows: from the gradient pass
         self.out_grams = out_grams or {}  # output-gradient Grams: from the gradient pass
         self.weights, self.tokens, self.for_spectra = weights or {}, tokens, for_spectra
-        self._spectral: dict[str, bool] = {}  # per group: its spectra from W·XᵀX·Wᵀ
         self.groups: list[list[str]] = []
         self.stats: dict[str, LayerStats] = {}
-        self.weighted: dict[str, dict[str, Tensor]] = {}  # per linear: its weighted_cross / weighted_comp totals
-        self._routes: dict[str, tuple[bool, bool]] = {}  # per group: (W·XᵀX′, W·X′ᵀX′) summed from outputs
+        self.weighted: dict[str, dict[str, Tensor]] = {}  # per linear: its weighted_gram total
+        self.kept: dict[str, dict[str, list[Tensor]]] = {}  # per group: its batches of inputs and comp_inputs
+        self._routes: dict[str, Route] = {}  # per group (keyed by its first linear)
         self._taken: set[str] = set()
 
-    def routes(self, group: list[str], width: int) -> tuple[bool, bool]:
-        """Whether the group's W·XᵀX′ and W·X′ᵀX′ are summed from its outputs (only for a method reading XᵀX′)."""
+    def route(self, group: list[str], width: int) -> Route:
+        """Which of the group's statistics are summed from its linears' outputs, decided once per group from the
+        whole calibration's token count (the same on every process)."""
         if group[0] not in self._routes:
-            ok = Stat.CROSS in self.needs and all(name in self.weights for name in group)
-            outs = sum(self.weights[name].shape[0] for name in group) if ok else 0
-            self._routes[group[0]] = (ok and sums_from_outputs(self.tokens, width, outs, statistic_needed=False),
-                                      ok and sums_from_outputs(self.tokens, width, outs, statistic_needed=True))
+            known = all(name in self.weights for name in group)
+            outs = [self.weights[name].shape[0] for name in group] if known else []
+            self._routes[group[0]] = Route(
+                spectra=known and self.for_spectra and Stat.GRAM in self.needs
+                and spectra_from_outputs(self.tokens, width, outs),
+                inputs=known and Stat.CROSS in self.needs
+                and sums_from_outputs(self.tokens, width, sum(outs), statistic_needed=True))
         return self._routes[group[0]]
-
-    def spectral_route(self, group: list[str], width: int) -> bool:
-        """Whether the group's spectra are read off each linear's W·XᵀX·Wᵀ rather than off XᵀX."""
-        if group[0] not in self._spectral:
-            self._spectral[group[0]] = (self.for_spectra and Stat.GRAM in self.needs
-                                        and all(name in self.weights for name in group)
-                                        and spectra_from_outputs(self.tokens, width,
-                                                                 [self.weights[name].shape[0] for name in group]))
-        return self._spectral[group[0]]
 
     def _add(self, st: LayerStats, attr: str, value: Tensor) -> None:
         """Sum a float32 batch statistic into its float64 total, promoting element by element (no float64 copy)."""
@@ -257,7 +246,8 @@ class GramAccumulator:
             st = self.stats.setdefault(group[0], LayerStats())
             x = dense[group[0]].detach().reshape(-1, dense[group[0]].shape[-1]).float()
             st.tokens += x.shape[0]
-            if self.spectral_route(group, x.shape[-1]):
+            route = self.route(group, x.shape[-1])
+            if route.spectra:
                 for name in group:
                     sums = self.weighted.setdefault(name, {})
                     sums["weighted_gram"] = add_outputs_gram_(sums.get("weighted_gram"), x, self.weights[name],
@@ -269,16 +259,12 @@ class GramAccumulator:
             if comp is not None:
                 xc = comp[group[0]].reshape(-1, x.shape[-1]).float()
                 self._add_product(st, "comp_gram", xc, xc)
-                cross_out, comp_out = self.routes(group, x.shape[-1])
-                if Stat.CROSS in self.needs and not cross_out:
+                if route.inputs:  # copies: the stream may reuse its buffers
+                    kept = self.kept.setdefault(group[0], {"inputs": [], "comp_inputs": []})
+                    kept["inputs"].append(x.to(self.device, copy=True))
+                    kept["comp_inputs"].append(xc.to(self.device, copy=True))
+                elif Stat.CROSS in self.needs:
                     self._add_product(st, "cross", x, xc)
-                x64, xc64 = (x.double(), xc.double()) if cross_out or comp_out else (x, xc)
-                for name in group if cross_out or comp_out else ():
-                    sums = self.weighted.setdefault(name, {})
-                    for attr, inputs, wanted in (("weighted_cross", x64, cross_out), ("weighted_comp", xc64, comp_out)):
-                        if wanted:
-                            sums[attr] = add_outputs_product_(sums.get(attr), inputs, self.weights[name], xc64,
-                                                              self.device)
 
     def _add_product(self, st: LayerStats, attr: str, a: Tensor, b: Tensor) -> None:
         setattr(st, attr, add_product_(getattr(st, attr), a, b, self.device))
@@ -294,6 +280,8 @@ class GramAccumulator:
             st.tokens = int(tokens.item())
         for group in self.groups:  # the same linears in the same order on every rank
             distributed.all_reduce_([t for name in group for _, t in sorted(self.weighted.get(name, {}).items())])
+            for batches in self.kept.get(group[0], {}).values():  # every rank's tokens, in rank order
+                batches[:] = [distributed.all_gather_rows(torch.cat(batches))]
 
     def for_linear(self, name: str) -> LayerStats:
         """The statistics of ``name``: a record of its own whose tensors are its group's (shared, never copied)."""
@@ -301,8 +289,11 @@ class GramAccumulator:
             return LayerStats(fisher=self.fisher[name])
         for group in self.groups:
             if name in group:
+                kept = self.kept.get(group[0], {})
+                for batches in kept.values():  # joined once for the group
+                    batches[:] = [torch.cat(batches)] if len(batches) > 1 else batches
                 return replace(self.stats[group[0]], out_gram=self.out_grams.get(name),
-                               **self.weighted.get(name, {}))
+                               **self.weighted.get(name, {}), **{k: b[0] for k, b in kept.items()})
         return LayerStats(out_gram=self.out_grams.get(name))
 
     def take(self, name: str) -> LayerStats:
@@ -316,6 +307,7 @@ class GramAccumulator:
         for group in self.groups:
             if name in group and self._taken.issuperset(group):
                 self.stats.pop(group[0], None)
+                self.kept.pop(group[0], None)
         return stats
 
 

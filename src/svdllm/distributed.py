@@ -139,6 +139,23 @@ def all_reduce_(tensors: list[Tensor]) -> None:
                 dist.all_reduce(t)
 
 
+def all_gather_rows(rows: Tensor) -> Tensor:
+    """Every rank's ``rows`` (tokens × n, any count per rank) stacked in rank order, on every rank: a zero buffer
+    with this rank's rows at its offset, summed over ranks (so NCCL and gloo alike need only ``all_reduce_``)."""
+    if not active():
+        return rows
+    rank, size = world()
+    counts = torch.zeros(size, dtype=torch.float64, device=rows.device)
+    counts[rank] = rows.shape[0]
+    all_reduce_([counts])
+    sizes = [int(c) for c in counts.tolist()]
+    out = torch.zeros(sum(sizes), *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    start = sum(sizes[:rank])
+    out[start:start + rows.shape[0]] = rows
+    all_reduce_([out])
+    return out
+
+
 def owners(costs: dict[str, float]) -> dict[str, int]:
     """Each name → the rank that computes it: the costliest first, each to the least loaded rank (deterministic)."""
     size = world()[1]

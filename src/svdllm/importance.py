@@ -255,9 +255,11 @@ def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Te
             raise DataError(f"{name}: its output-gradient Gram is not finite; try float32")
         r, _ = output_factor(out_gram, out_side.output_damp, out_side.shrinkage(out_gram.shape[0], stats.tokens))
     if stats.weighted_gram is not None:
-        gram = stats.weighted_gram.double() if stats.handed_over else stats.weighted_gram.double().clone()
+        gram = stats.weighted_gram.double()
         stats.let_go("weighted_gram")
-        if r is not None:  # Rᵀ·(W·XXᵀ·Wᵀ)·R, R applied on the left twice (the Gram is symmetric)
+        if r is not None:  # Rᵀ·(W·XXᵀ·Wᵀ)·R, R applied on the left twice (the Gram is symmetric), in place
+            if not stats.handed_over and gram is stats.weighted_gram:
+                gram = gram.clone()  # the caller's
             gram = left_whiten_(r, left_whiten_(r, gram).T.contiguous())
         spectrum = torch.linalg.eigvalsh(gram).flip(0).clamp_min_(0).cpu()
         release_workspace()

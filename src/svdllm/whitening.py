@@ -184,8 +184,8 @@ def truncate(target: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     root = sigma[:k].sqrt()
     inv = torch.where(root > 0, 1.0 / torch.where(root > 0, root, 1.0), 0.0)
     if wide:  # u = U_k√Σ, v = U_kᵀT/√Σ
-        return top * root, (top.T @ t) * inv[:, None], sigma
-    return (t @ top) * inv, root[:, None] * top.T, sigma  # u = T·V_k/√Σ, v = √Σ·V_kᵀ
+        return top * root, (top.T @ t).mul_(inv[:, None]), sigma
+    return (t @ top).mul_(inv), root[:, None] * top.T, sigma  # u = T·V_k/√Σ, v = √Σ·V_kᵀ
 
 
 def whiten(weight: Tensor, gram: Tensor, k: int, damp: float = 0.0, out_gram: Tensor | None = None,
@@ -283,16 +283,15 @@ def fit_product(weight: Tensor, weighted_cross: Tensor | None, gram: Tensor | No
     ``factor``: ``repaired_cholesky(gram, damp)`` made by the caller (``gram`` may then be None, so that the caller
     can free it).  ``weighted_cross`` is written: the ridge, the solve and the output whitening run in its storage.  ``with_v_gram``: the result carries
     v·C·vᵀ for the Gram C as given (``v_gram``), a k×k matrix from which ``relative_error`` needs no n×n product."""
-    w = weight.double()
     s, remedy, added = factor if factor is not None else repaired_cholesky(gram, damp)  # type: ignore[arg-type]
     if weighted_cross is None:
-        target = w @ s
+        target = weight.double() @ s
     else:  # (W·cross + W·added)·S⁻ᵀ: solve M Sᵀ = W·(cross + added), in weighted_cross's storage
         target = weighted_cross.double()
         if isinstance(added, Tensor):
-            target += w @ added
+            target += weight.double() @ added
         elif added:
-            target.add_(w, alpha=added)
+            target.add_(weight, alpha=added)  # W promoted element by element: no float64 copy of it
         torch.linalg.solve_triangular(s.T, target, upper=True, left=False, out=target)
         del weighted_cross
     r = None
@@ -352,6 +351,23 @@ def update_left(weight: Tensor, v: Tensor, cross: Tensor, gram: Tensor, damp: fl
     return torch.cholesky_solve(rhs.T, chol).T
 
 
+def outputs_of(inputs: Tensor, weight: Tensor, rows: int = 2048) -> Tensor:
+    """x·Wᵀ in float64 for the rows x of ``inputs`` (tokens × n): W is cast a slab of ``rows`` rows at a time, so
+    that W in float64 (1.9 GB for a 70B down_proj) is never a temporary."""
+    x = inputs.double()
+    return torch.cat([x @ weight[r:r + rows].to(x.device, torch.float64).T for r in range(0, weight.shape[0], rows)],
+                     dim=1)
+
+
+def relative_error_on(u: Tensor, v: Tensor, inputs: Tensor, outputs: Tensor) -> float:
+    """``relative_error`` from the calibration's inputs X (tokens × n) and outputs X·Wᵀ themselves, for few tokens:
+    tr(W·C·Wᵀ) = ‖X·Wᵀ‖², W·C·vᵀ = (X·Wᵀ)ᵀ·(X·vᵀ) and v·C·vᵀ = (X·vᵀ)ᵀ·(X·vᵀ), with no (m, n) product."""
+    u, x_v = u.double(), inputs.double() @ v.double().T
+    total = float(torch.dot(outputs.reshape(-1), outputs.reshape(-1)))
+    residual = total - 2 * float((u * (outputs.T @ x_v)).sum()) + float(((u.T @ u) * (x_v.T @ x_v)).sum())
+    return max(residual, 0.0) / max(total, 1e-300)
+
+
 def output_error(weight: Tensor, u: Tensor, v: Tensor, gram: Tensor) -> float:
     """‖(W − u v) X‖_F² computed from the Gram XXᵀ."""
     delta = weight.double() - u.double() @ v.double()
@@ -368,7 +384,7 @@ def relative_error(weight: Tensor, u: Tensor, v: Tensor, gram: Tensor | None, we
     w, u, v = weight.double(), u.double(), v.double()
     wc = w @ gram.double() if weight_gram is None else weight_gram.double()  # type: ignore[union-attr]
     vcv = v @ gram.double() @ v.T if v_gram is None else v_gram  # type: ignore[union-attr]
-    total = float((w * wc).sum())
+    total = float(torch.dot(w.reshape(-1), wc.reshape(-1)))  # tr(W·C·Wᵀ) with no (m, n) temporary
     residual = total - 2 * float((u * (wc @ v.T)).sum()) + float(((u.T @ u) * vcv).sum())
     return max(residual, 0.0) / max(total, 1e-300)
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..errors import OptionError
-from ..whitening import (Factorization, fit_product, output_shrinkage, relative_error, repaired_cholesky,
-                         update_left, whiten)
+from ..whitening import (Factorization, fit_product, output_shrinkage, outputs_of, relative_error, relative_error_on,
+                         repaired_cholesky, update_left, whiten)
 from ..calibration import Stat
 from .base import MethodOptions, check_range, register
 
@@ -138,29 +138,39 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
     blow the weight up (11× seen on SmolLM2) and the model falls off a cliff on new
     text even though the calibration fit looks better.  The guard keeps the gain.
     """
-    assert stats.comp_gram is not None and (stats.cross is not None or stats.weighted_cross is not None)
-    w = weight.double()
-    w_norm = float(w.norm())
-    # W·(βX + (1−β)X′)X′ᵀ as a blend of two (m, n) products, made once for every β the guard tries (or summed from
-    # the outputs by the accumulator, where that was cheaper)
-    w_cross = w @ stats.cross if stats.weighted_cross is None else stats.weighted_cross
-    stats.let_go("cross", "weighted_cross")  # each statistic let go as soon as it is read
-    w_comp = w @ stats.comp_gram if stats.weighted_comp is None else stats.weighted_comp
-    stats.let_go("weighted_comp")
+    assert stats.comp_gram is not None and (stats.cross is not None or stats.inputs is not None)
+    # W in float64 is made where it is read and not kept: no (m, n) float64 copy of it lives through the fit
+    w_norm = float(weight.double().norm())
+    blend: Callable[[float], Tensor]  # W·(βX + (1−β)X′)ᵀX′, made anew for each β the guard tries
+    from_outputs = stats.inputs is not None
+    if from_outputs:  # few tokens: from the outputs Y = X·Wᵀ and Y′ = X′·Wᵀ, (tokens × m) each
+        assert stats.comp_inputs is not None
+        x_c = stats.comp_inputs.double()
+        y, y_c = outputs_of(stats.inputs, weight), outputs_of(x_c, weight)
+        blend = lambda b: torch.lerp(y_c, y, b).T @ x_c  # noqa: E731
+        stats.let_go("inputs", "comp_inputs")
+    else:  # from the statistics: W·XᵀX′ and W·X′ᵀX′, (m, n) each
+        w_cross = weight.double() @ stats.cross
+        stats.let_go("cross")  # each statistic let go as soon as it is read
+        w_comp = weight.double() @ stats.comp_gram
+        blend = lambda b: torch.lerp(w_comp, w_cross, b)  # noqa: E731
     factor = repaired_cholesky(stats.comp_gram, opts.ec_damp, consume=stats.owned)
     stats.let_go("comp_gram")
     beta, output_side = opts.beta, _output_side(stats, opts)
     while True:  # R⁻ᵀ·Trunc_k(Rᵀ·W·D_β·S′⁻ᵀ)·S′⁻¹, R = I unless output-aware
-        f = fit_product(w, None if beta == 0 else torch.lerp(w_comp, w_cross, beta), None, k,
-                        factor=factor, with_v_gram=True, **output_side)
+        f = fit_product(weight, None if beta == 0 else blend(beta), None, k,
+                        factor=factor, with_v_gram=not from_outputs, **output_side)
         ratio = math.sqrt(max(float(((f.u.T @ f.u) * (f.v @ f.v.T)).sum()), 0.0)) / max(w_norm, 1e-300)  # ‖uv‖_F
         if beta == 0 or not opts.norm_cap or ratio <= opts.norm_cap:
             break
         beta = beta / 2 if beta > 1 / 16 else 0.0
-    del w_cross, factor
-    info: dict[str, Any] = {**_shrinkage_record(output_side),
-                            "loss": relative_error(w, f.u, f.v, None, w_comp, f.v_gram), "beta": beta,
-                            "norm_ratio": ratio}
+    del blend, factor
+    if from_outputs:
+        loss = relative_error_on(f.u, f.v, x_c, y_c)
+    else:
+        del w_cross
+        loss = relative_error(weight, f.u, f.v, None, w_comp, f.v_gram)
+    info: dict[str, Any] = {**_shrinkage_record(output_side), "loss": loss, "beta": beta, "norm_ratio": ratio}
     if beta != opts.beta:
         info["beta_requested"] = opts.beta
     return f, info
