@@ -291,7 +291,8 @@ class GramAccumulator:
             if name in group:
                 kept = self.kept.get(group[0], {})
                 for batches in kept.values():  # joined once for the group
-                    batches[:] = [torch.cat(batches)] if len(batches) > 1 else batches
+                    if len(batches) > 1:
+                        batches[:] = [torch.cat(batches)]
                 return replace(self.stats[group[0]], out_gram=self.out_grams.get(name),
                                **self.weighted.get(name, {}), **{k: b[0] for k, b in kept.items()})
         return LayerStats(out_gram=self.out_grams.get(name))

@@ -364,8 +364,12 @@ def relative_error_on(u: Tensor, v: Tensor, inputs: Tensor, outputs: Tensor) -> 
     tr(W·C·Wᵀ) = ‖X·Wᵀ‖², W·C·vᵀ = (X·Wᵀ)ᵀ·(X·vᵀ) and v·C·vᵀ = (X·vᵀ)ᵀ·(X·vᵀ), with no (m, n) product."""
     u, x_v = u.double(), inputs.double() @ v.double().T
     total = float(torch.dot(outputs.reshape(-1), outputs.reshape(-1)))
-    residual = total - 2 * float((u * (outputs.T @ x_v)).sum()) + float(((u.T @ u) * (x_v.T @ x_v)).sum())
-    return max(residual, 0.0) / max(total, 1e-300)
+    return _relative_residual(total, float((u * (outputs.T @ x_v)).sum()), float(((u.T @ u) * (x_v.T @ x_v)).sum()))
+
+
+def _relative_residual(total: float, cross: float, square: float) -> float:
+    """‖(W − u·v)X‖² / ‖W·X‖² from its expansion tr(W·C·Wᵀ) − 2⟨u, W·C·vᵀ⟩ + ⟨uᵀu, v·C·vᵀ⟩, clamped at 0."""
+    return max(total - 2 * cross + square, 0.0) / max(total, 1e-300)
 
 
 def output_error(weight: Tensor, u: Tensor, v: Tensor, gram: Tensor) -> float:
@@ -385,8 +389,7 @@ def relative_error(weight: Tensor, u: Tensor, v: Tensor, gram: Tensor | None, we
     wc = w @ gram.double() if weight_gram is None else weight_gram.double()  # type: ignore[union-attr]
     vcv = v @ gram.double() @ v.T if v_gram is None else v_gram  # type: ignore[union-attr]
     total = float(torch.dot(w.reshape(-1), wc.reshape(-1)))  # tr(W·C·Wᵀ) with no (m, n) temporary
-    residual = total - 2 * float((u * (wc @ v.T)).sum()) + float(((u.T @ u) * vcv).sum())
-    return max(residual, 0.0) / max(total, 1e-300)
+    return _relative_residual(total, float((u * (wc @ v.T)).sum()), float(((u.T @ u) * vcv).sum()))
 
 
 def target_error(weight: Tensor, approx: Tensor, target_gram: Tensor, cross: Tensor, gram: Tensor) -> float:
