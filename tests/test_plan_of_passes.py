@@ -3,6 +3,7 @@ kept products a rerun reuses."""
 from __future__ import annotations
 
 import tempfile
+import weakref
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,26 @@ def test_a_kept_product_is_read_back_bit_for_bit(tmp_path):
     a, b = first.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert first.report.records == again.report.records
+
+
+def test_the_dense_modules_swapped_out_are_let_go_before_the_last_group_is_fitted(monkeypatch):
+    """Once the dense lane has run the whole block (the last true-sequential group's record), nothing holds the dense
+    modules that the block's earlier groups were swapped out of: a 7B down_proj is fitted without 600 MB of them."""
+    model = tiny_model("llama", 64)
+    prefix = "model.layers.0."
+    dense = {name: weakref.ref(m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and name.startswith(prefix)}
+    alive: list[list[str]] = []
+    real = blockloop._decompose_block
+
+    def decompose(linears, acc, plan, opts, device):
+        if all(n.startswith(prefix) for n in linears):
+            alive.append(sorted(n.removeprefix(prefix) for n, ref in dense.items() if ref() is not None))
+        return real(linears, acc, plan, opts, device)
+
+    monkeypatch.setattr(blockloop, "_decompose_block", decompose)
+    windows = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    compress(model, windows, CompressionConfig(ratio=0.4), progress=False)
+    every = sorted(n.removeprefix(prefix) for n in dense)
+    assert alive[:-1] == [every] * 3  # q/k/v, o and gate/up: the dense lane still runs the whole dense block
+    assert alive[-1] == ["mlp.down_proj"]  # the last group's own dense weight is what it fits

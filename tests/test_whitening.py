@@ -208,6 +208,48 @@ def test_norm_guard_stops_a_regression_from_blowing_up():
     assert float((safe.u @ safe.v).norm()) <= 1.5 * float(w.norm())
 
 
+def test_the_guard_makes_the_output_factor_once_for_every_beta_it_tries(monkeypatch):
+    """Two-sided, with the guard halving β: R is made once (C_g is let go before the first fit), and the factors
+    are those of the fit at the β the guard settles on, made from C_g itself."""
+    from svdllm import whitening
+    from svdllm.calibration import LayerStats
+    from svdllm.methods import METHODS, ErrorCorrectedOptions
+    from svdllm.methods import svdllm as svdllm_methods
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    xc = x.clone()
+    xc[:, 7] = 1e-3 * x[:, 7] + 1e-3 * torch.randn(400, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    out_gram = _psd(6, g)
+    made: list[int] = []
+    real = whitening.output_factor
+    counting = lambda *a: made.append(1) or real(*a)  # noqa: E731
+    monkeypatch.setattr(whitening, "output_factor", counting)
+    monkeypatch.setattr(svdllm_methods, "output_factor", counting, raising=False)
+    opts = ErrorCorrectedOptions(beta=1.0, norm_cap=1.5, ec_damp=0.0, output_whitening=True)
+    stats = LayerStats(tokens=400, comp_gram=xc.T @ xc, cross=x.T @ xc, out_gram=out_gram)
+    f, info = METHODS["svdllm-ec"].factorize(w, stats, 4, opts)
+    assert info["beta"] < 1.0 and made == [1]
+    beta = info["beta"]
+    want = whitening.whiten_towards(w, (beta * x + (1 - beta) * xc).T @ xc, xc.T @ xc, 4, 0.0, out_gram,
+                                    opts.output_damp, opts.shrinkage(6, 400))
+    torch.testing.assert_close(f.u @ f.v, want.u @ want.v, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_promoted_product_is_the_float64_product(dtype):
+    """W·M with W cast a slab of rows at a time equals the product of W in float64, slab edges included."""
+    from svdllm.whitening import outputs_of, promoted_product
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(11, 7, generator=g).to(dtype)
+    m = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(promoted_product(w, m, rows=4), w.double() @ m, rtol=1e-15, atol=1e-15)
+    x = torch.randn(3, 7, generator=g)
+    torch.testing.assert_close(outputs_of(x, w), x.double() @ w.double().T, rtol=1e-15, atol=1e-15)
+
+
 # ---------------------------------------------------------------- output-aware (two-sided) whitening
 
 

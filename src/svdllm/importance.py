@@ -23,7 +23,7 @@ from .calibration import DENSE, ActivationStream, GramAccumulator, InputRecorder
 from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
-from .whitening import DAMP_STEPS, left_whiten_, output_factor, repaired_cholesky, sigma_squared
+from .whitening import DAMP_STEPS, left_whiten_, output_factor, promoted_product, repaired_cholesky, sigma_squared
 
 if TYPE_CHECKING:
     from .methods import OutputAwareOptions
@@ -270,7 +270,7 @@ def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Te
     s, _, _ = repaired_cholesky(stats.gram, DAMP_STEPS[0] if stats.tokens < stats.gram.shape[0] else 0.0,
                                 consume=stats.owned)
     stats.let_go("gram")
-    target = weight.double() @ s
+    target = promoted_product(weight, s)
     if r is not None:
         target = left_whiten_(r, target)
     spectrum = sigma_squared(target).cpu()

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..errors import OptionError
-from ..whitening import (Factorization, fit_product, output_shrinkage, outputs_of, relative_error, relative_error_on,
-                         repaired_cholesky, update_left, whiten)
+from ..whitening import (Factorization, fit_product, output_factor, output_shrinkage, outputs_of, promoted_product,
+                         relative_error, relative_error_on, repaired_cholesky, update_left, whiten)
 from ..calibration import Stat
 from .base import MethodOptions, check_range, register
 
@@ -150,27 +150,32 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
         blend = lambda b: torch.lerp(y_c, y, b).T @ x_c  # noqa: E731
         stats.let_go("inputs", "comp_inputs")
     else:  # from the statistics: W·XᵀX′ and W·X′ᵀX′, (m, n) each
-        w_cross = weight.double() @ stats.cross
+        w_cross = promoted_product(weight, stats.cross.double())
         stats.let_go("cross")  # each statistic let go as soon as it is read
-        w_comp = weight.double() @ stats.comp_gram
+        w_comp = promoted_product(weight, stats.comp_gram.double())
         blend = lambda b: torch.lerp(w_comp, w_cross, b)  # noqa: E731
     factor = repaired_cholesky(stats.comp_gram, opts.ec_damp, consume=stats.owned)
     stats.let_go("comp_gram")
-    beta, output_side = opts.beta, _output_side(stats, opts)
+    beta, side = opts.beta, _output_side(stats, opts)
+    # R made once for every β tried, and C_g let go before the first fit (128 MB for a 7B down_proj)
+    out_factor = output_factor(side["out_gram"], side["out_damp"], side["out_shrink"]) if side else None
+    shrinkage = _shrinkage_record(side)
+    del side
+    stats.let_go("out_gram")
     while True:  # R⁻ᵀ·Trunc_k(Rᵀ·W·D_β·S′⁻ᵀ)·S′⁻¹, R = I unless output-aware
         f = fit_product(weight, None if beta == 0 else blend(beta), None, k,
-                        factor=factor, with_v_gram=not from_outputs, **output_side)
+                        factor=factor, with_v_gram=not from_outputs, out_factor=out_factor)
         ratio = math.sqrt(max(float(((f.u.T @ f.u) * (f.v @ f.v.T)).sum()), 0.0)) / max(w_norm, 1e-300)  # ‖uv‖_F
         if beta == 0 or not opts.norm_cap or ratio <= opts.norm_cap:
             break
         beta = beta / 2 if beta > 1 / 16 else 0.0
-    del blend, factor
+    del blend, factor, out_factor
     if from_outputs:
         loss = relative_error_on(f.u, f.v, x_c, y_c)
     else:
         del w_cross
         loss = relative_error(weight, f.u, f.v, None, w_comp, f.v_gram)
-    info: dict[str, Any] = {**_shrinkage_record(output_side), "loss": loss, "beta": beta, "norm_ratio": ratio}
+    info: dict[str, Any] = {**shrinkage, "loss": loss, "beta": beta, "norm_ratio": ratio}
     if beta != opts.beta:
         info["beta_requested"] = opts.beta
     return f, info
