@@ -96,15 +96,17 @@ def block_flops(tokens: int, full_width: int = 8192) -> dict[str, float]:
     ``sums_from_outputs``); float32 products are counted at a quarter (``F64_COST``).
 
     Per linear (m outputs, n inputs, p = min, q = max, k its rank; C_g full when m ≤ ``full_width``):
-    - spectra (in the reverse pass, counted against its phase "gradients"): from the outputs, y = x·Wᵀ (float32,
-      t·m·n) and yᵀy (t·m²), then Rᵀ·G·R (m³, R triangular) and the eigenvalues (4m³/3); from XᵀX, its Cholesky
-      (n³/3, once per linear), W·S (m·n²), Rᵀ·(W·S) (m²·n) and the smaller Gram's eigenvalues (q·p² + 4p³/3);
+    - spectra (in the reverse pass, counted against its phase "gradients"): from the inputs (fewer tokens than
+      outputs), Z = X·Wᵀ·R (float64, t·m·n + t·m²) and its t × t Gram's eigenvalues (0.56·t²·m + 4t³/3); from the
+      outputs, y = x·Wᵀ (float32, t·m·n) and yᵀy (t·m²), then Rᵀ·G·R (m³, R triangular) and the eigenvalues
+      (4m³/3); from XᵀX, its Cholesky (n³/3, once per linear), W·S (m·n²), Rᵀ·(W·S) (m²·n) and the smaller Gram's
+      eigenvalues (0.56·q·p² + 4p³/3; a side Gram is made up to its diagonal blocks);
     - the fit: from the kept inputs, X·Wᵀ, X′·Wᵀ and the blend's product with X′ (3·t·m·n), else W·XᵀX′ and
       W·X′ᵀX′ (m·n² each); X′ᵀX′'s Cholesky (n³/3), R (m³/3), the solve (m·n²) and Rᵀ·T (m²·n), the smaller Gram
-      and its eigenvectors (q·p² + about 5p³), the projection (k·m·n), the back-solves (m²·k + k·n²), and the
+      and its eigenvectors (0.56·q·p² + about 5p³), the projection (k·m·n), the back-solves (m²·k + k·n²), and the
       reported loss (from the inputs t·(n + m)·k; else v·C·vᵀ, k²·n, and k·m·n).
     """
-    from svdllm.calibration import F64_COST, spectra_from_outputs, sums_from_outputs
+    from svdllm.calibration import F64_COST, spectra_from_inputs, spectra_from_outputs, sums_from_outputs
 
     h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
     kv = h // SHAPE["num_attention_heads"] * SHAPE["num_key_value_heads"]
@@ -113,19 +115,22 @@ def block_flops(tokens: int, full_width: int = 8192) -> dict[str, float]:
     for group in groups:
         n = group[0][1]
         outs = [m for m, _ in group]
-        by_outputs = spectra_from_outputs(t, n, outs)
+        by_inputs = spectra_from_inputs(t, outs)
+        by_outputs = not by_inputs and spectra_from_outputs(t, n, outs)
         kept = sums_from_outputs(t, n, sum(outs), statistic_needed=True)  # the inputs kept for the fit
         for m, _ in group:
             p, q = min(m, n), max(m, n)
             full = m <= full_width
             k = int(0.8 * m * n / (m + n))
-            if by_outputs:
+            if by_inputs:
+                spectra += t * m * n + (t * m * m if full else 0) + 0.56 * t * t * m + 4 * t**3 / 3
+            elif by_outputs:
                 spectra += t * m * n / F64_COST + t * m * m + (m**3 if full else 0) + 4 * m**3 / 3
             else:
-                spectra += n**3 / 3 + m * n**2 + (m**2 * n if full else 0) + q * p**2 + 4 * p**3 / 3
+                spectra += n**3 / 3 + m * n**2 + (m**2 * n if full else 0) + 0.56 * q * p**2 + 4 * p**3 / 3
             products_and_loss = 3 * t * m * n + t * (n + m) * k if kept else 2 * m * n**2 + k * k * n + k * m * n
             fit += (products_and_loss + n**3 / 3 + m * n**2 + ((m**3 / 3 + m**2 * n + m**2 * k) if full else 0)
-                    + q * p**2 + 5 * p**3 + k * m * n + k * n**2)
+                    + 0.56 * q * p**2 + 5 * p**3 + k * m * n + k * n**2)
     return {"gradients": spectra, "decompositions": fit}
 
 

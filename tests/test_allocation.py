@@ -199,13 +199,15 @@ def test_a_non_finite_loss_or_gradient_names_the_window_and_the_block():
 
 
 @pytest.mark.parametrize("two_sided", [False, True])
-def test_spectra_from_the_outputs_gram_equal_those_from_the_input_gram(two_sided):
+def test_spectra_from_the_outputs_gram_equal_those_from_the_input_gram(two_sided, monkeypatch):
     """σ² of Rᵀ·W·S (S Sᵀ = XXᵀ) are the eigenvalues of Rᵀ·W·XXᵀ·Wᵀ·R: where the outputs' Gram costs less (few tokens,
     no more outputs than inputs) the reverse pass sums it instead of XᵀX, and the spectra agree with the input Gram's
     to float32 rounding (the Gram route's is its first ridge step, 1e-8 of the mean diagonal)."""
+    from svdllm import calibration
     from svdllm.calibration import spectra_from_outputs
     from svdllm.methods import ErrorCorrectedOptions
 
+    monkeypatch.setattr(calibration, "spectra_from_inputs", lambda *a: False)  # its own test below
     model = tiny_model("llama", 64)
     windows = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(4))
     plan = make_plan(model, 0.4)
@@ -221,6 +223,39 @@ def test_spectra_from_the_outputs_gram_equal_those_from_the_input_gram(two_sided
         torch.testing.assert_close(by_outputs[name], by_gram[name], rtol=0, atol=1e-5 * float(by_gram[name][0]))
     assert all(torch.equal(by_gram[n], by_outputs[n]) for n in names if n not in took)
     assert not any(torch.equal(by_gram[n], by_outputs[n]) for n in took)  # a route of their own
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_spectra_from_the_inputs_equal_those_from_the_grams(two_sided, monkeypatch):
+    """Fewer tokens than outputs: the reverse pass keeps the inputs X and takes σ² of X·Wᵀ·R from its t × t Gram, for
+    every linear of the tiny model; they equal the Gram routes' (W·XXᵀ·Wᵀ's where it is taken, else XᵀX's at its
+    first ridge step), zeros past the tokens' rank included."""
+    from svdllm import calibration, importance
+    from svdllm.methods import ErrorCorrectedOptions
+
+    model = tiny_model("llama", 64)
+    windows = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(4))  # 16 tokens, 64+ outputs
+    names = list(make_plan(model, 0.4).ranks)
+    ask = Spectra(out_side=ErrorCorrectedOptions()) if two_sided else Spectra()
+    routes: dict[str, bool] = {}
+    real = importance.whitened_spectrum
+
+    def spy(name, weight, stats, *args):
+        routes[name] = stats.inputs is not None
+        return real(name, weight, stats, *args)
+
+    monkeypatch.setattr(importance, "whitened_spectrum", spy)
+    by_inputs = gradient_statistics(ModelSource(model), windows, names, output_grams=two_sided, spectra=ask,
+                                    tokens=16).spectra
+    assert routes == dict.fromkeys(names, True)
+    monkeypatch.setattr(calibration, "spectra_from_inputs", lambda *a: False)
+    by_grams = gradient_statistics(ModelSource(model), windows, names, output_grams=two_sided, spectra=ask,
+                                   tokens=16).spectra
+    assert not any(routes.values())
+    for name in names:
+        assert by_inputs[name].shape == by_grams[name].shape == (min(model.get_submodule(name).weight.shape),)
+        assert not by_inputs[name][16:].any()
+        torch.testing.assert_close(by_inputs[name], by_grams[name], rtol=0, atol=1e-5 * float(by_grams[name][0]))
 
 
 def test_the_spectra_take_the_outputs_where_they_cost_less():

@@ -237,6 +237,22 @@ def test_the_guard_makes_the_output_factor_once_for_every_beta_it_tries(monkeypa
     torch.testing.assert_close(f.u @ f.v, want.u @ want.v, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(70, 200), (200, 70), (64, 64)], ids=["wide", "tall", "square"])
+def test_a_side_gram_made_to_its_diagonal_is_the_smaller_gram(shape):
+    """The smaller of T·Tᵀ and Tᵀ·T, made a slab at a time up to the diagonal (slabs that do not divide it) and
+    mirrored: the float64 product to rounding."""
+    from svdllm.whitening import add_gram_, side_gram
+
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gram, wide = side_gram(t)
+    want = t @ t.T if shape[0] <= shape[1] else t.T @ t
+    assert wide == (shape[0] <= shape[1]) and gram.shape == want.shape
+    torch.testing.assert_close(gram, want, rtol=1e-13, atol=1e-12)
+    x = t.float()
+    torch.testing.assert_close(add_gram_(torch.ones(shape[1], shape[1], dtype=torch.float64), x, 9),
+                               1 + x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_a_promoted_product_is_the_float64_product(dtype):
     """W·M with W cast a slab of rows at a time equals the product of W in float64, slab edges included."""

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from . import distributed
 from .cache import DiskStore, TensorStore
 from .data import eval_windows, sample_windows, windows_digest  # noqa: F401  (their home is data; here for callers)
+from .whitening import add_gram_
 
 DENSE, COMPRESSED = "dense", "compressed"
 NEXT = "next"  # where ``record`` keeps the dense block's outputs until ``advance`` makes them the dense lane
@@ -62,7 +63,8 @@ class LayerStats:
     information of the weight (from ``importance.gradient_statistics``).  inputs = X and comp_inputs = X′
     (tokens × n, float32) where the error-corrected fit's products W·XᵀX′ and W·X′ᵀX′ cost less from the outputs
     (``sums_from_outputs``): few tokens against the width; cross is then not made.  Likewise weighted_gram =
-    W·XᵀX·Wᵀ for the spectra (``spectra_from_outputs``), gram then not made.
+    W·XᵀX·Wᵀ for the spectra (``spectra_from_outputs``), gram then not made; or, fewer tokens than outputs, X itself
+    for the spectra (``spectra_from_inputs``).
     """
 
     tokens: int = 0
@@ -143,12 +145,7 @@ def add_product_(total: Tensor | None, a: Tensor, b: Tensor, device: torch.devic
         for r in range(0, n, GRAM_SLAB):
             total[r:r + GRAM_SLAB].add_((a[:, r:r + GRAM_SLAB].T @ b).to(total.device))
         return total
-    slab = min(SYMMETRIC_SLAB, 64 * math.ceil(n / 192))  # n/3 rounded up to a multiple of 64: the fastest here
-    for r in range(0, n, slab):
-        part = (a[:, r:r + slab].T @ a[:, :r + slab]).to(total.device)  # rows r…r+slab, columns up to their end
-        total[r:r + slab, :r + slab].add_(part)
-        total[:r, r:r + slab].add_(part[:, :r].T)
-    return total
+    return add_gram_(total, a, min(SYMMETRIC_SLAB, 64 * math.ceil(n / 192)))  # n/3 up to a multiple of 64: fastest here
 
 
 def sums_from_outputs(tokens: int, width: int, outs: int, statistic_needed: bool) -> bool:
@@ -186,10 +183,19 @@ def spectra_from_outputs(tokens: int, width: int, outs: list[int]) -> bool:
     return by_outputs < by_gram
 
 
+def spectra_from_inputs(tokens: int, outs: list[int]) -> bool:
+    """Whether the spectra of a group reading one input are made from its calibration inputs X themselves: when
+    there are fewer tokens than any of its linears has outputs.  σ² of Rᵀ·W·S (S Sᵀ = XᵀX) are then the
+    eigenvalues of the t × t Gram of Z = X·Wᵀ·R (t·m·n + t·m² + t²·m), where both Gram routes end in an m × m or
+    n × n eigendecomposition (a 7B block at the scale benchmark's 512 tokens: 45–70 s of its spectra)."""
+    return tokens > 0 and bool(outs) and all(tokens < m for m in outs)
+
+
 @dataclass(frozen=True)
 class Route:
     """Which statistics of a group of linears sharing an input are summed from the linears' outputs."""
 
+    spectra_inputs: bool = False  # X kept for the spectra, no Gram at all (``spectra_from_inputs``)
     spectra: bool = False  # each linear's W·XᵀX·Wᵀ for its spectrum, no XᵀX (``spectra_from_outputs``)
     inputs: bool = False  # X and X′ kept for the error-corrected fit, no XᵀX′ (``sums_from_outputs``)
 
@@ -225,9 +231,11 @@ class GramAccumulator:
         if group[0] not in self._routes:
             known = all(name in self.weights for name in group)
             outs = [self.weights[name].shape[0] for name in group] if known else []
+            for_spectra = known and self.for_spectra and Stat.GRAM in self.needs
+            from_inputs = for_spectra and spectra_from_inputs(self.tokens, outs)
             self._routes[group[0]] = Route(
-                spectra=known and self.for_spectra and Stat.GRAM in self.needs
-                and spectra_from_outputs(self.tokens, width, outs),
+                spectra_inputs=from_inputs,
+                spectra=for_spectra and not from_inputs and spectra_from_outputs(self.tokens, width, outs),
                 inputs=known and Stat.CROSS in self.needs
                 and sums_from_outputs(self.tokens, width, sum(outs), statistic_needed=True))
         return self._routes[group[0]]
@@ -247,7 +255,9 @@ class GramAccumulator:
             x = dense[group[0]].detach().reshape(-1, dense[group[0]].shape[-1]).float()
             st.tokens += x.shape[0]
             route = self.route(group, x.shape[-1])
-            if route.spectra:
+            if route.spectra_inputs:  # a copy: the stream may reuse its buffers
+                self.kept.setdefault(group[0], {"inputs": []})["inputs"].append(x.to(self.device, copy=True))
+            elif route.spectra:
                 for name in group:
                     sums = self.weighted.setdefault(name, {})
                     sums["weighted_gram"] = add_outputs_gram_(sums.get("weighted_gram"), x, self.weights[name],

@@ -23,7 +23,8 @@ from .calibration import DENSE, ActivationStream, GramAccumulator, InputRecorder
 from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
-from .whitening import DAMP_STEPS, left_whiten_, output_factor, promoted_product, repaired_cholesky, sigma_squared
+from .whitening import (DAMP_STEPS, left_whiten_, output_factor, outputs_of, promoted_product, repaired_cholesky,
+                        sigma_squared)
 
 if TYPE_CHECKING:
     from .methods import OutputAwareOptions
@@ -90,7 +91,8 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
     output (``sensitivity``; with ``output_grams`` also Σ g gᵀ, the diagonal alone for outputs wider than
     ``full_width``) and, if asked, at its weight (``row_fisher``, FWSVD's); with ``spectra`` the recomputation's
     dense inputs give each linear's whitened spectrum, with no pass of its own (from W·XᵀX·Wᵀ where that costs less
-    for the calibration's ``tokens``, every process's: ``calibration.spectra_from_outputs``).  Each block's Grams go to
+    for the calibration's ``tokens``, every process's: ``calibration.spectra_from_outputs``; from X itself where the
+    tokens are fewer than the outputs: ``spectra_from_inputs``).  Each block's Grams go to
     ``gram_store`` (CPU memory unless given) as soon as its windows are done, so that memory holds one block's
     worth.  The result equals a whole-model backward's (a test holds it to one).  A non-finite loss or gradient is
     an error naming the window and the block, before anything is written.
@@ -248,12 +250,22 @@ def whitened_spectrum(name: str, weight: Tensor, stats: LayerStats, out_gram: Te
     """σ² of W·chol(XXᵀ), or with ``out_side`` of Rᵀ·W·chol(XXᵀ) (R Rᵀ = C_g, damped and shrunk as the factorisation
     will): two-sided, in units of the loss, and zero for an output that never reaches the loss.  Given W·XXᵀ·Wᵀ
     (``stats.weighted_gram``), they are its eigenvalues (or Rᵀ·W·XXᵀ·Wᵀ·R's): the same σ², with no Cholesky
-    factor and no ridge (an input no token reaches adds nothing to them, as it adds nothing to the loss)."""
+    factor and no ridge (an input no token reaches adds nothing to them, as it adds nothing to the loss).  Given
+    the inputs X themselves (``stats.inputs``: fewer tokens than outputs), they are those of Z = X·Wᵀ·R, from Z's
+    smaller Gram, the same σ² again with zeros past the tokens' rank."""
     r = None
     if out_gram is not None and out_side is not None:
         if not torch.isfinite(out_gram).all():  # one-sided σ² here would mix activation units into loss units
             raise DataError(f"{name}: its output-gradient Gram is not finite; try float32")
         r, _ = output_factor(out_gram, out_side.output_damp, out_side.shrinkage(out_gram.shape[0], stats.tokens))
+    if stats.inputs is not None:  # fewer tokens than outputs: σ² of Z = X·Wᵀ·R from its t × t Gram, zeros past t
+        z = outputs_of(stats.inputs, weight)
+        stats.let_go("inputs")
+        if r is not None:
+            z = z * r if r.dim() == 1 else z @ r
+        spectrum = sigma_squared(z)[:min(weight.shape)].cpu()
+        release_workspace()
+        return torch.nn.functional.pad(spectrum, (0, min(weight.shape) - spectrum.shape[0]))
     if stats.weighted_gram is not None:
         gram = stats.weighted_gram.double()
         stats.let_go("weighted_gram")

@@ -150,12 +150,25 @@ def _cholesky_in_place(potrf: Callable[..., Any], g: Tensor, tried: list[float],
     return None
 
 
+def add_gram_(total: Tensor, a: Tensor, slab: int) -> Tensor:
+    """``total`` + aᵀa, a slab of ``slab`` rows at a time up to its diagonal block, the rest mirrored: about
+    (1 + slab/n)/2 of a full product's flops.  The products run in a's dtype and are summed into total's."""
+    for r in range(0, a.shape[1], slab):
+        part = (a[:, r:r + slab].T @ a[:, :r + slab]).to(total.device)  # rows r…r+slab, columns up to their end
+        total[r:r + slab, :r + slab].add_(part)
+        total[:r, r:r + slab].add_(part[:, :r].T)
+    return total
+
+
 def side_gram(target: Tensor) -> tuple[Tensor, bool]:
     """T·Tᵀ when T (m, n) is at most as tall as wide, else Tᵀ·T, in float64: the smaller of its two Grams, whose
-    eigenvalues are T's σ² and whose eigenvectors are its left (or right) singular vectors; and whether it is T·Tᵀ."""
+    eigenvalues are T's σ² and whose eigenvectors are its left (or right) singular vectors; and whether it is T·Tᵀ.
+    Made up to its diagonal blocks and mirrored (``add_gram_``): 0.56 of the flops of a 4096-wide one."""
     t = target.double()
     wide = t.shape[0] <= t.shape[1]
-    return (t @ t.T if wide else t.T @ t), wide
+    side = t.T if wide else t  # columns: the Gram's side
+    p = side.shape[1]
+    return add_gram_(torch.zeros(p, p, dtype=torch.float64, device=t.device), side, max(64, -(-p // 8))), wide
 
 
 def sigma_squared(target: Tensor) -> Tensor:
