@@ -102,7 +102,7 @@ sys.exit(svdllm.cli.main(sys.argv[2:]))
 
 
 def test_sigkilled_low_memory_run_resumes_to_identical_shards(tmp_path):
-    """SmolLM2 streamed from disk, SIGKILLed after block 4 of 30 (blocks 10-29 left dense: a third of the
+    """SmolLM2 streamed from disk, SIGKILLed after block 4 of 30 (the `LATER` blocks left dense: a third of the
     factorisations), rerun: the same bytes as an unbroken run.  With `svdllm-w` (a third of the default's time here):
     the default's own kills, in the reverse pass and the block loop, are tests/test_streaming.py's on a tiny model."""
     import hashlib
@@ -114,8 +114,8 @@ def test_sigkilled_low_memory_run_resumes_to_identical_shards(tmp_path):
 
     def argv(out):
         return ["-q", "compress", str(named_model_dir("smollm2-135m")), "--low-memory", "--nsamples", "4",
-                "--seqlen", "128", "--eval", "", "--method", "svdllm-w", "--ranks", "uniform", "--skip-layers", "10-29",
-                "--out", str(out)]
+                "--seqlen", "128", "--eval", "", "--method", "svdllm-w", "--ranks", "uniform", "--skip-layers",
+                f"{LATER[0]}-{LATER[-1]}", "--out", str(out)]
 
     def digests(folder):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
