@@ -1,0 +1,95 @@
+"""Choose refinement's learning rate and schedule on calibration text alone: the held-out error of chosen blocks.
+
+Takes a saved compressed SmolLM2 (the closed form), runs the dense and compressed calibration streams block by block,
+and at each chosen block refines a copy of the compressed block under each variant (``schedule:lr``), as the block
+loop would (``refine_block``: same windows, steps, held-out windows and stopping).  The measure is the held-out
+calibration windows' output error relative to the closed form's: nothing here reads evaluation text.
+
+    python benchmarks/refine_schedule.py --compressed OUT_0.6 --blocks 4,14,24 --results benchmarks/results/refine-schedule
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import svdllm
+from svdllm.architecture import decoder_blocks
+from svdllm.cache import MemoryStore
+from svdllm.calibration import COMPRESSED, DENSE, NEXT, ActivationStream
+from svdllm.data import bos_token, load_text, sample_windows, tokenize
+from svdllm.refine import RefineOptions, refine_block
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit, markdown_table, save_figure, write_json  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compressed", required=True, help="a folder svdllm compressed SmolLM2 into")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--blocks", default="4,14,24")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--variants", default="constant:3e-4,cosine:3e-4,cosine:6e-4,cosine:1e-3")
+    ap.add_argument("--results", type=Path, required=True)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    blocks = sorted(int(b) for b in args.blocks.split(","))
+    variants = [(v.split(":")[0], float(v.split(":")[1])) for v in args.variants.split(",")]
+
+    dense, tok = svdllm.load_model(args.model, dtype="float32")
+    comp = svdllm.load(args.compressed, dtype="float32")
+    record = svdllm.read_record(args.compressed)
+    windows = sample_windows(tokenize(tok, load_text(record.calibration["data"])), args.nsamples, 512, 0,
+                             bos_token(tok, dense.config))
+    _, dense_blocks = decoder_blocks(dense)
+    _, comp_blocks = decoder_blocks(comp)
+    cpu = torch.device("cpu")
+    stream = ActivationStream.capture(dense, dense_blocks, windows, 4, (DENSE, COMPRESSED), MemoryStore(cpu), cpu)
+    rows = []
+    for i in range(blocks[-1] + 1):
+        if i in blocks:
+            with torch.no_grad():
+                for j in range(len(stream)):
+                    stream.put(NEXT, j, stream.run_block(dense_blocks[i], i, j, stream.hidden(DENSE, j, cpu)))
+            for schedule, lr in variants:
+                block = copy.deepcopy(comp_blocks[i])
+                start = time.perf_counter()
+                rec = refine_block(block, i, stream, args.nsamples, 4,
+                                   RefineOptions(steps=args.steps, lr=lr, schedule=schedule))
+                rec.update(schedule=schedule, lr=lr, seconds=round(time.perf_counter() - start, 1),
+                           fall=1 - rec["heldout_after"] / rec["heldout_before"])
+                print(json.dumps(rec), flush=True)
+                rows.append(rec)
+        stream.propagate(dense_blocks[i], i, DENSE)
+        stream.propagate(comp_blocks[i], i, COMPRESSED)
+
+    means = {f"{s}:{lr:g}": sum(r["fall"] for r in rows if (r["schedule"], r["lr"]) == (s, lr)) / len(blocks)
+             for s, lr in variants}
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(args.results / "results.json",
+               {"commit": commit(), "compressed": {"ratio": record.ratio, **record.calibration}, "nsamples": args.nsamples,
+                "steps": args.steps, "rows": rows, "mean_fall": means})
+    table = markdown_table(["block", "schedule", "lr", "steps", "outcome", "held-out error fall", "seconds"],
+                           [[r["block"], r["schedule"], f"{r['lr']:g}", r["steps"], r["outcome"],
+                             f"{100 * r['fall']:.2f}%", r["seconds"]] for r in rows])
+    table += "\n" + markdown_table(["variant", "mean fall over the blocks"],
+                                    [[k, f"{100 * v:.2f}%"] for k, v in means.items()])
+    (args.results / "table.md").write_text(table)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for s, lr in variants:
+        ax.plot(blocks, [100 * r["fall"] for r in rows if (r["schedule"], r["lr"]) == (s, lr)], "o-", label=f"{s} {lr:g}")
+    ax.set(xlabel="block", ylabel="held-out error fall (%)", title="refinement variants on calibration windows")
+    ax.legend()
+    save_figure(fig, args.results / "variants.png")
+
+if __name__ == "__main__":
+    main()
