@@ -3,7 +3,6 @@ a kill during refinement resumes to identical shards, a non-finite step keeps th
 from __future__ import annotations
 
 import json
-import math
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -81,27 +80,6 @@ def test_a_non_finite_step_keeps_the_closed_form_and_says_so(make_model, calib_t
                for r in result.report.refinement)
     got = factors(result.model)
     assert all(torch.equal(got[k], closed[k]) for k in closed)
-
-
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_the_schedule_sets_each_steps_learning_rate(make_model, calib_tokens, monkeypatch, schedule):
-    """Cosine: step t (from 0) of N runs at lr·(1 + cos(πt/N))/2, written here from the formula."""
-    windows = sample_windows(calib_tokens, 8, 32, 0)
-    seen: list[float] = []
-    real = torch.optim.Adam.step
-
-    def step(self, *args, **kwargs):
-        seen.append(self.param_groups[0]["lr"])
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", step)
-    steps, lr = 6, 1e-4
-    opts = RefineOptions(steps=steps, lr=lr, schedule=schedule, eval_every=1, patience=steps + 1)
-    cfg = CompressionConfig(ratio=0.4, method="svdllm-w", rank_rule="uniform", batch_size=4, refine=opts)
-    result = compress(make_model("llama"), windows, cfg, progress=False)
-    assert [r["steps"] for r in result.report.refinement] == [steps, steps]
-    want = [lr * (1 + math.cos(math.pi * t / steps)) / 2 if schedule == "cosine" else lr for t in range(steps)]
-    assert seen == pytest.approx(want * 2, rel=1e-9)
 
 
 def test_refinement_in_bfloat16_keeps_the_models_dtype(make_model, calib_tokens):
@@ -184,19 +162,13 @@ def test_presets_are_plain_options_and_flags_override_them():
 
 @pytest.mark.parametrize("flag, value, error", [("--refine-lr", "0", "--refine-lr: must be in (0, 1]"),
                                                 ("--refine-steps", "-1", "--refine-steps: must be a non-negative"),
-                                                ("--preset", "slow", "invalid choice: 'slow'"),
-                                                ("--refine-schedule", "linear", "invalid choice: 'linear'")])
+                                                ("--preset", "slow", "invalid choice: 'slow'")])
 def test_bad_refinement_options_are_one_line(model_dir, tmp_path, capsys, flag, value, error):
-    with pytest.raises(SystemExit) if flag in ("--preset", "--refine-schedule") else nullcontext():
+    with pytest.raises(SystemExit) if flag == "--preset" else nullcontext():
         code = main(["-q", "compress", str(model_dir), "--out", str(tmp_path / "o"), flag, value])
         assert code == 2
     err = capsys.readouterr().err
     assert error in err and not (tmp_path / "o").exists()
-
-
-def test_an_unknown_schedule_is_refused_by_name():
-    with pytest.raises(OptionError, match="refine.schedule: must be one of constant, cosine"):
-        RefineOptions(steps=1, schedule="linear").validate()
 
 
 def test_refinement_needs_a_window_to_train_on():

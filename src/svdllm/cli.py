@@ -108,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .folder import DTYPES
     from .methods import METHODS
     from .quantize import QuantizeOptions
-    from .refine import SCHEDULES
     from .workflow import PRESETS, CompressOptions
 
     D, Q, T = CompressOptions(), QuantizeOptions(), EvalTexts()
@@ -161,9 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine-steps", type=int, default=None,
                    help=f"Adam steps per block on its output error against the dense block (default {R.steps}: off)")
     r.add_argument("--refine-lr", type=_number, default=None, help=f"their learning rate (default {R.lr:g})")
-    r.add_argument("--refine-schedule", choices=SCHEDULES, default=None,
-                   help=f"their learning rate over the steps: constant, or cosine from --refine-lr to 0 "
-                        f"(default {R.schedule})")
     r.add_argument("--refine-windows", type=_positive, default=None,
                    help=f"calibration windows per step (default {R.windows_per_step})")
     c.add_argument("--rank-floor", type=float, default=C.rank_floor,
@@ -287,7 +283,6 @@ def compress_options(args: argparse.Namespace) -> Any:
     B = base.compression
     pick = lambda given, fallback: fallback if given is None else given  # noqa: E731
     refine = replace(B.refine, steps=pick(args.refine_steps, B.refine.steps), lr=pick(args.refine_lr, B.refine.lr),
-                     schedule=pick(args.refine_schedule, B.refine.schedule),
                      windows_per_step=pick(args.refine_windows, B.refine.windows_per_step))
     method = options_for(pick(args.method, B.method.name), beta=args.beta, norm_cap=args.norm_cap, damp=args.damp,
                          asvd_alpha=args.asvd_alpha, output_whitening=args.output_whitening,
@@ -521,7 +516,7 @@ COMMANDS = {"compress": cmd_compress, "finetune": cmd_finetune, "quantize": cmd_
 # an option named in an error → its flag, where the flag is not --OPTION-NAME
 FLAGS = {
     "compress": {"rank_rule": "--ranks", "refine.windows_per_step": "--refine-windows",
-                 **{f"refine.{f}": f"--refine-{f}" for f in ("steps", "lr", "schedule", "holdout", "eval_every", "patience")},
+                 **{f"refine.{f}": f"--refine-{f}" for f in ("steps", "lr", "holdout", "eval_every", "patience")},
                  "quantize.bits": "--quantize", "quantize.group_size": "--quantize-group-size",
                  **{f"finetune.{f}": f"--ft-{f.replace('_', '-')}" for f in (
                      "data", "order", "lora_r", "lora_alpha", "lr", "steps", "batch_size", "seqlen", "seed", "dtype")}},

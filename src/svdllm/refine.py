@@ -28,24 +28,18 @@ from .errors import OptionError
 from .runtime import LowRankLinear
 
 
-SCHEDULES = ("constant", "cosine")
-
-
 @dataclass
 class RefineOptions:
     """Block refinement; ``steps`` 0 leaves the closed-form factors as they are."""
 
     steps: int = 0  # Adam steps per block
-    lr: float = 3e-4
-    schedule: str = "constant"  # the learning rate over the steps: constant, or cosine (from ``lr`` to 0 at ``steps``)
+    lr: float = 1e-3  # chosen on held-out calibration windows (benchmarks/results/refine-schedule*)
     windows_per_step: int = 4
     holdout: float = 0.125  # share of the calibration windows (the last ones) held out to choose and stop on
     eval_every: int = 8  # steps between held-out evaluations (and after the last step)
     patience: int = 2  # evaluations without a new best before the block stops
 
     def validate(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise OptionError("refine.schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise OptionError("refine.steps", f"must be a non-negative integer, got {self.steps!r}")
         for name in ("windows_per_step", "eval_every", "patience"):
@@ -135,7 +129,6 @@ def refine_block(block: nn.Module, i: int, stream: ActivationStream, n_windows: 
     record.update(heldout_before=best, heldout_after=best, outcome="closed form kept")
     best_state = closed_form
     optimizer = torch.optim.Adam(params, lr=opts.lr)
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, opts.steps) if opts.schedule == "cosine" else None
     stale, step = 0, 0
     bar = tqdm(total=opts.steps, desc=f"refine block {i}", unit="step", leave=False,
                disable=not progress or not distributed.is_writer())
@@ -152,8 +145,6 @@ def refine_block(block: nn.Module, i: int, stream: ActivationStream, n_windows: 
                 best_state, best = closed_form, record["heldout_before"]
                 break
             optimizer.step()
-            if decay is not None:
-                decay.step()
             record["steps"] = step
             bar.update()
             if step % opts.eval_every and step != opts.steps:

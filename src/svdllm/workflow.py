@@ -80,8 +80,7 @@ def preset(name: str, **changes: Any) -> CompressOptions:
     - ``balanced``: the default (output-aware, error-corrected, true-sequential ``svdllm-ec``, ranks from the
       two-sided spectra);
     - ``best``: the default on twice its calibration (64 windows), each block then refined by up to 64 Adam steps
-      at learning rate 1e-3 (``RefineOptions``; the rate chosen on held-out calibration windows,
-      ``benchmarks/results/refine-schedule``), in about 3× the default's time.
+      (``RefineOptions``), in about 3× the default's time.
 
     Their cost and quality on SmolLM2: docs/refinement.md."""
     from .refine import RefineOptions
@@ -89,7 +88,7 @@ def preset(name: str, **changes: Any) -> CompressOptions:
     presets = {"fast": lambda: CompressOptions(compression=CompressionConfig(method="svdllm-w", rank_rule="uniform")),
                "balanced": CompressOptions,
                "best": lambda: CompressOptions(nsamples=64,
-                                               compression=CompressionConfig(refine=RefineOptions(steps=64, lr=1e-3)))}
+                                               compression=CompressionConfig(refine=RefineOptions(steps=64)))}
     if name not in presets:
         raise OptionError("preset", f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return replace(presets[name](), **changes)

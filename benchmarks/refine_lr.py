@@ -1,11 +1,12 @@
-"""Choose refinement's learning rate and schedule on calibration text alone: the held-out error of chosen blocks.
+"""Choose refinement's learning rate on calibration text alone: the held-out error of chosen blocks.
 
 Takes a saved compressed SmolLM2 (the closed form), runs the dense and compressed calibration streams block by block,
-and at each chosen block refines a copy of the compressed block under each variant (``schedule:lr``), as the block
-loop would (``refine_block``: same windows, steps, held-out windows and stopping).  The measure is the held-out
-calibration windows' output error relative to the closed form's: nothing here reads evaluation text.
+and at each chosen block refines a copy of the compressed block at each learning rate, as the block loop would
+(``refine_block``: the same windows, steps, held-out windows and stopping).  The measure is the fall of the held-out
+calibration windows' output error from the closed form's: nothing here reads evaluation text.
 
-    python benchmarks/refine_schedule.py --compressed OUT_0.6 --blocks 4,14,24 --results benchmarks/results/refine-schedule
+    svdllm compress --ratio 0.6 --eval '' --out OUT_0.6
+    python benchmarks/refine_lr.py --compressed OUT_0.6 --lrs 3e-4,6e-4,1e-3,1.5e-3 --results benchmarks/results/refine-lr
 """
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ def main() -> None:
     ap.add_argument("--blocks", default="4,14,24")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--variants", default="constant:3e-4,cosine:3e-4,cosine:6e-4,cosine:1e-3")
+    ap.add_argument("--lrs", default="3e-4,6e-4,1e-3,1.5e-3")
     ap.add_argument("--results", type=Path, required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
     blocks = sorted(int(b) for b in args.blocks.split(","))
-    variants = [(v.split(":")[0], float(v.split(":")[1])) for v in args.variants.split(",")]
+    lrs = [float(v) for v in args.lrs.split(",")]
 
     dense, tok = svdllm.load_model(args.model, dtype="float32")
     comp = svdllm.load(args.compressed, dtype="float32")
@@ -58,36 +59,35 @@ def main() -> None:
             with torch.no_grad():
                 for j in range(len(stream)):
                     stream.put(NEXT, j, stream.run_block(dense_blocks[i], i, j, stream.hidden(DENSE, j, cpu)))
-            for schedule, lr in variants:
+            for lr in lrs:
                 block = copy.deepcopy(comp_blocks[i])
                 start = time.perf_counter()
                 rec = refine_block(block, i, stream, args.nsamples, 4,
-                                   RefineOptions(steps=args.steps, lr=lr, schedule=schedule))
-                rec.update(schedule=schedule, lr=lr, seconds=round(time.perf_counter() - start, 1),
+                                   RefineOptions(steps=args.steps, lr=lr))
+                rec.update(lr=lr, seconds=round(time.perf_counter() - start, 1),
                            fall=1 - rec["heldout_after"] / rec["heldout_before"])
                 print(json.dumps(rec), flush=True)
                 rows.append(rec)
         stream.propagate(dense_blocks[i], i, DENSE)
         stream.propagate(comp_blocks[i], i, COMPRESSED)
 
-    means = {f"{s}:{lr:g}": sum(r["fall"] for r in rows if (r["schedule"], r["lr"]) == (s, lr)) / len(blocks)
-             for s, lr in variants}
+    means = {f"{lr:g}": sum(r["fall"] for r in rows if r["lr"] == lr) / len(blocks) for lr in lrs}
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "results.json",
                {"commit": commit(), "compressed": {"ratio": record.ratio, **record.calibration}, "nsamples": args.nsamples,
                 "steps": args.steps, "rows": rows, "mean_fall": means})
-    table = markdown_table(["block", "schedule", "lr", "steps", "outcome", "held-out error fall", "seconds"],
-                           [[r["block"], r["schedule"], f"{r['lr']:g}", r["steps"], r["outcome"],
+    table = markdown_table(["block", "lr", "steps", "outcome", "held-out error fall", "seconds"],
+                           [[r["block"], f"{r['lr']:g}", r["steps"], r["outcome"],
                              f"{100 * r['fall']:.2f}%", r["seconds"]] for r in rows])
-    table += "\n" + markdown_table(["variant", "mean fall over the blocks"],
+    table += "\n" + markdown_table(["lr", "mean fall over the blocks"],
                                     [[k, f"{100 * v:.2f}%"] for k, v in means.items()])
     (args.results / "table.md").write_text(table)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for s, lr in variants:
-        ax.plot(blocks, [100 * r["fall"] for r in rows if (r["schedule"], r["lr"]) == (s, lr)], "o-", label=f"{s} {lr:g}")
-    ax.set(xlabel="block", ylabel="held-out error fall (%)", title="refinement variants on calibration windows")
+    for lr in lrs:
+        ax.plot(blocks, [100 * r["fall"] for r in rows if r["lr"] == lr], "o-", label=f"lr {lr:g}")
+    ax.set(xlabel="block", ylabel="held-out error fall (%)", title="refinement's learning rate on calibration windows")
     ax.legend()
     save_figure(fig, args.results / "variants.png")
 
