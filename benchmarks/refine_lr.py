@@ -47,29 +47,27 @@ def main() -> None:
     dense, tok = svdllm.load_model(args.model, dtype="float32")
     comp = svdllm.load(args.compressed, dtype="float32")
     record = svdllm.read_record(args.compressed)
-    windows = sample_windows(tokenize(tok, load_text(record.calibration["data"])), args.nsamples, 512, 0,
+    cal = record.calibration  # the compressed model's own window length and seed, more windows (best's)
+    windows = sample_windows(tokenize(tok, load_text(cal["data"])), args.nsamples, cal["seqlen"], cal["seed"],
                              bos_token(tok, dense.config))
     _, dense_blocks = decoder_blocks(dense)
     _, comp_blocks = decoder_blocks(comp)
-    cpu = torch.device("cpu")
-    stream = ActivationStream.capture(dense, dense_blocks, windows, 4, (DENSE, COMPRESSED), MemoryStore(cpu), cpu)
+    cpu, batch = torch.device("cpu"), 4
+    stream = ActivationStream.capture(dense, dense_blocks, windows, batch, (DENSE, COMPRESSED), MemoryStore(cpu), cpu)
     rows = []
     for i in range(blocks[-1] + 1):
-        if i in blocks:
-            with torch.no_grad():
-                for j in range(len(stream)):
-                    stream.put(NEXT, j, stream.run_block(dense_blocks[i], i, j, stream.hidden(DENSE, j, cpu)))
-            for lr in lrs:
-                block = copy.deepcopy(comp_blocks[i])
-                start = time.perf_counter()
-                rec = refine_block(block, i, stream, args.nsamples, 4,
-                                   RefineOptions(steps=args.steps, lr=lr))
-                rec.update(lr=lr, seconds=round(time.perf_counter() - start, 1),
-                           fall=1 - rec["heldout_after"] / rec["heldout_before"])
-                print(json.dumps(rec), flush=True)
-                rows.append(rec)
-        stream.propagate(dense_blocks[i], i, DENSE)
-        stream.propagate(comp_blocks[i], i, COMPRESSED)
+        with torch.no_grad():  # the dense block's outputs: refinement's targets, then the dense lane (``advance``)
+            for j in range(len(stream)):
+                stream.put(NEXT, j, stream.run_block(dense_blocks[i], i, j, stream.hidden(DENSE, j, cpu)))
+        for lr in lrs if i in blocks else []:
+            block = copy.deepcopy(comp_blocks[i])
+            start = time.perf_counter()
+            rec = refine_block(block, i, stream, args.nsamples, batch, RefineOptions(steps=args.steps, lr=lr))
+            rec.update(lr=lr, seconds=round(time.perf_counter() - start, 1),
+                       fall=1 - rec["heldout_after"] / rec["heldout_before"])
+            print(json.dumps(rec), flush=True)
+            rows.append(rec)
+        stream.advance(comp_blocks[i], i)
 
     means = {f"{lr:g}": sum(r["fall"] for r in rows if r["lr"] == lr) / len(blocks) for lr in lrs}
     args.results.mkdir(parents=True, exist_ok=True)
@@ -90,6 +88,7 @@ def main() -> None:
     ax.set(xlabel="block", ylabel="held-out error fall (%)", title="refinement's learning rate on calibration windows")
     ax.legend()
     save_figure(fig, args.results / "variants.png")
+
 
 if __name__ == "__main__":
     main()
