@@ -73,13 +73,18 @@ class WorkClocks:
              "backward": [("torch.autograd", "backward")],
              HEAD: [("svdllm.importance", "_head_backward")],
              "factorisations": [("svdllm.importance", "whitened_spectrum"), ("svdllm.blockloop", "_factorise")],
-             "Gram products": [("svdllm.calibration", "add_product_"), ("svdllm.importance", "add_product_"),
-                               ("svdllm.calibration", "add_outputs_gram_")]}
+             "Gram products": [("svdllm.calibration", "GramAccumulator._add_product"),
+                               ("svdllm.importance", "add_product_"), ("svdllm.calibration", "add_outputs_gram_")]}
+    # the Gram products by statistic (what ``parts`` splits them into): by the function, or by the record's field
+    PARTS = {"add_product_": "output-gradient Grams C_g", "add_outputs_gram_": "W·XᵀX·Wᵀ from the outputs (spectra)",
+             "gram": "XᵀX (spectra)", "comp_gram": "X′ᵀX′", "cross": "XᵀX′",
+             "weighted_cross": "W·XᵀX′ from the outputs"}
 
     def __init__(self) -> None:
         import importlib
 
         self.seconds = {kind: 0.0 for kind in self.KINDS}
+        self.parts: dict[str, float] = {}  # the Gram products by statistic
         self._inner: list[float] = []
         self._patched: list[tuple[Any, str, Any]] = []
         for kind, targets in self.KINDS.items():
@@ -90,9 +95,9 @@ class WorkClocks:
                     owner = getattr(owner, part)
                 original = getattr(owner, name)
                 self._patched.append((owner, name, original))
-                setattr(owner, name, self._timed(kind, original))
+                setattr(owner, name, self._timed(kind, original, name if kind == "Gram products" else None))
 
-    def _timed(self, kind: str, fn: Any) -> Any:
+    def _timed(self, kind: str, fn: Any, part: str | None = None) -> Any:
         import torch
 
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # kernels are asynchronous
@@ -108,6 +113,9 @@ class WorkClocks:
                 spent = time.perf_counter() - t0
                 inner = self._inner.pop()
                 self.seconds[kind] += spent - inner
+                if part is not None:  # GramAccumulator._add_product(self, stats, field, a, b): by the field
+                    label = self.PARTS[args[2] if part == "_add_product" else part]
+                    self.parts[label] = self.parts.get(label, 0.0) + spent - inner
                 if self._inner:
                     self._inner[-1] += spent
         return wrapper
@@ -172,7 +180,8 @@ def compress_by_stage(model: Any, windows: Any, ratio: float, device: str) -> di
     total = time.perf_counter() - t_all
     calls.close()
     clocks.close()
-    return {"stages": rows, "seconds": total, "work": clocks.seconds, "phases": dict(run.report.timings),
+    return {"stages": rows, "seconds": total, "work": clocks.seconds, "gram_parts": clocks.parts,
+            "phases": dict(run.report.timings),
             "batch": run.batch,
             "n_blocks": len(source.blocks), "model": source.model}
 
@@ -250,6 +259,9 @@ def render(results: Path) -> None:
         floor = [sum(v for k, v in r["work"].items() if k in FLOOR) for r in runs]
         work_rows.append(["**the floor**: " + " + ".join(FLOOR)] + [f"**{f:.1f} ({f / fwd:.2f})**" for f in floor])
         work_rows.append(["total over the floor"] + [f"**{r['seconds'] / f:.2f}×**" for r, f in zip(runs, floor)])
+        parts = list(dict.fromkeys(k for r in runs for k in r.get("gram_parts", {})))
+        work_rows += [[f"Gram products: {k}"] + [f"{r['gram_parts'].get(k, 0):.1f} ({r['gram_parts'].get(k, 0) / fwd:.2f})"
+                                                 if "gram_parts" in r else "" for r in runs] for k in parts]
         text += ("\nWhere the time goes (seconds, in plain forwards; each call timed exclusive of the timed calls inside "
                  "it, `WorkClocks`):\n\n"
                  + markdown_table(["work"] + [f"ratio {r['ratio']}" for r in runs], work_rows))

@@ -84,12 +84,14 @@ def test_auto_means_fisher_for_svdllm_ec_in_memory():
 
 def test_spectra_give_the_whitened_loss_and_allocation_keeps_the_budget():
     model = tiny_model("qwen2", 64)
-    windows = torch.randint(0, 64, (16, 32))
+    windows = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(3))
     plan = make_plan(model, 0.4)
-    spectra = gradient_statistics(ModelSource(model), windows, list(plan.ranks), spectra=Spectra()).spectra
+    # svdllm-w sees the dense stream: the same Grams, float32 products of a batch of four windows summed in
+    # float64 in the reverse pass and in the loop
+    spectra = gradient_statistics(ModelSource(model), windows, list(plan.ranks), spectra=Spectra(), batch=4).spectra
     result = compress(model, windows, CompressionConfig(method="svdllm-w", ratio=0.4), progress=False)
-    for rec in result.report.records:  # svdllm-w sees the dense stream: the same Grams, summed over windows one at
-        s = spectra[rec["name"]]  # a time in the reverse pass and four at a time in the loop (float32 products)
+    for rec in result.report.records:
+        s = spectra[rec["name"]]
         assert float(s[rec["rank"]:].sum() / s.sum()) == pytest.approx(rec["loss_whitened"], rel=1e-4, abs=1e-10)
     m = tiny_model("qwen2", 64)
     fisher = compress(m, windows, CompressionConfig(method="svdllm-ec", ratio=0.4, rank_rule="fisher"), progress=False)

@@ -276,10 +276,10 @@ def fisher_rows(model: torch.nn.Module, windows: torch.Tensor, linears: dict) ->
     return out
 
 
-def output_grams(model: torch.nn.Module, windows: torch.Tensor, names: list[str]) -> dict:
+def output_grams(model: torch.nn.Module, windows: torch.Tensor, names: list[str], batch: int = 4) -> dict:
     """Σ g gᵀ of each linear's output gradient by plain autograd of the whole model, one window's loss at a time
-    (each window's product in float32, summed in float64: the precision the input Grams have too)."""
-    out: dict = {}
+    (each batch's product in float32, summed in float64: the precision the input Grams have too)."""
+    grads: dict = {n: [] for n in names}
     for window in windows:
         outs: dict = {}
         hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
@@ -288,7 +288,11 @@ def output_grams(model: torch.nn.Module, windows: torch.Tensor, names: list[str]
         for h in hooks:
             h.remove()
         for n, g in zip(names, torch.autograd.grad(loss, [outs[n] for n in names])):
-            g = g.reshape(-1, g.shape[-1])
+            grads[n].append(g.reshape(-1, g.shape[-1]))
+    out: dict = {}
+    for n, gs in grads.items():
+        for r in range(0, len(gs), batch):
+            g = torch.cat(gs[r:r + batch])
             out[n] = out.get(n, 0) + (g.T @ g).double()
     return out
 
@@ -297,7 +301,8 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
                        true_sequential: bool = False) -> dict:
     """The plainest loop: whole-model forwards with hooks, one block after another; returns name → (u, v).
     True-sequential: one linear after another in forward order, each fitted on the X′ of the
-    model with the block's earlier linears already swapped."""
+    model with the block's earlier linears already swapped.  W·XᵀX′ of bias-free linears reading an input that has
+    more dimensions than all its readers have outputs (a down_proj) is Σ y·x′ᵀ from the dense forward's outputs y."""
     from svdllm.calibration import LayerStats, Stat
     from svdllm.ranks import rank_for_ratio
 
@@ -309,17 +314,38 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
         else {}
     factors = {}
 
-    def inputs(m: torch.nn.Module, names: list[str]) -> list[dict]:
+    readers: dict = {}  # per linear: the outputs of every linear reading its very input
+    made: list = []  # per batch: the dense linears' outputs less the bias
+
+    def inputs(m: torch.nn.Module, names: list[str], outputs: bool = False) -> list[dict]:
         per_batch = []
+        if outputs:
+            made.clear()
         for batch in windows.split(4):
             seen: dict = {}
-            hooks = [m.get_submodule(n).register_forward_pre_hook(
-                lambda _m, a, n=n: seen.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).float())) for n in names]
+            raw: dict = {}
+            out: dict = {}
+
+            def keep(n, a):
+                raw[n] = a[0]
+                seen[n] = a[0].reshape(-1, a[0].shape[-1]).float()
+
+            def keep_output(n, mod, o):
+                if dense_weight(mod)[1] is None:
+                    out[n] = o.reshape(-1, o.shape[-1]).float()
+
+            hooks = [m.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: keep(n, a)) for n in names]
+            hooks += [m.get_submodule(n).register_forward_hook(lambda mod, _a, o, n=n: keep_output(n, mod, o))
+                      for n in names if outputs]
             with torch.no_grad():
                 m(input_ids=batch, use_cache=False)
             for h in hooks:
                 h.remove()
+            for n in raw if outputs else ():
+                readers[n] = sum(dense_weight(m.get_submodule(r))[0].shape[0] for r in raw if raw[r] is raw[n])
             per_batch.append(seen)
+            if outputs:
+                made.append(out)
         return per_batch
 
     def gram(a: list, b: list, name: str) -> torch.Tensor:
@@ -327,7 +353,7 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
 
     for i in range(len(blocks)):
         names = list(block_linears(blocks[i], f"{prefix}.{i}"))
-        x = inputs(dense, names)
+        x = inputs(dense, names, outputs=True)
         xc = inputs(model, names) if meth.sequential else None
         for name in list(x[0]) if true_sequential else names:  # forward order (Phi-3 defines o_proj first)
             if true_sequential:
@@ -341,7 +367,10 @@ def reference_compress(model: torch.nn.Module, windows: torch.Tensor, method: st
                 stats.abs_sum = sum(b[name].abs().sum(0).double() for b in x)
             if xc is not None:
                 stats.comp_gram = gram(xc, xc, name)
-                stats.cross = gram(x, xc, name)
+                if readers[name] < weight.shape[1] and name in made[0]:
+                    stats.weighted_cross = sum((y[name].T @ b[name]).double() for y, b in zip(made, xc))
+                else:
+                    stats.cross = gram(x, xc, name)
             f, _ = meth.factorize(weight, stats, rank_for_ratio(*weight.shape, ratio), opts)
             u, v = f.u.clone(), f.v.clone()
             for c in range(u.shape[1]):  # each rank component balanced: equal norms on both sides, same product

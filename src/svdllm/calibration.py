@@ -13,12 +13,13 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .architecture import dense_weight
 from .cache import DiskStore, TensorStore
 from .data import eval_windows, sample_windows, windows_digest  # noqa: F401  (their home is data; here for callers)
 from .whitening import add_gram_
@@ -62,7 +63,9 @@ class LayerStats:
     cross = XᵀX′; abs_sum = Σ|x| per input dim; fisher = per output-row Fisher
     information of the weight (from ``importance.gradient_statistics``).  inputs = X and comp_inputs = X′
     (tokens × n, float32) where the error-corrected fit's products W·XᵀX′ and W·X′ᵀX′ cost less from the outputs
-    (``sums_from_outputs``): few tokens against the width; cross is then not made.  Likewise weighted_gram =
+    (``sums_from_outputs``): few tokens against the width; cross is then not made.  weighted_cross = W·XᵀX′ summed
+    as Σ y·x′ᵀ from the outputs y = W·x the dense forward made anyway, where that costs less than XᵀX′ (fewer
+    outputs than inputs, as a down_proj: ``cross_from_outputs``).  Likewise weighted_gram =
     W·XᵀX·Wᵀ for the spectra (``spectra_from_outputs``), gram then not made; or, fewer tokens than outputs, X itself
     for the spectra (``spectra_from_inputs``).
     """
@@ -77,6 +80,7 @@ class LayerStats:
     inputs: Tensor | None = None
     comp_inputs: Tensor | None = None
     weighted_gram: Tensor | None = None  # W·XᵀX·Wᵀ (m × m), where the spectra read it instead of gram
+    weighted_cross: Tensor | None = None  # W·XᵀX′ (m × n) summed from the dense outputs, where it replaces cross
     handed_over: bool = False  # given by ``GramAccumulator.take``: the factoriser may drop what it has used
     sole_reader: bool = False  # and no other linear reads these tensors (an input of its own)
 
@@ -95,26 +99,48 @@ class LayerStats:
 
 class InputRecorder:
     """Pre-hooks on ``linears`` that keep each one's last input (as given, not copied) in ``seen`` while the
-    recorder is entered.  With ``stop_when_complete`` set, a forward raises ``_Stop`` as soon as every linear
-    has its input, so the rest of the block is not run."""
+    recorder is entered.  Those named in ``outputs_of`` also keep their outputs x·Wᵀ (in ``outputs``, while
+    ``keep_outputs`` is set) where the forward made them in float32 or float64 and without a bias (subtracting it
+    would leave its rounding, a tail W's rank does not have): a statistic summed from them costs no product.  With ``stop_when_complete`` set, a forward raises ``_Stop``
+    as soon as every linear has its input (and, while outputs are kept, those named their outputs), so the rest
+    of the block is not run."""
 
-    def __init__(self, linears: dict[str, nn.Module]) -> None:
+    def __init__(self, linears: dict[str, nn.Module], outputs_of: Iterable[str] = ()) -> None:
         self.linears, self.seen, self.stop_when_complete = linears, {}, False
+        self.outputs_of, self.outputs, self.keep_outputs = set(outputs_of), {}, True
+        self._made: set[str] = set()  # outputs_of whose outputs this forward made (kept or not)
         self._handles: list[Any] = []
 
     def _hook(self, name: str, args: tuple) -> None:
         self.seen[name] = args[0]
-        if self.stop_when_complete and len(self.seen) == len(self.linears):
+        self._stop_if_complete()
+
+    def _output_hook(self, name: str, module: nn.Module, out: Tensor) -> None:
+        self._made.add(name)
+        if self.keep_outputs and out.dtype in (torch.float32, torch.float64) and dense_weight(module)[1] is None:
+            self.outputs[name] = out.detach()
+        self._stop_if_complete()
+
+    def _stop_if_complete(self) -> None:
+        if self.stop_when_complete and len(self.seen) == len(self.linears) \
+                and (not self.keep_outputs or self._made >= self.outputs_of):
             raise _Stop
 
     def take(self) -> dict[str, Tensor]:
         """The inputs seen so far; the recorder starts afresh."""
-        taken, self.seen = self.seen, {}
+        taken, self.seen, self._made = self.seen, {}, set()
+        return taken
+
+    def take_outputs(self) -> dict[str, Tensor]:
+        """The outputs kept so far; the recorder starts afresh."""
+        taken, self.outputs = self.outputs, {}
         return taken
 
     def __enter__(self) -> "InputRecorder":
         self._handles = [m.register_forward_pre_hook(lambda _m, args, name=name: self._hook(name, args))
                          for name, m in self.linears.items()]
+        self._handles += [m.register_forward_hook(lambda m, _a, out, name=name: self._output_hook(name, m, out))
+                          for name, m in self.linears.items() if name in self.outputs_of]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -128,6 +154,18 @@ def shared_input_groups(inputs: dict[str, Tensor]) -> list[list[str]]:
     for name, x in inputs.items():
         groups.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
     return list(groups.values())
+
+
+def joined(batches: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Several batches of recorded inputs as one, tokens stacked in order; linears that shared an input share the
+    joined one (``shared_input_groups`` still finds them)."""
+    if len(batches) == 1:
+        return batches[0]
+    out: dict[str, Tensor] = {}
+    for group in shared_input_groups(batches[0]):
+        x = torch.cat([b[group[0]].reshape(-1, b[group[0]].shape[-1]) for b in batches])
+        out.update(dict.fromkeys(group, x))
+    return out
 
 
 def add_product_(total: Tensor | None, a: Tensor, b: Tensor, device: torch.device | None = None) -> Tensor:
@@ -160,12 +198,24 @@ def sums_from_outputs(tokens: int, width: int, outs: int, statistic_needed: bool
     return 0 < by_outputs < by_statistic
 
 
-def add_outputs_gram_(total: Tensor | None, inputs: Tensor, weight: Tensor, device: torch.device) -> Tensor:
-    """``total`` + yᵀy for the outputs y = x·Wᵀ (rows of ``inputs`` are tokens): W·XᵀX·Wᵀ summed from the outputs.
-    y in float32, yᵀy in float64: float32 products would give it a tail of rounding that W's rank does not have
-    (the allocation then spent ranks on it; a test with weights of exactly the kept rank saw it)."""
-    y = (inputs.float() @ weight.to(inputs.device, torch.float32).T).double()
-    return (y.T @ y).to(device) if total is None else total.add_((y.T @ y).to(device))
+def add_outputs_gram_(total: Tensor | None, inputs: Tensor, weight: Tensor, device: torch.device,
+                      outputs: Tensor | None = None) -> Tensor:
+    """``total`` + yᵀy for the outputs y = x·Wᵀ (rows of ``inputs`` are tokens; ``outputs``, if the forward made
+    them): W·XᵀX·Wᵀ summed from the outputs.  y in float32, yᵀy in float64 (up to its diagonal and mirrored):
+    float32 products would give it a tail of rounding that W's rank does not have (the allocation then spent ranks
+    on it; a test with weights of exactly the kept rank saw it)."""
+    y = (inputs.float() @ weight.to(inputs.device, torch.float32).T if outputs is None
+         else outputs.reshape(-1, outputs.shape[-1])).double()
+    m = y.shape[1]
+    gram = add_gram_(torch.zeros(m, m, dtype=torch.float64, device=y.device), y, min(SYMMETRIC_SLAB, 64 * math.ceil(m / 192)))
+    return gram.to(device) if total is None else total.add_(gram.to(device))
+
+
+def cross_from_outputs(width: int, outs: list[int]) -> bool:
+    """Whether W·XᵀX′ for a group of linears reading one input of ``width`` costs less summed as Σ y·x′ᵀ from the
+    outputs y = W·x the dense forward made anyway (t·Σm·width) than from XᵀX′ (t·width²): when the group has fewer
+    outputs than inputs, as a down_proj (SmolLM2's: 576 against 1536)."""
+    return bool(outs) and sum(outs) < width
 
 
 def spectra_from_outputs(tokens: int, width: int, outs: list[int]) -> bool:
@@ -198,6 +248,7 @@ class Route:
     spectra_inputs: bool = False  # X kept for the spectra, no Gram at all (``spectra_from_inputs``)
     spectra: bool = False  # each linear's W·XᵀX·Wᵀ for its spectrum, no XᵀX (``spectra_from_outputs``)
     inputs: bool = False  # X and X′ kept for the error-corrected fit, no XᵀX′ (``sums_from_outputs``)
+    cross: bool = False  # W·XᵀX′ summed from the dense forward's outputs, no XᵀX′ (``cross_from_outputs``)
 
 
 class GramAccumulator:
@@ -225,20 +276,32 @@ class GramAccumulator:
         self._routes: dict[str, Route] = {}  # per group (keyed by its first linear)
         self._taken: set[str] = set()
 
-    def route(self, group: list[str], width: int) -> Route:
+    def route(self, group: list[str], width: int, made: bool = False) -> Route:
         """Which of the group's statistics are summed from its linears' outputs, decided once per group from the
-        whole calibration's token count (the same on every process)."""
+        whole calibration's token count (the same on every process) and whether the dense forward ``made`` them
+        (the same for every batch)."""
         if group[0] not in self._routes:
             known = all(name in self.weights for name in group)
             outs = [self.weights[name].shape[0] for name in group] if known else []
             for_spectra = known and self.for_spectra and Stat.GRAM in self.needs
             from_inputs = for_spectra and spectra_from_inputs(self.tokens, outs)
+            inputs = known and Stat.CROSS in self.needs \
+                and sums_from_outputs(self.tokens, width, sum(outs), statistic_needed=True)
             self._routes[group[0]] = Route(
                 spectra_inputs=from_inputs,
                 spectra=for_spectra and not from_inputs and spectra_from_outputs(self.tokens, width, outs),
-                inputs=known and Stat.CROSS in self.needs
-                and sums_from_outputs(self.tokens, width, sum(outs), statistic_needed=True))
+                inputs=inputs,
+                cross=known and made and not inputs and Stat.CROSS in self.needs and cross_from_outputs(width, outs))
         return self._routes[group[0]]
+
+    def outputs_for(self, group: list[str]) -> list[str]:
+        """The linears of ``group`` (sharing one input) whose dense outputs W·x the accumulator would sum W·XᵀX′
+        from (``cross_from_outputs``), if the forward made them."""
+        if Stat.CROSS not in self.needs or not group or any(name not in self.weights for name in group):
+            return []
+        width, outs = self.weights[group[0]].shape[1], [self.weights[name].shape[0] for name in group]
+        narrow = cross_from_outputs(width, outs) and not sums_from_outputs(self.tokens, width, sum(outs), True)
+        return list(group) if narrow else []
 
     def _add(self, st: LayerStats, attr: str, value: Tensor) -> None:
         """Sum a float32 batch statistic into its float64 total, promoting element by element (no float64 copy)."""
@@ -247,21 +310,25 @@ class GramAccumulator:
         setattr(st, attr, value.double() if cur is None else cur.add_(value))
 
     @torch.no_grad()
-    def add_batch(self, dense: dict[str, Tensor], comp: dict[str, Tensor] | None) -> None:
+    def add_batch(self, dense: dict[str, Tensor], comp: dict[str, Tensor] | None,
+                  outputs: Mapping[str, Tensor] | None = None) -> None:
+        """One batch's inputs of the dense (and compressed) stream, and the dense ``outputs`` x·Wᵀ the forward made
+        (``InputRecorder.outputs_of``), where some statistic may be summed from them instead."""
+        outputs = outputs or {}
         if not self.groups:
             self.groups = shared_input_groups(dense)
         for group in self.groups:
             st = self.stats.setdefault(group[0], LayerStats())
             x = dense[group[0]].detach().reshape(-1, dense[group[0]].shape[-1]).float()
             st.tokens += x.shape[0]
-            route = self.route(group, x.shape[-1])
+            route = self.route(group, x.shape[-1], made=all(name in outputs for name in group))
             if route.spectra_inputs:  # a copy: the stream may reuse its buffers
                 self.kept.setdefault(group[0], {"inputs": []})["inputs"].append(x.to(self.device, copy=True))
             elif route.spectra:
                 for name in group:
                     sums = self.weighted.setdefault(name, {})
                     sums["weighted_gram"] = add_outputs_gram_(sums.get("weighted_gram"), x, self.weights[name],
-                                                              self.device)
+                                                              self.device, outputs.get(name))
             elif Stat.GRAM in self.needs:
                 self._add_product(st, "gram", x, x)
             if Stat.ABS in self.needs:
@@ -273,11 +340,19 @@ class GramAccumulator:
                     kept = self.kept.setdefault(group[0], {"inputs": [], "comp_inputs": []})
                     kept["inputs"].append(x.to(self.device, copy=True))
                     kept["comp_inputs"].append(xc.to(self.device, copy=True))
+                elif route.cross:  # W·XᵀX′ = Σ y·x′ᵀ, float32 products summed in float64
+                    for name in group:
+                        y = outputs[name].reshape(-1, outputs[name].shape[-1])
+                        self._add_product(self.weighted.setdefault(name, {}), "weighted_cross", y, xc)
                 elif Stat.CROSS in self.needs:
                     self._add_product(st, "cross", x, xc)
 
-    def _add_product(self, st: LayerStats, attr: str, a: Tensor, b: Tensor) -> None:
-        setattr(st, attr, add_product_(getattr(st, attr), a, b, self.device))
+    def _add_product(self, sums: LayerStats | dict[str, Tensor], key: str, a: Tensor, b: Tensor) -> None:
+        """The statistic ``key`` of ``sums`` (a record's field, or a linear's ``weighted`` entry) += aᵀb."""
+        if isinstance(sums, dict):
+            sums[key] = add_product_(sums.get(key), a, b, self.device)
+        else:
+            setattr(sums, key, add_product_(getattr(sums, key), a, b, self.device))
 
     def all_reduce(self) -> None:
         """Sum the statistics over the ranks of a process group (each saw its share of the windows)."""
@@ -481,18 +556,20 @@ class ActivationStream:
         through the block as it is now.  With ``keep_output`` the dense lane's outputs are kept for ``advance``; the
         other forwards stop as soon as every linear has seen its input."""
         device = block_device(block)
-        with InputRecorder(linears) as recorder:
+        # the dense lane keeps the outputs W·x of a group whose W·XᵀX′ is summed from them (running on to make them)
+        # and, when it runs the whole block anyway, every linear's
+        with InputRecorder(linears, outputs_of=linears if keep_output else acc.outputs_for(list(linears))) as recorder:
             for j in range(len(self)):
-                recorder.stop_when_complete = not keep_output
+                recorder.stop_when_complete, recorder.keep_outputs = not keep_output, True
                 with dense_view():
                     out = self._run(block, i, j, self.hidden(DENSE, j, device))
-                dense_in, comp_in = recorder.take(), None
+                dense_in, dense_out, comp_in = recorder.take(), recorder.take_outputs(), None
                 if compressed and COMPRESSED in self.lanes and linears:
-                    recorder.stop_when_complete = True
+                    recorder.stop_when_complete, recorder.keep_outputs = True, False
                     self._run(block, i, j, self.hidden(COMPRESSED, j, device))
                     comp_in = recorder.take()
                 if linears:
-                    acc.add_batch(dense_in, comp_in)
+                    acc.add_batch(dense_in, comp_in, dense_out)
                 if keep_output:
                     assert out is not None
                     self.store.put(self._key(NEXT, j), out)

@@ -19,7 +19,8 @@ from . import distributed
 from .architecture import dense_weight
 from .blas import release_workspace
 from .cache import MemoryStore, StoredTensors, TensorStore
-from .calibration import DENSE, ActivationStream, GramAccumulator, InputRecorder, LayerStats, Stat, add_product_
+from .calibration import (DENSE, ActivationStream, GramAccumulator, InputRecorder, LayerStats, Stat, add_product_,
+                          joined)
 from .errors import DataError
 from .evaluate import head_logits
 from .source import ModelSource
@@ -67,10 +68,24 @@ class _Sums:
     gram_store: TensorStore
     spectra: Spectra | None
     tokens: int  # the whole calibration's, what the spectra's route is chosen by
+    batch: int  # windows whose Grams are one float32 product (the block loop's batch)
     sums: Tensor = field(init=False)
     width: Tensor = field(init=False)
     rows: dict[str, Tensor] = field(default_factory=dict)
     out_spectra: dict[str, Tensor] = field(default_factory=dict)
+    pending: dict[str, list[Tensor]] = field(default_factory=dict)  # output gradients not yet in their Gram
+
+    def add_gram(self, name: str, g: Tensor | None = None) -> None:
+        """Add one window's ``g`` (tokens × m) to the Gram of ``name``'s output gradients, ``batch`` windows at a
+        time; without ``g``, what is pending."""
+        assert self.grams is not None
+        pending = self.pending.setdefault(name, [])
+        if g is not None:
+            pending.append(g)
+        if pending and (g is None or len(pending) >= self.batch):
+            batch = pending[0] if len(pending) == 1 else torch.cat(pending)
+            self.grams[name] = add_product_(self.grams.get(name), batch, batch)
+            pending.clear()
 
     def __post_init__(self) -> None:
         self.sums = torch.zeros(len(self.names), dtype=torch.float64)
@@ -81,7 +96,7 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
                         row_fisher: bool = False, store: TensorStore | None = None, output_grams: bool = False,
                         full_width: int = FULL_GRAM_WIDTH, logits_budget: int = 1 << 21,
                         gram_store: TensorStore | None = None, spectra: Spectra | None = None,
-                        tokens: int = 0) -> GradientStats:
+                        tokens: int = 0, batch: int = 1) -> GradientStats:
     """The one backward loop, streamed block by block: the LM loss of each window, backpropagated through one block
     at a time, never the whole model.
 
@@ -92,14 +107,16 @@ def gradient_statistics(source: ModelSource, windows: Tensor, names: list[str], 
     ``full_width``) and, if asked, at its weight (``row_fisher``, FWSVD's); with ``spectra`` the recomputation's
     dense inputs give each linear's whitened spectrum, with no pass of its own (from W·XᵀX·Wᵀ where that costs less
     for the calibration's ``tokens``, every process's: ``calibration.spectra_from_outputs``; from X itself where the
-    tokens are fewer than the outputs: ``spectra_from_inputs``).  Each block's Grams go to
+    tokens are fewer than the outputs: ``spectra_from_inputs``).  The Grams are float32 products of ``batch``
+    windows summed in float64, as the block loop's (a 1536-wide Gram of one 512-token window at a time ran 25%
+    slower than of four: docs/cost.md).  Each block's Grams go to
     ``gram_store`` (CPU memory unless given) as soon as its windows are done, so that memory holds one block's
     worth.  The result equals a whole-model backward's (a test holds it to one).  A non-finite loss or gradient is
     an error naming the window and the block, before anything is written.
     """
     store = store or MemoryStore(torch.device("cpu"))
     acc = _Sums(names, sensitivity, row_fisher, {} if output_grams else None, full_width,
-                gram_store or MemoryStore(torch.device("cpu")), spectra, tokens)
+                gram_store or MemoryStore(torch.device("cpu")), spectra, tokens, batch)
     stream = _forward_keeping_inputs(source, windows, store)
     with source.outside_blocks():  # ∂L/∂h at the last block's output, from the model's own head
         for j in range(len(windows)):
@@ -145,11 +162,14 @@ def _backward_block(source: ModelSource, stream: ActivationStream, store: Tensor
     required = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
         p.requires_grad_(acc.row_fisher and any(p is m.weight for m in linears.values()))
-    handles = [m.register_forward_hook(_output_hook(acc.sums, acc.width, index[name], name, acc.grams,
-                                                    acc.full_width))
+    handles = [m.register_forward_hook(_output_hook(acc, index[name], name))
                for name, m in linears.items() if acc.sensitivity or acc.grams is not None]
     try:
-        with InputRecorder(linears if inputs is not None else {}) as recorder:
+        # the recomputation makes every output: those of linears with no more outputs than inputs are kept, for
+        # spectra summed from W·XᵀX·Wᵀ (``spectra_from_outputs``)
+        narrow = [n for n, m in linears.items() if dense_weight(m)[0].shape[0] <= dense_weight(m)[0].shape[1]]
+        with InputRecorder(linears if inputs is not None else {}, outputs_of=narrow) as recorder:
+            seen: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []  # windows not yet in their Grams
             for j in range(n):
                 h = store.take(f"grad.in{i}.{j}", device).detach().requires_grad_(True)
                 with torch.enable_grad():
@@ -158,8 +178,14 @@ def _backward_block(source: ModelSource, stream: ActivationStream, store: Tensor
                     raise DataError(f"non-finite gradient in calibration window {j} at block {i}; try float32")
                 store.put(f"grad.out.{j}", h.grad)
                 if inputs is not None:
-                    inputs.add_batch(recorder.take(), None)
+                    seen.append((recorder.take(), recorder.take_outputs()))
+                    if j == n - 1 or len(seen) >= acc.batch:
+                        ins, outs = zip(*seen)
+                        inputs.add_batch(joined(list(ins)), None, joined(list(outs)))
+                        seen.clear()
                 _add_row_fisher(acc, linears)
+        for name in linears if acc.grams is not None else ():
+            acc.add_gram(name)
         _finish_block(acc, linears, inputs)
     finally:
         for handle in handles:
@@ -225,21 +251,21 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _output_hook(sums: Tensor, width: Tensor, j: int, name: str, grams: dict[str, Tensor] | None, full_width: int):
+def _output_hook(acc: _Sums, j: int, name: str):
     """Forward hook of one linear: when its output's gradient arrives, add Σg² (and Σ g gᵀ, or its diagonal)."""
     def add(g: Tensor) -> None:
         g = g.detach().reshape(-1, g.shape[-1])
-        sums[j] += g.double().pow(2).sum().cpu()
-        if grams is None:
+        acc.sums[j] += g.double().pow(2).sum().cpu()
+        if acc.grams is None:
             return
-        if g.shape[1] <= full_width:  # float32 products summed in float64, as the input Grams (docs/cost.md)
-            grams[name] = add_product_(grams.get(name), g, g)
+        if g.shape[1] <= acc.full_width:  # float32 products summed in float64, as the input Grams (docs/cost.md)
+            acc.add_gram(name, g)
         else:
             part = g.double().pow(2).sum(0)
-            grams[name] = part if name not in grams else grams[name].add_(part)
+            acc.grams[name] = part if name not in acc.grams else acc.grams[name].add_(part)
 
     def hook(_: nn.Module, __: tuple, out: Tensor) -> None:
-        width[j] = out.shape[-1]
+        acc.width[j] = out.shape[-1]
         if out.requires_grad:
             out.register_hook(add)
     return hook

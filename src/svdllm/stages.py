@@ -150,7 +150,7 @@ class ReversePass(Stage):
         try:
             grads = gradient_statistics(run.source, run.windows, names, self.sensitivity, self.row_fisher, store,
                                         self.output_grams, self.full_width, gram_store=_gram_store(folder),
-                                        spectra=self.spectra, tokens=run.calibration_tokens)
+                                        spectra=self.spectra, tokens=run.calibration_tokens, batch=run.batch)
         finally:
             store.close()
         if folder is not None and distributed.is_writer():  # the Grams are already in their folder

@@ -138,7 +138,7 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
     blow the weight up (11× seen on SmolLM2) and the model falls off a cliff on new
     text even though the calibration fit looks better.  The guard keeps the gain.
     """
-    assert stats.comp_gram is not None and (stats.cross is not None or stats.inputs is not None)
+    assert stats.comp_gram is not None and any(t is not None for t in (stats.cross, stats.weighted_cross, stats.inputs))
     # W in float64 is made where it is read and not kept: no (m, n) float64 copy of it lives through the fit
     w_norm = float(weight.double().norm())
     blend: Callable[[float], Tensor]  # W·(βX + (1−β)X′)ᵀX′, made anew for each β the guard tries
@@ -150,8 +150,9 @@ def svdllm_ec(weight: Tensor, stats: LayerStats, k: int,
         blend = lambda b: torch.lerp(y_c, y, b).T @ x_c  # noqa: E731
         stats.let_go("inputs", "comp_inputs")
     else:  # from the statistics: W·XᵀX′ and W·X′ᵀX′, (m, n) each
-        w_cross = promoted_product(weight, stats.cross.double())
-        stats.let_go("cross")  # each statistic let go as soon as it is read
+        w_cross = stats.weighted_cross.double() if stats.weighted_cross is not None \
+            else promoted_product(weight, stats.cross.double())
+        stats.let_go("cross", "weighted_cross")  # each statistic let go as soon as it is read
         w_comp = promoted_product(weight, stats.comp_gram.double())
         blend = lambda b: torch.lerp(w_comp, w_cross, b)  # noqa: E731
     factor = repaired_cholesky(stats.comp_gram, opts.ec_damp, consume=stats.owned)
