@@ -227,6 +227,84 @@ def test_the_fit_from_kept_inputs_equals_the_fit_from_the_grams(tokens, from_out
     assert not acc.kept
 
 
+def test_the_cross_product_from_the_forwards_outputs_equals_the_grams():
+    """A group with fewer outputs than inputs (a down_proj) whose dense outputs y = x·Wᵀ the forward made sums
+    W·XᵀX′ as Σ y·x′ᵀ and makes no XᵀX′: the same float64 reference product, and the fit's factors and loss.
+    Without the outputs, or with as many outputs as inputs, XᵀX′ is made as before."""
+    from svdllm.calibration import GramAccumulator, LayerStats, Stat
+    from svdllm.methods import ErrorCorrectedOptions, method_of
+
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    x = torch.randn(2, 5, n, generator=g)
+    xc = x + 0.3 * torch.randn(2, 5, n, generator=g)
+    flat, flat_c = x.reshape(-1, n).double(), xc.reshape(-1, n).double()
+    opts = ErrorCorrectedOptions(output_whitening=False)
+    for outs, given, from_outputs in (((6,), True, True), ((6,), False, False), ((16,), True, False),
+                                      ((6, 12), True, False)):
+        weights = {f"l{i}": torch.randn(m, n, generator=g) for i, m in enumerate(outs)}
+        acc = GramAccumulator(frozenset({Stat.COMP, Stat.CROSS}), torch.device("cpu"), weights=weights, tokens=10**6)
+        assert acc.outputs_for(list(weights)) == (list(weights) if sum(outs) < n else [])  # what a forward keeps
+        for _ in range(2):
+            made = {name: x @ w.T for name, w in weights.items()} if given else {}
+            acc.add_batch(dict.fromkeys(weights, x), dict.fromkeys(weights, xc), made)
+        assert acc.route(list(weights), n).cross == from_outputs
+        for name, w in weights.items():
+            st = acc.take(name)
+            assert (st.cross is None) == from_outputs and (st.weighted_cross is not None) == from_outputs
+            if from_outputs:
+                torch.testing.assert_close(st.weighted_cross, 2 * w.double() @ flat.T @ flat_c, rtol=1e-5, atol=1e-5)
+            reference = LayerStats(tokens=20, comp_gram=2 * flat_c.T @ flat_c, cross=2 * flat.T @ flat_c)
+            got, got_info = method_of(opts).factorize(w, st, 4, opts)
+            want, want_info = method_of(opts).factorize(w, reference, 4, opts)
+            gap = (got.u @ got.v - want.u @ want.v) @ flat_c.T
+            assert float(gap.norm()) < 1e-5 * float((w.double() @ flat_c.T).norm())
+            assert got_info["loss"] == pytest.approx(want_info["loss"], rel=1e-5)
+
+
+def test_the_recorder_keeps_outputs_made_without_a_bias_and_stops_after_them():
+    """``InputRecorder.outputs_of``: a bias-free float32 linear's output is kept as the forward made it; one with a
+    bias, or in bfloat16, is not (its rounding would be the statistic's); a stopped forward runs on until the named
+    outputs are made, and no further."""
+    from svdllm.calibration import InputRecorder, _Stop
+
+    class Block(torch.nn.Module):
+        def __init__(self, dtype: torch.dtype) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(8, 4, bias=False, dtype=dtype)
+            self.b = torch.nn.Linear(8, 4, dtype=dtype)
+            self.c = torch.nn.Linear(8, 3, bias=False, dtype=dtype)
+            self.after = 0
+
+        def forward(self, x):
+            out = self.a(x) + self.b(x)
+            out = torch.cat([out, self.c(x)], -1)
+            self.after += 1  # the rest of the block
+            return out
+
+    for dtype in (torch.float32, torch.bfloat16):
+        block = Block(dtype)
+        x = torch.randn(3, 8, dtype=dtype)
+        linears = {"a": block.a, "b": block.b, "c": block.c}
+        with InputRecorder(linears, outputs_of=["a", "b", "c"]) as recorder:
+            block(x)
+            kept = recorder.take_outputs()
+            assert sorted(kept) == (["a", "c"] if dtype == torch.float32 else [])
+            if kept:
+                assert torch.equal(kept["a"], block.a(x)) and torch.equal(kept["c"], block.c(x))
+            recorder.take()
+            recorder.stop_when_complete = True
+            with pytest.raises(_Stop):
+                block(x)
+            assert block.after == 1 and ("c" in recorder.take_outputs()) == (dtype == torch.float32)
+        with InputRecorder(linears) as recorder:  # no outputs asked for: it stops at the last input
+            recorder.stop_when_complete = True
+            hooks = block.c.register_forward_hook(lambda *_: pytest.fail("c ran"))
+            with pytest.raises(_Stop):
+                block(x)
+            hooks.remove()
+
+
 def test_the_outputs_route_is_taken_where_it_costs_less():
     """The choice of ``sums_from_outputs`` at the shapes it was made for: 7B shapes with the scale benchmark's 512
     tokens sum from their outputs; SmolLM2 with the default 32×512 tokens and the tests' tiny models keep the Grams."""

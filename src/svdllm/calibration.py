@@ -117,7 +117,7 @@ class InputRecorder:
 
     def _output_hook(self, name: str, module: nn.Module, out: Tensor) -> None:
         self._made.add(name)
-        if self.keep_outputs and out.dtype in (torch.float32, torch.float64) and dense_weight(module)[1] is None:
+        if self.keep_outputs and name in self.outputs_of and out.dtype in (torch.float32, torch.float64) and dense_weight(module)[1] is None:
             self.outputs[name] = out.detach()
         self._stop_if_complete()
 
@@ -168,6 +168,12 @@ def joined(batches: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return out
 
 
+def symmetric_slab(n: int) -> int:
+    """Rows of an n-wide Gram made at a time: n/4 up to a multiple of 64, at most SYMMETRIC_SLAB (at 2048 tokens,
+    the fastest here by a few percent: 384 rows of a 1536-wide Gram took 43 ms against 46 at 512; docs/cost.md)."""
+    return min(SYMMETRIC_SLAB, 64 * math.ceil(n / 256))
+
+
 def add_product_(total: Tensor | None, a: Tensor, b: Tensor, device: torch.device | None = None) -> Tensor:
     """``total`` + aᵀb (rows of a and b are tokens): float32 products summed into a float64 total (made on ``device``
     if None) a slab of output rows at a time, so that the float32 temporary is a slab, not an n×n matrix (485 MB for
@@ -183,7 +189,7 @@ def add_product_(total: Tensor | None, a: Tensor, b: Tensor, device: torch.devic
         for r in range(0, n, GRAM_SLAB):
             total[r:r + GRAM_SLAB].add_((a[:, r:r + GRAM_SLAB].T @ b).to(total.device))
         return total
-    return add_gram_(total, a, min(SYMMETRIC_SLAB, 64 * math.ceil(n / 192)))  # n/3 up to a multiple of 64: fastest here
+    return add_gram_(total, a, symmetric_slab(n))
 
 
 def sums_from_outputs(tokens: int, width: int, outs: int, statistic_needed: bool) -> bool:
@@ -207,7 +213,7 @@ def add_outputs_gram_(total: Tensor | None, inputs: Tensor, weight: Tensor, devi
     y = (inputs.float() @ weight.to(inputs.device, torch.float32).T if outputs is None
          else outputs.reshape(-1, outputs.shape[-1])).double()
     m = y.shape[1]
-    gram = add_gram_(torch.zeros(m, m, dtype=torch.float64, device=y.device), y, min(SYMMETRIC_SLAB, 64 * math.ceil(m / 192)))
+    gram = add_gram_(torch.zeros(m, m, dtype=torch.float64, device=y.device), y, symmetric_slab(m))
     return gram.to(device) if total is None else total.add_(gram.to(device))
 
 
@@ -293,6 +299,11 @@ class GramAccumulator:
                 inputs=inputs,
                 cross=known and made and not inputs and Stat.CROSS in self.needs and cross_from_outputs(width, outs))
         return self._routes[group[0]]
+
+    def outputs_read(self) -> set[str]:
+        """The linears whose dense outputs the routes chosen so far read."""
+        return {name for group in self.groups for name in group
+                if (route := self._routes.get(group[0])) is not None and (route.spectra or route.cross)}
 
     def outputs_for(self, group: list[str]) -> list[str]:
         """The linears of ``group`` (sharing one input) whose dense outputs W·x the accumulator would sum W·XᵀX′

@@ -183,6 +183,7 @@ def _backward_block(source: ModelSource, stream: ActivationStream, store: Tensor
                         ins, outs = zip(*seen)
                         inputs.add_batch(joined(list(ins)), None, joined(list(outs)))
                         seen.clear()
+                        recorder.outputs_of = inputs.outputs_read()  # the routes are chosen: keep only what they read
                 _add_row_fisher(acc, linears)
         for name in linears if acc.grams is not None else ():
             acc.add_gram(name)
