@@ -101,9 +101,9 @@ class InputRecorder:
     """Pre-hooks on ``linears`` that keep each one's last input (as given, not copied) in ``seen`` while the
     recorder is entered.  Those named in ``outputs_of`` also keep their outputs x·Wᵀ (in ``outputs``, while
     ``keep_outputs`` is set) where the forward made them in float32 or float64 and without a bias (subtracting it
-    would leave its rounding, a tail W's rank does not have): a statistic summed from them costs no product.  With ``stop_when_complete`` set, a forward raises ``_Stop``
-    as soon as every linear has its input (and, while outputs are kept, those named their outputs), so the rest
-    of the block is not run."""
+    would leave its rounding, a tail W's rank does not have): a statistic summed from them costs no product.  With
+    ``stop_when_complete`` set, a forward raises ``_Stop`` as soon as every linear has its input (and, while
+    outputs are kept, those named their outputs), so the rest of the block is not run."""
 
     def __init__(self, linears: dict[str, nn.Module], outputs_of: Iterable[str] = ()) -> None:
         self.linears, self.seen, self.stop_when_complete = linears, {}, False
@@ -117,7 +117,8 @@ class InputRecorder:
 
     def _output_hook(self, name: str, module: nn.Module, out: Tensor) -> None:
         self._made.add(name)
-        if self.keep_outputs and name in self.outputs_of and out.dtype in (torch.float32, torch.float64) and dense_weight(module)[1] is None:
+        exact = out.dtype in (torch.float32, torch.float64) and dense_weight(module)[1] is None
+        if self.keep_outputs and name in self.outputs_of and exact:
             self.outputs[name] = out.detach()
         self._stop_if_complete()
 
@@ -305,14 +306,18 @@ class GramAccumulator:
         return {name for group in self.groups for name in group
                 if (route := self._routes.get(group[0])) is not None and (route.spectra or route.cross)}
 
-    def outputs_for(self, group: list[str]) -> list[str]:
-        """The linears of ``group`` (sharing one input) whose dense outputs W·x the accumulator would sum W·XᵀX′
-        from (``cross_from_outputs``), if the forward made them."""
-        if Stat.CROSS not in self.needs or not group or any(name not in self.weights for name in group):
+    def outputs_for(self, linears: list[str], whole_block: bool = False) -> list[str]:
+        """The linears whose dense outputs W·x a forward should keep, for W·XᵀX′ summed from them
+        (``cross_from_outputs``): of ``linears`` (one group sharing an input), the group if it qualifies; with
+        ``whole_block`` (several groups, their outputs made anyway), each linear with fewer outputs than inputs."""
+        if Stat.CROSS not in self.needs or any(name not in self.weights for name in linears):
             return []
-        width, outs = self.weights[group[0]].shape[1], [self.weights[name].shape[0] for name in group]
+        if whole_block:
+            return [name for name, (m, n) in ((name, self.weights[name].shape) for name in linears)
+                    if cross_from_outputs(n, [m])]
+        width, outs = self.weights[linears[0]].shape[1], [self.weights[name].shape[0] for name in linears]
         narrow = cross_from_outputs(width, outs) and not sums_from_outputs(self.tokens, width, sum(outs), True)
-        return list(group) if narrow else []
+        return list(linears) if narrow else []
 
     def _add(self, st: LayerStats, attr: str, value: Tensor) -> None:
         """Sum a float32 batch statistic into its float64 total, promoting element by element (no float64 copy)."""
@@ -567,9 +572,8 @@ class ActivationStream:
         through the block as it is now.  With ``keep_output`` the dense lane's outputs are kept for ``advance``; the
         other forwards stop as soon as every linear has seen its input."""
         device = block_device(block)
-        # the dense lane keeps the outputs W·x of a group whose W·XᵀX′ is summed from them (running on to make them)
-        # and, when it runs the whole block anyway, every linear's
-        with InputRecorder(linears, outputs_of=linears if keep_output else acc.outputs_for(list(linears))) as recorder:
+        # the dense lane keeps the outputs W·x that W·XᵀX′ may be summed from (running on to make them)
+        with InputRecorder(linears, acc.outputs_for(list(linears), whole_block=keep_output)) as recorder:
             for j in range(len(self)):
                 recorder.stop_when_complete, recorder.keep_outputs = not keep_output, True
                 with dense_view():
